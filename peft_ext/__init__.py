@@ -1,0 +1,31 @@
+"""peft-ext: PEFT methods that control what a fine-tune changes.
+
+Importing this package registers its PEFT types with `peft` (idempotently), so `get_peft_model` and
+`PeftModel.from_pretrained` work with them.
+"""
+
+from .export import export_to_lora, lora_state_dict
+from .nullspace.config import NullSpaceLoraConfig
+from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
+from .nullspace.layer import NullSpaceLoraLayer
+from .nullspace.model import NullSpaceLoraModel
+from .registry import missing_type_hint, register
+from .stats import ActivationStats, StatsRecorder, collect_stats
+
+__version__ = "0.1.0"
+
+register("nullspace_lora", NullSpaceLoraConfig, NullSpaceLoraModel, prefix=NullSpaceLoraModel.prefix)
+
+__all__ = [
+    "ActivationStats",
+    "NullSpaceLoraConfig",
+    "NullSpaceLoraLayer",
+    "NullSpaceLoraModel",
+    "NullSpaceReport",
+    "StatsRecorder",
+    "collect_stats",
+    "export_to_lora",
+    "initialize_nullspace_lora",
+    "lora_state_dict",
+    "missing_type_hint",
+]

@@ -1,0 +1,106 @@
+"""Export peft-ext adapters as plain LoRA adapters that vanilla PEFT (and vLLM, TGI, ...) load without peft_ext.
+
+An adapter whose update is exactly `delta W = s * B @ A` is written as `lora_A = A`, `lora_B = B` with
+`lora_alpha = s * rank`, so the exported adapter reproduces the outputs exactly (no SVD, no truncation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections import Counter
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+from .stats import canonical_name
+
+
+def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """canonical name -> layer for every peft-ext layer that can give exact LoRA factors for `adapter_name`."""
+    found = {}
+    for name, module in model.named_modules():
+        factors = getattr(module, "lora_factors", None)
+        if callable(factors) and adapter_name in getattr(module, "scaling", {}):
+            found[canonical_name(name)] = module
+    return found
+
+
+@torch.no_grad()
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The LoRA tensors (PEFT checkpoint keys) and LoraConfig kwargs equivalent to a peft-ext adapter."""
+    layers = _lora_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"model has no peft-ext layers with adapter {adapter_name!r} to export")
+    config = model.peft_config[adapter_name]
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas = {}, {}
+    for name, layer in layers.items():
+        a, b = layer.lora_factors(adapter_name)
+        rank = a.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().to("cpu").contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().to("cpu").contiguous()
+        ranks[name] = rank
+        alphas[name] = layer.scaling[adapter_name] * rank
+    # Everything else the adapter saves (modules_to_save heads, trained biases) loads the same way under LoRA.
+    own = {a for layer in layers.values() for a in layer.adapter_layer_names + layer.other_param_names}
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+        if not any(f".{a}." in key or key.endswith(f".{a}") for a in own):
+            tensors[key] = value.detach().to("cpu").contiguous()
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    bias = getattr(config, "bias", "none")
+    kwargs = dict(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(layers),
+        rank_pattern={f"^{n}$": k for n, k in ranks.items() if k != r},
+        alpha_pattern={f"^{n}$": v for n, v in alphas.items() if v != alpha},
+        fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
+        bias="lora_only" if bias.endswith("_only") else bias,
+        modules_to_save=getattr(config, "modules_to_save", None),
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        task_type=config.task_type,
+        lora_dropout=0.0,
+    )
+    return tensors, kwargs
+
+
+def export_to_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default", overwrite: bool = False) -> str:
+    """Write `adapter_name` of a peft-ext model as a plain LoRA adapter (`peft_type: LORA`) to `out_dir`.
+
+    `PeftModel.from_pretrained(base, out_dir)` then gives the same outputs without importing peft_ext. The
+    directory appears complete or not at all (written to a temporary directory, then renamed).
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True or choose another out_dir")
+    tensors, kwargs = lora_state_dict(model, adapter_name)
+    config = LoraConfig(**kwargs)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    try:
+        config.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+            os.rmdir(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+        raise
+    return out_dir

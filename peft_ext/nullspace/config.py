@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..registry import ensure_peft_type
+
+MODES = ("v2", "v1", "split")
+
+
+@dataclass
+class NullSpaceLoraConfig(PeftConfig):
+    """Configuration of a NullSpaceLoRA adapter (LoRA-Null: adapt in the approximate null space of the inputs).
+
+    The down projection `nullspace_A` (PEFT's `lora_A`) is set by `initialize_nullspace_lora` to the `r`
+    eigenvectors of the layer's input covariance C = E[x x^T] with the smallest eigenvalues, so the adapter reads
+    the directions the pre-trained inputs barely use and learning the task disturbs pre-trained behaviour least.
+
+    Modes:
+      * ``"v2"`` (default): A frozen at the null-space basis, B trainable from 0. Base weight untouched.
+      * ``"v1"``: same initialisation, A and B both trainable.
+      * ``"split"``: the released LoRA-Null variant. The adapter starts from W P (P = A^T A, the null-space
+        projector) and the base keeps W - W P, so the function is unchanged at init and the adapter owns the part
+        of W that acts on the null space. Implemented as ``W x + s (B A - B0 A0) x`` with the frozen copy
+        ``s B0 A0 = W P`` instead of rewriting W: identical function and gradients, the base weight is never touched
+        (quantised bases work, save/load needs nothing special) and the export to LoRA is exact at rank 2r.
+    """
+
+    r: int = field(default=16, metadata={"help": "Rank: number of null-space directions per layer (1 <= r <= in_features)."})
+    mode: Literal["v2", "v1", "split"] = field(
+        default="v2",
+        metadata={"help": "'v2': A frozen at the null-space basis, B trained from 0; 'v1': both trained; "
+                  "'split': adapter starts from W P and the base effectively keeps W - W P (released LoRA-Null)."},
+    )
+    nullspace_alpha: float = field(
+        default=None,
+        metadata={"help": "Scaling numerator: the adapter output is multiplied by nullspace_alpha / r "
+                  "(default: nullspace_alpha = r, i.e. scaling 1)."},
+    )
+    nullspace_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (or suffixes) or a regex of the linear layers to adapt, e.g. "
+                  "['query', 'key', 'value', 'dense'] or ['q_proj', 'v_proj'], or 'all-linear'."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Set True for layers that store weight as (in, out), like GPT-2's Conv1D (set automatically)."},
+    )
+    bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'nullspace_only'."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head ['classifier']."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices (as in LoraConfig)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers' or 'h'."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("nullspace_lora")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"NullSpaceLoraConfig.r must be a positive integer, got r={self.r!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"NullSpaceLoraConfig.mode must be one of {MODES}, got mode={self.mode!r}")
+        if self.nullspace_alpha is None:
+            self.nullspace_alpha = float(self.r)
+        if not isinstance(self.nullspace_alpha, (int, float)) or self.nullspace_alpha <= 0:
+            raise ValueError(
+                f"NullSpaceLoraConfig.nullspace_alpha must be a positive number, got {self.nullspace_alpha!r}"
+            )
+        if not 0.0 <= self.nullspace_dropout < 1.0:
+            raise ValueError(
+                f"NullSpaceLoraConfig.nullspace_dropout must be in [0, 1), got {self.nullspace_dropout!r}"
+            )
+        if self.bias not in ("none", "all", "nullspace_only"):
+            raise ValueError(
+                f"NullSpaceLoraConfig.bias must be 'none', 'all' or 'nullspace_only', got bias={self.bias!r}"
+            )
+        if self.target_modules is None:
+            raise ValueError(
+                "NullSpaceLoraConfig.target_modules is required: name the linear layers to adapt, e.g. "
+                "['query', 'key', 'value'] for BERT or ['q_proj', 'k_proj', 'v_proj', 'o_proj'] for Llama"
+            )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("NullSpaceLoraConfig.layers_pattern needs layers_to_transform to be set as well")
+
+    @property
+    def scaling(self) -> float:
+        return float(self.nullspace_alpha) / self.r

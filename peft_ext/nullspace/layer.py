@@ -1,0 +1,198 @@
+"""NullSpaceLoRA layers: a base linear layer (plain, Conv1D or bitsandbytes-quantised) plus per-adapter factors.
+
+Naming follows PEFT: `nullspace_A` is the down projection (PEFT's `lora_A`, the released scripts' `BLinear`),
+`nullspace_B` the up projection (`lora_B`, their `ALinear`). In split mode the frozen initial factors live in
+`nullspace_A0`/`nullspace_B0` (buffers, saved with the adapter).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from peft.utils.other import transpose
+from torch import nn
+
+
+class NullSpaceLoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("nullspace_A", "nullspace_B")
+    other_param_names = ("nullspace_A0", "nullspace_B0", "r", "scaling", "mode", "nullspace_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.mode: dict[str, str] = {}
+        self.nullspace_A = nn.ModuleDict({})
+        self.nullspace_B = nn.ModuleDict({})
+        self.nullspace_dropout = nn.ModuleDict({})
+        self.nullspace_A0 = BufferDict({}, persistent=True)
+        self.nullspace_B0 = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"NullSpaceLoRA does not support layers of type {type(self.get_base_layer()).__name__}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, r: int, scaling: float, mode: str, dropout: float, name: str = "") -> None:
+        if r > self.in_features:
+            raise ValueError(
+                f"NullSpaceLoraConfig.r={r} is larger than the input dimension {self.in_features} of layer "
+                f"{name or type(self.get_base_layer()).__name__}: the null space of a {self.in_features}-dim input has "
+                f"at most {self.in_features} directions. Choose r <= {self.in_features} (usually far smaller), or "
+                "exclude this layer with exclude_modules."
+            )
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = scaling
+        self.mode[adapter_name] = mode
+        self.nullspace_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A stays zero until initialize_nullspace_lora writes the null-space basis; B starts (and in v1/v2 stays) 0.
+        self.nullspace_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.nullspace_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        nn.init.zeros_(self.nullspace_A[adapter_name].weight)
+        nn.init.zeros_(self.nullspace_B[adapter_name].weight)
+        if mode == "split":
+            self.nullspace_A0[adapter_name] = torch.zeros(r, self.in_features)
+            self.nullspace_B0[adapter_name] = torch.zeros(self.out_features, r)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        if mode == "v2":
+            # Declared, not just set: PEFT re-applies this after set_adapter / from_pretrained(is_trainable=True).
+            frozen = dict(self.frozen_peft_weight_names)
+            frozen[adapter_name] = ("nullspace_A",)
+            self.frozen_peft_weight_names = frozen
+        self.set_adapter(self.active_adapters)
+
+    # ------------------------------------------------------------------ initialisation
+    def is_initialized(self, adapter_name: str) -> bool:
+        """False until `initialize_nullspace_lora` has written the null-space basis (A is then orthonormal, not 0)."""
+        return bool(self.nullspace_A[adapter_name].weight.detach().abs().amax() > 0)
+
+    @torch.no_grad()
+    def set_nullspace_basis(self, adapter_name: str, basis: torch.Tensor) -> None:
+        """Write the (in_features, r) orthonormal basis V: A = V^T; B = 0, or in split mode B = B0 = W V / s."""
+        a = self.nullspace_A[adapter_name].weight
+        b = self.nullspace_B[adapter_name].weight
+        v = basis.to(device=a.device, dtype=torch.float64)
+        a.copy_(v.T.to(a.dtype))
+        if self.mode[adapter_name] == "split":
+            w = transpose(self.get_base_weight(), self.fan_in_fan_out).to(v.device, torch.float64)
+            b0 = (w @ v) / self.scaling[adapter_name]
+            b.copy_(b0.to(b.dtype))
+            self.nullspace_A0[adapter_name] = a.detach().clone()
+            self.nullspace_B0[adapter_name] = b.detach().clone()
+        else:
+            b.zero_()
+
+    # ------------------------------------------------------------------ math
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with delta W = scaling * B @ A exactly: rank r, or 2r in split mode ([B, -B0] @ [A; A0])."""
+        a = self.nullspace_A[adapter_name].weight
+        b = self.nullspace_B[adapter_name].weight
+        if self.mode[adapter_name] == "split":
+            a = torch.cat([a, self.nullspace_A0[adapter_name].to(a.dtype)], dim=0)
+            b = torch.cat([b, -self.nullspace_B0[adapter_name].to(b.dtype)], dim=1)
+        return a, b
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Delta of the layer's weight (in the base layer's layout) that this adapter adds."""
+        a, b = self.lora_factors(adapter_name)
+        cast = a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
+        if cast:  # half-precision matmuls are slow on CPU
+            a, b = a.float(), b.float()
+        delta = transpose(b @ a, self.fan_in_fan_out) * self.scaling[adapter_name]
+        return delta.to(self.nullspace_A[adapter_name].weight.dtype) if cast else delta
+
+
+class Linear(nn.Module, NullSpaceLoraLayer):
+    """NullSpaceLoRA around nn.Linear, transformers' Conv1D, or a bitsandbytes Linear4bit/Linear8bitLt."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int,
+        scaling: float,
+        mode: str,
+        dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        NullSpaceLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, scaling, mode, dropout, name=name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise TypeError(f"cannot merge into a {self.quantization_backend.backend_name} base layer")
+        for name in adapter_names:
+            if name not in self.nullspace_A:
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name)
+            if safe_merge:
+                weight = weight.clone() + delta.to(weight.dtype)
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"NaNs/Infs in the merged weight: adapter {name!r} is broken")
+            else:
+                weight += delta.to(weight.dtype)
+            self.set_base_weight(weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.nullspace_A:
+                weight = self.get_base_weight()
+                weight -= self.get_delta_weight(name).to(weight.dtype)
+                self.set_base_weight(weight)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.nullspace_A:
+                continue
+            a = self.nullspace_A[name]
+            if self.training and not self.is_initialized(name):
+                raise RuntimeError(
+                    f"NullSpaceLoRA adapter {name!r} is not initialised: call "
+                    "peft_ext.initialize_nullspace_lora(model, calib_dataloader) (or with stats=...) before training"
+                )
+            h = self.nullspace_dropout[name](x.to(a.weight.dtype))
+            delta = self.nullspace_B[name](a(h))
+            if self.mode[name] == "split":
+                # s (B A - B0 A0) x: the base keeps W - W P without W being rewritten.
+                delta = delta - (h @ self.nullspace_A0[name].T.to(h.dtype)) @ self.nullspace_B0[name].T.to(h.dtype)
+            result = result + (delta * self.scaling[name]).to(out_dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "nullspace." + super().__repr__()

@@ -1,0 +1,481 @@
+"""Streaming activation statistics: the uncentred input covariance C = E[x x^T] of chosen linear layers.
+
+Used by NullSpaceLoRA (its tail eigenvectors) and later by OrthoSplit (an OBS-style Hessian proxy). Design points:
+
+* any batch size; padding tokens are dropped with the batch's attention mask;
+* sums are accumulated in float64 by default (configurable), normalised only when read;
+* layers that read the very same input tensor (q/k/v of an attention block, gate/up of a Llama MLP) are computed
+  once: on the first batch each layer either owns its statistics or is an alias of the layer whose input it shares;
+* 2-D inputs (a BERT pooler) and 3-D inputs (tokens) both work;
+* a NaN/Inf input raises an error naming the layer and the batch;
+* under torch.distributed (e.g. `accelerate launch` with several processes) the sums are all-reduced, so N processes
+  that each see 1/N of the data give the covariance one process gets from all of it;
+* `save`/`load` use safetensors with JSON metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+FORMAT = "peft_ext.activation_stats"
+FORMAT_VERSION = "1"
+
+
+def canonical_name(name: str) -> str:
+    """The module name as it is in the plain base model: PEFT's wrapper prefixes and `.base_layer` hops removed.
+
+    Statistics collected on a plain model therefore apply to the same model wrapped by `get_peft_model`.
+    """
+    for prefix in ("base_model.model.", "module."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name.replace(".base_layer", "")
+
+
+def find_linear_targets(model: nn.Module, target_modules: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """Map canonical name -> module for the layers whose inputs we track.
+
+    With `target_modules=None`: the PEFT tuner layers of a PEFT model, or every linear layer of a plain model.
+    Otherwise each entry matches a module whose canonical name equals it or ends with `.<entry>`. The outermost
+    module wins when a wrapper and its base layer share a canonical name.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = None if target_modules is None else list(target_modules)
+    has_tuners = any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    found: dict[str, nn.Module] = {}
+    for raw_name, module in model.named_modules():
+        name = canonical_name(raw_name)
+        if name in found or not raw_name:
+            continue
+        if wanted is None:
+            ok = isinstance(module, BaseTunerLayer) if has_tuners else _is_linear(module, Conv1D)
+        else:
+            ok = any(name == w or name.endswith("." + w) for w in wanted) and _input_features(module) is not None
+        if ok:
+            found[name] = module
+    if not found:
+        what = "linear layers" if wanted is None else f"modules matching {wanted}"
+        raise ValueError(
+            f"target_modules={wanted!r} matched no layer of {type(model).__name__}: found no {what}. "
+            "Pass names as they appear in model.named_modules() (a full name or its last components, e.g. 'query')."
+        )
+    return found
+
+
+def _is_linear(module: nn.Module, conv1d: type) -> bool:
+    import importlib.util
+
+    if isinstance(module, (nn.Linear, conv1d)):
+        return True
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes as bnb
+
+        return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    return False
+
+
+def _input_features(module: nn.Module) -> int | None:
+    for attr in ("in_features",):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:
+        return weight.shape[0]
+    return None
+
+
+class ActivationStats:
+    """Per-layer sums of x x^T and token counts. Read normalised covariances with `covariance(name)`."""
+
+    def __init__(
+        self,
+        sums: dict[str, torch.Tensor],
+        tokens: dict[str, int],
+        aliases: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.sums = sums
+        self.tokens = tokens
+        self.aliases = dict(aliases or {})
+        self.metadata = dict(metadata or {})
+        for alias, owner in self.aliases.items():
+            if owner not in self.sums:
+                raise ValueError(f"alias {alias!r} points at {owner!r}, which has no statistics")
+
+    # ---------------------------------------------------------------- reading
+    @property
+    def layers(self) -> list[str]:
+        """Every layer with statistics, owners and aliases alike, in collection order."""
+        return list(self.sums) + [a for a in self.aliases if a not in self.sums]
+
+    def owner(self, name: str) -> str:
+        """The layer whose statistics `name` shares (itself if it owns them)."""
+        if name in self.sums:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise KeyError(f"no statistics for layer {name!r}; layers with statistics: {self.layers[:8]}...")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums or name in self.aliases
+
+    def token_count(self, name: str) -> int:
+        return int(self.tokens[self.owner(name)])
+
+    def dim(self, name: str) -> int:
+        return int(self.sums[self.owner(name)].shape[0])
+
+    def covariance(self, name: str) -> torch.Tensor:
+        """E[x x^T] over the non-padding tokens that reached `name`, in the accumulation dtype."""
+        owner = self.owner(name)
+        n = self.tokens[owner]
+        if n == 0:
+            raise ValueError(f"calibration reached layer {name!r} with zero tokens; feed data that reaches it")
+        return self.sums[owner] / n
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStats({len(self.sums)} distinct inputs for {len(self.layers)} layers, "
+            f"tokens={max(self.tokens.values(), default=0)}, dtype={next(iter(self.sums.values())).dtype if self.sums else None})"
+        )
+
+    # ---------------------------------------------------------------- distributed
+    def all_reduce_(self) -> "ActivationStats":
+        """Sum statistics over all ranks of an initialised torch.distributed group (no-op otherwise).
+
+        Every rank must call it. Ranks that saw no batch still take part: layers are agreed on first.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return self
+        local = {
+            "dims": {n: int(s.shape[0]) for n, s in self.sums.items()},
+            "aliases": self.aliases,
+            "dtype": str(next(iter(self.sums.values())).dtype) if self.sums else None,
+        }
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, local)
+        dims: dict[str, int] = {}
+        aliases: dict[str, str] = {}
+        for g in gathered:
+            for n, d in g["dims"].items():
+                if dims.setdefault(n, d) != d:
+                    raise RuntimeError(f"ranks disagree on the input dimension of layer {n!r}: {dims[n]} vs {d}")
+            for a, o in g["aliases"].items():
+                if aliases.setdefault(a, o) != o:
+                    raise RuntimeError(f"ranks disagree on which layer {a!r} shares its input with: {aliases[a]} vs {o}")
+        dtype = next((getattr(torch, g["dtype"].split(".")[-1]) for g in gathered if g["dtype"]), torch.float64)
+        device = _collective_device()
+        names = sorted(dims)
+        for n in names:
+            buf = self.sums.get(n)
+            buf = torch.zeros(dims[n], dims[n], dtype=dtype) if buf is None else buf
+            buf = buf.to(device)
+            torch.distributed.all_reduce(buf)
+            self.sums[n] = buf.cpu()
+        counts = torch.tensor([self.tokens.get(n, 0) for n in names], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(counts)
+        self.tokens = {n: int(c) for n, c in zip(names, counts.tolist())}
+        self.sums = {n: self.sums[n] for n in names}
+        self.aliases = aliases
+        self.metadata["world_size"] = world
+        return self
+
+    # ---------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+        """Write a safetensors file (atomically: a temporary file renamed into place)."""
+        meta = {**self.metadata, **(metadata or {})}
+        tensors = {}
+        for n, s in self.sums.items():
+            tensors[f"sum::{n}"] = s.contiguous()
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tokens": json.dumps({n: int(self.tokens[n]) for n in self.sums}),
+            "aliases": json.dumps(self.aliases),
+            "order": json.dumps(list(self.sums)),
+            "metadata": json.dumps(meta, default=str),
+        }
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stats-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ActivationStats":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no activation statistics file at {path!r}")
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            if header.get("format") != FORMAT:
+                raise ValueError(
+                    f"{path!r} is not a peft_ext activation statistics file (format={header.get('format')!r}); "
+                    "create one with ActivationStats.save"
+                )
+            order = json.loads(header["order"])
+            sums = {n: f.get_tensor(f"sum::{n}") for n in order}
+        tokens = {n: int(c) for n, c in json.loads(header["tokens"]).items()}
+        return cls(sums, tokens, json.loads(header["aliases"]), json.loads(header.get("metadata", "{}")))
+
+    # ---------------------------------------------------------------- collection
+    @classmethod
+    def collect(
+        cls,
+        model: nn.Module,
+        dataloader: Iterable[Any],
+        target_modules: Iterable[str] | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        share_inputs: bool = True,
+        max_batches: int | None = None,
+        progress: bool = True,
+        all_reduce: bool = True,
+    ) -> "ActivationStats":
+        """Run `model` over `dataloader` (eval mode, no grad) and return the statistics of the target layers.
+
+        Batches are dicts of tensors (as a transformers collator gives; `labels` is dropped) or a tensor of
+        input ids. The `attention_mask` of a batch, when present, excludes padding tokens. Under torch.distributed
+        each process should get its own shard of the data; the sums are then all-reduced (`all_reduce=True`).
+        """
+        stats, _ = collect_stats(
+            model, dataloader, target_modules, dtype=dtype, share_inputs=share_inputs, max_batches=max_batches,
+            progress=progress, all_reduce=all_reduce,
+        )
+        return stats
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    target_modules: Iterable[str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    share_inputs: bool = True,
+    heldout: Callable[[int], bool] | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    all_reduce: bool = True,
+) -> tuple[ActivationStats, ActivationStats | None]:
+    """One pass over `dataloader`; batch i goes to the held-out statistics when `heldout(i)` is true.
+
+    Returns `(calibration, heldout)`; `heldout` is None when no batch was held out. A single pass matters: two
+    passes over a shuffling DataLoader would draw different batches and the held-out set would overlap the
+    calibration set.
+    """
+    was_training = model.training
+    model.eval()
+    device = _input_device(model)
+    total = None
+    with contextlib.suppress(TypeError):
+        total = len(dataloader)  # type: ignore[arg-type]
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    n_heldout = 0
+    try:
+        with StatsRecorder(model, target_modules, dtype=dtype, share_inputs=share_inputs) as calib, \
+                StatsRecorder(model, target_modules, dtype=dtype, share_inputs=share_inputs) as held:
+            bar = tqdm(dataloader, total=total, desc="activation statistics", disable=not progress, unit="batch")
+            for i, batch in enumerate(bar):
+                if max_batches is not None and i >= max_batches:
+                    break
+                rec = held if heldout is not None and heldout(i) else calib
+                n_heldout += rec is held
+                inputs, mask = _model_inputs(batch, device)
+                with rec.batch(attention_mask=mask):
+                    model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        model.train(was_training)
+    meta = _model_metadata(model)
+    results = []
+    for rec in (calib, held):
+        stats = rec.result()
+        stats.metadata.update(meta)
+        if all_reduce:
+            stats.all_reduce_()
+        results.append(stats)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and all_reduce:
+        counts = torch.tensor([n_heldout], device=_collective_device())
+        torch.distributed.all_reduce(counts)
+        n_heldout = int(counts.item())
+    return results[0], (results[1] if n_heldout else None)
+
+
+class StatsRecorder:
+    """Hooks that accumulate input statistics while you run your own forward passes.
+
+    ```python
+    with StatsRecorder(model, ["query", "key", "value"]) as rec:
+        for batch in loader:
+            with rec.batch(attention_mask=batch["attention_mask"]):
+                model(**batch)
+    stats = rec.result()
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: Iterable[str] | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        share_inputs: bool = True,
+    ) -> None:
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+        self.targets = find_linear_targets(model, target_modules)
+        self.dtype = dtype
+        self.share_inputs = share_inputs
+        self._names = {id(m): n for n, m in self.targets.items()}
+        self._handles: list[Any] = []
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.aliases: dict[str, str] = {}
+        self._batch_index = -1
+        self._in_batch = False
+        self._mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}  # id(input) -> (weak ref to it, owner) for this batch
+        self._mask_warned: set[str] = set()
+
+    def __enter__(self) -> "StatsRecorder":
+        for module in self.targets.values():
+            self._handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def batch(self, attention_mask: torch.Tensor | None = None):
+        """Scope of one forward pass: tokens where `attention_mask` is 0 are skipped."""
+        self._batch_index += 1
+        self._mask = None if attention_mask is None else attention_mask.bool()
+        self._seen = {}
+        self._in_batch = True
+        try:
+            yield self
+        finally:
+            self._in_batch = False
+            self._mask = None
+            self._seen = {}
+
+    def result(self) -> ActivationStats:
+        return ActivationStats(dict(self.sums), dict(self.tokens), dict(self.aliases), {"dtype": str(self.dtype)})
+
+    # The hook runs once per target layer per forward pass.
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._in_batch:  # forward passes outside `with recorder.batch(...)` are not recorded
+            return
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        name = self._names[id(module)]
+        hit = self._seen.get(id(x)) if self.share_inputs else None
+        shared_with = hit[1] if hit is not None and hit[0]() is x else None
+        if name in self.aliases:
+            if shared_with != self.aliases[name]:
+                raise RuntimeError(
+                    f"layer {name!r} shared its input with {self.aliases[name]!r} on the first batch but not in batch "
+                    f"{self._batch_index}; collect with share_inputs=False for this model"
+                )
+            return
+        if shared_with is not None and name not in self.sums:
+            self.aliases[name] = shared_with
+            return
+        rows = self._rows(x, name)
+        if not torch.isfinite(rows).all():
+            raise ValueError(
+                f"non-finite (NaN/Inf) input to layer {name!r} in calibration batch {self._batch_index}; "
+                "check the data of that batch and the model's dtype (fp16 overflow?)"
+            )
+        xs = rows.to(self.dtype)
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = torch.zeros(xs.shape[1], xs.shape[1], dtype=self.dtype, device=xs.device)
+            self.tokens[name] = 0
+        acc.addmm_(xs.T, xs)
+        self.tokens[name] += xs.shape[0]
+        if self.share_inputs:
+            self._seen[id(x)] = (weakref.ref(x), name)
+
+    def _rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        mask = self._mask
+        if x.dim() >= 3 and mask is not None:
+            if tuple(x.shape[:2]) == tuple(mask.shape):
+                return x[mask.to(x.device)].reshape(-1, x.shape[-1])
+            if name not in self._mask_warned:
+                self._mask_warned.add(name)
+                warnings.warn(
+                    f"layer {name!r} gets input of shape {tuple(x.shape)}, which does not line up with the attention "
+                    f"mask {tuple(mask.shape)}; counting all its positions (padding included)",
+                    stacklevel=3,
+                )
+        return x.reshape(-1, x.shape[-1])
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        with contextlib.suppress(Exception):
+            emb = get()
+            if emb is not None and emb.weight.device.type != "meta":
+                return emb.weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _model_inputs(batch: Any, device: torch.device) -> tuple[Any, torch.Tensor | None]:
+    if isinstance(batch, Mapping):
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "labels"}
+        return inputs, inputs.get("attention_mask")
+    if torch.is_tensor(batch):
+        return batch.to(device), None
+    raise TypeError(
+        f"calibration batches must be dicts of tensors (as a transformers collator yields) or tensors of input ids, "
+        f"got {type(batch).__name__}"
+    )
+
+
+def _model_metadata(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None and hasattr(model, "get_base_model"):
+        cfg = getattr(model.get_base_model(), "config", None)
+    return {
+        "model_name_or_path": getattr(cfg, "_name_or_path", "") if cfg is not None else "",
+        "model_type": getattr(cfg, "model_type", "") if cfg is not None else "",
+    }

