@@ -17,7 +17,7 @@ Variants (each runs in its own fresh process, so one variant's cached allocator 
   corda-full  PEFT's whole `preprocess_corda` (covariance + inverse + SVD per layer), corda_method="kpm"
 
 corda-cov vs ours compares the covariance passes; corda-full vs ours+eigh compares "statistics + decomposition".
-Time: median of `--repeats` passes that follow one untimed cold pass. Memory: see `MEMORY_NOTE`.
+Time: median of `--repeats` passes that follow one cold pass (its time is shown apart). Memory: see `MEMORY_NOTE`.
 """
 
 from __future__ import annotations
@@ -190,12 +190,39 @@ def worker(args: argparse.Namespace) -> dict:
         run()
         cold_s = time.perf_counter() - t0
     times = []
+    load = OtherLoad()
     for _ in range(args.repeats):  # no sampler thread here: on 2 cores it would steal time from the pass
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
     return {"variant": args._worker, "median_s": statistics.median(times), "times_s": times, "cold_s": cold_s,
-            "peak_extra_mb": mem.extra_mb, "rss_before_mb": mem.start / 2**20, "num_threads": torch.get_num_threads()}
+            "peak_extra_mb": mem.extra_mb, "rss_before_mb": mem.start / 2**20, "num_threads": torch.get_num_threads(),
+            "other_load_cores": load.cores()}
+
+
+class OtherLoad:
+    """Average number of CPU cores that OTHER processes (or the hypervisor: steal) kept busy since creation.
+
+    On a small shared machine a concurrent job skews timings badly; this makes that visible instead of silent.
+    """
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self._start = (time.perf_counter(), self._busy(), self._own())
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    def _own(self) -> float:
+        t = self._proc.cpu_times()
+        return t.user + t.system
+
+    def cores(self) -> float:
+        wall0, busy0, own0 = self._start
+        wall = time.perf_counter() - wall0
+        return max(0.0, (self._busy() - busy0) - (self._own() - own0)) / max(wall, 1e-9)
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
@@ -255,15 +282,21 @@ def report(res: dict, args: argparse.Namespace, machine: dict) -> None:
           f"{args.targets}, batch size {args.batch_size} (CorDA: 1), our dtype={args.dtype}, "
           f"median of {args.repeats} after 1 cold pass")
     print()
-    print(f"{'variant':<11} {'median s':>9} {'tokens/s':>10} {'peak extra MB':>14} {'cold s':>8}")
+    print(f"{'variant':<11} {'median s':>9} {'tokens/s':>10} {'peak extra MB':>14} {'cold s':>8} {'other load':>11}")
     for name, r in res.items():
         print(f"{name:<11} {r['median_s']:>9.3f} {tokens / r['median_s']:>10.0f} {r['peak_extra_mb']:>14.1f} "
-              f"{r['cold_s']:>8.3f}")
+              f"{r['cold_s']:>8.3f} {r['other_load_cores']:>6.2f} cores")
     print()
     for label, value, note in ratios(res):
         print(f"{label:<55} {value:6.2f}x   {note}")
     print()
     print(MEMORY_NOTE)
+    print("cold s = the first pass in the fresh process (not in the median); other load = CPU cores that other "
+          "processes kept busy during the timed passes.")
+    busy = [n for n, r in res.items() if r["other_load_cores"] > 0.1]
+    if busy:
+        print(f"WARNING: other processes were using CPU during {', '.join(busy)}: those timings are inflated; rerun on "
+              "an idle machine before trusting the ratios.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -289,7 +289,9 @@ def collect_stats(
     passes over a shuffling DataLoader would draw different batches and the held-out set would overlap the
     calibration set.
     """
-    was_training = model.training
+    # Restore each module's own mode afterwards: a PeftModel reports training=True while the model inside it may
+    # be in eval mode, so model.train(was_training) would switch on dropout everywhere.
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     device = _input_device(model)
     total = None
@@ -311,7 +313,8 @@ def collect_stats(
                 with rec.batch(attention_mask=mask):
                     model(**inputs) if isinstance(inputs, dict) else model(inputs)
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     meta = _model_metadata(model)
     results = []
     for rec in (calib, held):

@@ -129,3 +129,15 @@ def test_recorder_streams_user_forward_passes_and_peft_names():
     assert stats.layers == ["q", "k"]  # canonical names, no base_model.model. prefix
     assert stats.token_count("q") == 5
     assert canonical_name("base_model.model.enc.q.base_layer") == "enc.q"
+
+
+def test_collection_restores_each_modules_own_mode():
+    from peft import get_peft_model
+
+    import peft_ext
+
+    model = get_peft_model(tiny_bert(), peft_ext.NullSpaceLoraConfig(r=2, target_modules=["query"]))
+    assert model.training and not model.base_model.model.encoder.training  # PeftModel wrapper vs eval model inside
+    modes = {n: m.training for n, m in model.named_modules()}
+    ActivationStats.collect(model, token_batches(n_batches=1), ["query"], progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == modes

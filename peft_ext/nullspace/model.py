@@ -79,4 +79,5 @@ class NullSpaceLoraModel(BaseTuner):
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
+        new_module.train(target.training)  # a fresh nn.Module is in train mode even inside an eval model
         self._replace_module(parent, target_name, new_module, target)
