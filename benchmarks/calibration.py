@@ -124,7 +124,8 @@ def build_pass(variant: str, model, ids: torch.Tensor, args: argparse.Namespace)
 
 
 def build_corda_pass(variant: str, model, ids: torch.Tensor, targets: list[str], rank: int):
-    """CorDA as PEFT documents it: preprocess the plain model with a corda LoraConfig, then `get_peft_model`.
+    """CorDA as PEFT documents it: preprocess the plain model with a corda LoraConfig (`get_peft_model` comes after,
+    and only consumes the stored eigens, so it is not timed).
 
     Its hooks do `input[0].squeeze(0)`, i.e. assume batch size 1, so `run_model` feeds one sequence at a time: the
     very same rows of `ids` (no padding, so nothing differs from the batched passes but the batch size).

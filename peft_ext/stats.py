@@ -183,7 +183,7 @@ class ActivationStats:
                     raise RuntimeError(f"ranks disagree on which layer {a!r} shares its input with: {aliases[a]} vs {o}")
         dtype = next((getattr(torch, g["dtype"].split(".")[-1]) for g in gathered if g["dtype"]), torch.float64)
         device = _collective_device()
-        names = sorted(dims)
+        names = list(dims)  # ordered union: rank 0's collection (model) order first, identical on every rank
         for n in names:
             buf = self.sums.get(n)
             buf = torch.zeros(dims[n], dims[n], dtype=dtype) if buf is None else buf

@@ -1,0 +1,60 @@
+"""Rewrite the generated blocks of README.md from what the recipes and benchmarks wrote. Figures are never typed.
+
+    .venv/bin/python scripts/update_readme.py            # after `make tour` and the benchmarks
+
+Each block sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; a block whose source file is missing is
+left as it is (and said so).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tour_block() -> str | None:
+    path = ROOT / "runs" / "tour" / "results.json"
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    a = run["args"]
+    machine = run.get("machine", "")
+    head = (f"`make tour` (steps={a['steps']}, r={a['r']}, lr={a['lr']}, batch={a['batch_size']}, seed={a['seed']})"
+            + (f" on {machine}" if machine else "") + ":\n\n")
+    return head + run["summary"]["table"] + "\n\n" + run["summary"]["verdict"]
+
+
+def calibration_block() -> str | None:
+    path = ROOT / "runs" / "benchmarks" / "calibration.json"
+    if not path.exists():
+        return None
+    return "```\n" + json.loads(path.read_text())["printed"].rstrip() + "\n```"
+
+
+BLOCKS = {"tour": tour_block, "bench-calibration": calibration_block}
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, make in BLOCKS.items():
+        body = make()
+        if body is None:
+            print(f"{name}: no results file yet, block left unchanged")
+            continue
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            print(f"{name}: markers not found in README.md", file=sys.stderr)
+            return 1
+        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        print(f"{name}: updated")
+    readme.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
