@@ -53,23 +53,22 @@ def find_linear_targets(model: nn.Module, target_modules: Iterable[str] | None =
     module wins when a wrapper and its base layer share a canonical name.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers.pytorch_utils import Conv1D
 
     wanted = None if target_modules is None else list(target_modules)
     has_tuners = any(isinstance(m, BaseTunerLayer) for m in model.modules())
     found: dict[str, nn.Module] = {}
     for raw_name, module in model.named_modules():
         name = canonical_name(raw_name)
-        if name in found or not raw_name:
+        if name in found or not raw_name or linear_in_features(module) is None:
             continue
         if wanted is None:
-            ok = isinstance(module, BaseTunerLayer) if has_tuners else _is_linear(module, Conv1D)
+            ok = isinstance(module, BaseTunerLayer) or not has_tuners
         else:
-            ok = any(name == w or name.endswith("." + w) for w in wanted) and _input_features(module) is not None
+            ok = any(name == w or name.endswith("." + w) for w in wanted)
         if ok:
             found[name] = module
     if not found:
-        what = "linear layers" if wanted is None else f"modules matching {wanted}"
+        what = "linear layers" if wanted is None else f"linear layers matching {wanted}"
         raise ValueError(
             f"target_modules={wanted!r} matched no layer of {type(model).__name__}: found no {what}. "
             "Pass names as they appear in model.named_modules() (a full name or its last components, e.g. 'query')."
@@ -77,26 +76,14 @@ def find_linear_targets(model: nn.Module, target_modules: Iterable[str] | None =
     return found
 
 
-def _is_linear(module: nn.Module, conv1d: type) -> bool:
-    import importlib.util
+def linear_in_features(module: nn.Module) -> int | None:
+    """Input width of a linear layer (nn.Linear incl. bitsandbytes' subclasses, Conv1D, or a PEFT layer around
+    one); None for anything else, whose input a covariance of x x^T would not describe."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+    from transformers.pytorch_utils import Conv1D
 
-    if isinstance(module, (nn.Linear, conv1d)):
-        return True
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        import bitsandbytes as bnb
-
-        return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-    return False
-
-
-def _input_features(module: nn.Module) -> int | None:
-    for attr in ("in_features",):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr)
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and weight is not None:
-        return weight.shape[0]
-    return None
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return _get_in_out_features(base)[0] if isinstance(base, (nn.Linear, Conv1D)) else None
 
 
 class ActivationStats:
