@@ -23,6 +23,8 @@ Time: median of `--repeats` passes that follow one cold pass (its time is shown 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -313,11 +315,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"running {v} ...", file=sys.stderr, flush=True)
         results[v] = run_variant(v, args)
     machine = machine_info()
-    report(results, args, machine)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report(results, args, machine)
+    print(printed.getvalue(), end="")
     if args.json:
         payload = {"machine": machine, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                    "results": results, "ratios": {label: value for label, value, _ in ratios(results)},
-                   "memory_note": MEMORY_NOTE}
+                   "memory_note": MEMORY_NOTE, "printed": printed.getvalue()}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
 
