@@ -29,9 +29,10 @@ def register(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftT
 
     Re-registering the same classes is a no-op; registering other classes under a taken name or prefix raises.
     """
-    peft_type = ensure_peft_type(name)
-    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    existing = PeftType.__members__.get(name.upper())
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(existing) if existing is not None else None
     if registered is not None:
+        peft_type = existing
         same = (
             registered.__qualname__ == model_cls.__qualname__
             and PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].__qualname__ == config_cls.__qualname__
@@ -55,6 +56,7 @@ def register(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftT
             f"prefix {prefix!r} for {name} overlaps the prefix of {clashes}; choose a prefix that neither contains "
             "nor is contained in another method's prefix."
         )
+    peft_type = ensure_peft_type(name)  # only now: a refused registration leaves PEFT's enum as it was
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     OUR_PEFT_TYPES[peft_type.value] = name
     return peft_type

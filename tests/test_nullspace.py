@@ -10,7 +10,6 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-import peft_ext
 from peft_ext import ActivationStats, NullSpaceLoraConfig, export_to_lora, initialize_nullspace_lora
 
 from .conftest import Toy, planted_inputs, tiny_bert, token_batches
@@ -209,15 +208,6 @@ def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path, m
     assert int(stdout.split()[3]) == (8 if mode == "split" else 4)
 
 
-def test_loading_our_adapter_without_import_gives_a_hint(tmp_path):
-    toy, batches, _, _ = _planted_toy()
-    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]))
-    initialize_nullspace_lora(model, batches, progress=False)
-    model.save_pretrained(tmp_path / "ad")
-    assert "import peft_ext" in peft_ext.missing_type_hint("NULLSPACE_LORA")
-    assert peft_ext.missing_type_hint("LORA") is None
-
-
 # ------------------------------------------------------------------ bad inputs: clear error, model unchanged
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -291,3 +281,34 @@ def test_verification_flags_a_layer_without_null_space():
         report = initialize_nullspace_lora(model, data, progress=False)
     flags = report.layers[0].flags
     assert any(f.startswith("ratio") for f in flags) and any(f.startswith("eig") for f in flags)
+
+
+@pytest.mark.parametrize("mode", ["v2", "split"])
+def test_gpt2_conv1d_layers(tmp_path, mode):
+    """GPT-2 stores weights as (in, out) in Conv1D: split mode and the export must transpose correctly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
+                           NullSpaceLoraConfig(r=4, target_modules=["c_attn", "c_proj"], mode=mode))
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and layer.in_features == 32 and layer.out_features == 96
+    batches = [{"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    report = initialize_nullspace_lora(model, batches, progress=False, warn=False)
+    assert max(lr.init_output_ratio for lr in report.layers) < 1e-5
+    x = batches[0]
+    with torch.no_grad():
+        with model.disable_adapter():
+            y0 = model(**x).logits
+        assert torch.allclose(model(**x).logits, y0, atol=1e-5)
+    _perturb_trainables(model)
+    with torch.no_grad():
+        y = model(**x).logits
+    assert not torch.allclose(y, y0, atol=1e-3)
+    export_to_lora(model, tmp_path / "lora")
+    as_lora = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(), tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.allclose(as_lora(**x).logits, y, atol=1e-5)
+        assert torch.allclose(model.merge_and_unload()(**x).logits, y, atol=1e-5)
