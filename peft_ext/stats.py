@@ -39,9 +39,10 @@ def canonical_name(name: str) -> str:
 
     Statistics collected on a plain model therefore apply to the same model wrapped by `get_peft_model`.
     """
-    for prefix in ("base_model.model.", "module."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
+    # Wrappers nest in any order (DDP's "module." around PEFT's "base_model.model.", torch.compile's "_orig_mod."...)
+    prefixes = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "base_model.model.")
+    while (hit := next((p for p in prefixes if name.startswith(p)), None)) is not None:
+        name = name[len(hit) :]
     return name.replace(".base_layer", "")
 
 

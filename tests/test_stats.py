@@ -129,6 +129,8 @@ def test_recorder_streams_user_forward_passes_and_peft_names():
     assert stats.layers == ["q", "k"]  # canonical names, no base_model.model. prefix
     assert stats.token_count("q") == 5
     assert canonical_name("base_model.model.enc.q.base_layer") == "enc.q"
+    assert canonical_name("module.base_model.model.enc.q") == "enc.q"  # DDP around a PeftModel
+    assert canonical_name("_orig_mod.module.enc.q") == "enc.q"
 
 
 def test_collection_restores_each_modules_own_mode():
