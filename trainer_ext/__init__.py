@@ -1,5 +1,22 @@
 """trainer_ext: transformers Trainer integrations of peft-ext.
 
-Spectral monitoring (SpectralMonitorCallback), directional learning rates and warm-up extraction land here
-(issue 4 and 5). The package is installed with peft-ext so those additions need no packaging change.
+* `SpectralMonitorCallback`: top-k singular subspaces of chosen matrices (and where gradients and momenta lie
+  relative to them), logged through `report_to` every N optimizer updates; CSV/JSON and plots at the end.
+* `create_directional_optimizer`: parameter groups by role with LR multipliers, spectral clamps of adapter
+  branches, amplification of the update inside stable subspaces (with a bulk-only control).
+* `SpectralTrainer` / `SpectralTrainingArguments`: both wired from arguments (and command-line flags).
 """
+
+from .args import SpectralTrainingArguments
+from .callbacks import SpectralMonitorCallback
+from .trainer import SpectralTrainer
+
+__all__ = ["SpectralMonitorCallback", "SpectralTrainer", "SpectralTrainingArguments", "create_directional_optimizer"]
+
+
+def __getattr__(name):
+    if name == "create_directional_optimizer":
+        from .optim import create_directional_optimizer
+
+        return create_directional_optimizer
+    raise AttributeError(name)

@@ -1,0 +1,82 @@
+"""SpectralTrainingArguments: TrainingArguments plus the spectral-monitoring and directional-LR knobs.
+
+Every field is also a command-line flag through HfArgumentParser, dashed or not: `--spec-monitor --spec-every 100
+--spec-topk 8 --spec-targets attn.qkv,attn.proj,mlp.fc1,mlp.fc2`, and `--log-wandb --wandb-project NAME` map onto
+`report_to`/`project`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+def _split(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [v for item in value for v in _split(item)]
+
+
+@dataclass
+class SpectralTrainingArguments(TrainingArguments):
+    spec_monitor: bool = field(default=False, metadata={"help": "Log spectral metrics of the spec_targets matrices."})
+    spec_every: int = field(default=100, metadata={"help": "Check every N optimizer updates."})
+    spec_topk: int = field(default=8, metadata={"help": "Number of singular vectors/values tracked per matrix."})
+    spec_targets: str = field(
+        default="attn.qkv,attn.proj,mlp.fc1,mlp.fc2",
+        metadata={"help": "Comma-separated matrices to watch: aliases (attn.qkv, attn.proj, mlp.fc1, mlp.fc2 match "
+                  "timm and transformers names), module-name suffixes, or re:<regex>."},
+    )
+    spec_track: str = field(default="weight,grad,momentum", metadata={"help": "What to measure: weight[,grad][,momentum]."})
+    magnitude_lr_ratio: float = field(
+        default=1.0, metadata={"help": "LR multiplier (and no weight decay) for magnitude-like parameters; 1 = off."}
+    )
+    spectral_clamp: float = field(
+        default=None, metadata={"help": "Keep each adapter branch's sigma_max <= c / sqrt(d_in) after every step."}
+    )
+    amplify: float = field(default=1.0, metadata={"help": "Amplify the update inside each stable tracked subspace by this factor (1 = off)."})
+    amplify_targets: str = field(default=None, metadata={"help": "Comma-separated parameter patterns to amplify."})
+    amplify_rank: int = field(default=8, metadata={"help": "Rank of the amplified subspace."})
+    amplify_every: int = field(default=10, metadata={"help": "Re-estimate the amplified subspaces every N updates."})
+    amplify_mode: str = field(default="subspace", metadata={"help": "'subspace', or 'bulk' (the control: amplify the complement)."})
+    stability_threshold: float = field(default=0.9, metadata={"help": "Mean principal cosine that counts as stable."})
+    stability_checks: int = field(default=3, metadata={"help": "Consecutive stable checks before amplifying."})
+    log_wandb: bool = field(default=False, metadata={"help": "Add 'wandb' to report_to."})
+    wandb_project: str = field(default=None, metadata={"help": "W&B (and Trackio) project name."})
+
+    def __post_init__(self):
+        if self.log_wandb:
+            report = _split(self.report_to) if self.report_to not in (None, "none") else []
+            self.report_to = report + ([] if "wandb" in report else ["wandb"])
+        if self.wandb_project:
+            os.environ.setdefault("WANDB_PROJECT", self.wandb_project)
+            self.project = self.wandb_project
+        super().__post_init__()
+        if self.spec_every < 1:
+            raise ValueError(f"spec_every must be >= 1 (a check every N optimizer updates), got {self.spec_every}")
+        if self.spec_topk < 1:
+            raise ValueError(f"spec_topk must be >= 1, got {self.spec_topk}")
+        if self.magnitude_lr_ratio <= 0:
+            raise ValueError(f"magnitude_lr_ratio must be > 0 (1 leaves LRs as they are), got {self.magnitude_lr_ratio}")
+        if self.spectral_clamp is not None and self.spectral_clamp <= 0:
+            raise ValueError(f"spectral_clamp must be > 0 or unset, got {self.spectral_clamp}")
+        if self.amplify < 1:
+            raise ValueError(f"amplify must be >= 1 (1 = off), got {self.amplify}")
+        if self.amplify > 1 and not _split(self.amplify_targets):
+            raise ValueError("amplify > 1 needs amplify_targets: the parameter patterns whose updates to amplify")
+
+    @property
+    def spec_target_list(self) -> list[str]:
+        return _split(self.spec_targets)
+
+    @property
+    def spec_track_list(self) -> list[str]:
+        return _split(self.spec_track)
+
+    @property
+    def uses_directional_optimizer(self) -> bool:
+        return self.magnitude_lr_ratio != 1.0 or self.spectral_clamp is not None or self.amplify > 1
