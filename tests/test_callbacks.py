@@ -229,3 +229,37 @@ def test_checkpoint_and_resume_continue_without_a_gap(tmp_path):
     for key in ("spec/blocks.0.mlp.fc1/cos_u_mean", "spec/blocks.0.mlp.fc1/sigma_max", "spec/blocks.0.mlp.fc1/delta_sv_rel"):
         assert after[6][key] == pytest.approx(ref[6][key], rel=1e-4, abs=1e-6)
     assert first.records[-1]["step"] == 4
+
+
+@pytest.mark.parametrize("setting, match", [
+    (dict(deepspeed="ds_config.json"), "cannot run under DeepSpeed"),
+    (dict(fsdp="full_shard"), "does not support FSDP"),
+])
+def test_deepspeed_and_fsdp_are_refused_with_an_explanation(setting, match):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    args = SimpleNamespace(**{"deepspeed": None, "fsdp": None, "output_dir": "unused", **setting})
+    with pytest.raises(RuntimeError, match=match):
+        SpectralMonitorCallback(targets=["mlp.fc1"]).on_train_begin(args, TrainerState(), TrainerControl(), model=TinyViT())
+
+
+def test_spectral_trainer_builds_the_directional_optimizer_from_arguments(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from trainer_ext import DirectionalOptimizer
+
+    model = get_peft_model(TinyViT(), LoraConfig(r=2, target_modules=["fc1", "fc2"], use_dora=True))
+    args = SpectralTrainingArguments(**_args(tmp_path, max_steps=2, learning_rate=1e-2, lr_scheduler_type="constant"),
+                                     magnitude_lr_ratio=10.0, spectral_clamp=0.7)
+    trainer = SpectralTrainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(opt, DirectionalOptimizer)
+    lrs = {g["role"]: g["lr"] for g in opt.param_groups}
+    assert lrs["magnitude"] == pytest.approx(10 * lrs["default"]) and lrs["default"] == pytest.approx(1e-2)
+    layer = model.base_model.model.blocks[0].mlp.fc1
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+    bound = 0.7 / layer.in_features**0.5
+    assert float(torch.linalg.matrix_norm(delta.detach().double(), 2)) <= bound * (1 + 1e-4)

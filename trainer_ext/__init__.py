@@ -9,14 +9,13 @@
 
 from .args import SpectralTrainingArguments
 from .callbacks import SpectralMonitorCallback
+from .optim import DirectionalOptimizer, create_directional_optimizer
 from .trainer import SpectralTrainer
 
-__all__ = ["SpectralMonitorCallback", "SpectralTrainer", "SpectralTrainingArguments", "create_directional_optimizer"]
-
-
-def __getattr__(name):
-    if name == "create_directional_optimizer":
-        from .optim import create_directional_optimizer
-
-        return create_directional_optimizer
-    raise AttributeError(name)
+__all__ = [
+    "DirectionalOptimizer",
+    "SpectralMonitorCallback",
+    "SpectralTrainer",
+    "SpectralTrainingArguments",
+    "create_directional_optimizer",
+]

@@ -6,6 +6,7 @@ from transformers import Trainer
 
 from .args import SpectralTrainingArguments, _split
 from .callbacks import SpectralMonitorCallback
+from .optim import create_directional_optimizer
 
 
 class SpectralTrainer(Trainer):
@@ -33,8 +34,6 @@ class SpectralTrainer(Trainer):
             and isinstance(args, SpectralTrainingArguments)
             and args.uses_directional_optimizer
         ):
-            from .optim import create_directional_optimizer
-
             self.optimizer = create_directional_optimizer(
                 model if model is not None else self.model,
                 lr=args.learning_rate,
