@@ -28,14 +28,19 @@ def tour_block() -> str | None:
     return head + run["summary"]["table"] + "\n\n" + run["summary"]["verdict"]
 
 
-def calibration_block() -> str | None:
-    path = ROOT / "runs" / "benchmarks" / "calibration.json"
+def printed_block(filename: str) -> str | None:
+    """The report a benchmark printed, as it stored it in its --json file."""
+    path = ROOT / "runs" / "benchmarks" / filename
     if not path.exists():
         return None
     return "```\n" + json.loads(path.read_text())["printed"].rstrip() + "\n```"
 
 
-BLOCKS = {"tour": tour_block, "bench-calibration": calibration_block}
+BLOCKS = {
+    "tour": tour_block,
+    "bench-calibration": lambda: printed_block("calibration.json"),
+    "bench-monitor": lambda: printed_block("monitor_overhead.json"),
+}
 
 
 def main() -> int:

@@ -23,3 +23,23 @@ def test_calibration_benchmark_runs(tmp_path, minilm_path):
     assert set(result["results"]) == {"floor", "ours", "ours+eigh", "corda-cov", "corda-full"}
     assert result["printed"].startswith("machine:")
     assert all(v["median_s"] > 0 for v in result["results"].values())
+
+
+@pytest.mark.slow
+def test_monitor_overhead_benchmark_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--depth", "2", "--width", "64",
+         "--steps", "4", "--every", "2", "--image-size", "32", "--batch-size", "2", "--repeats", "1", "--skip-4096",
+         "--skip-real-step", "--idle-wait", "0",
+         "--json", str(tmp_path / "m.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "overhead end-to-end  every=2" in out.stdout and "check  exact / randomized (warm)" in out.stdout
+    assert "full svd / randomized" in out.stdout and "real step skipped" in out.stdout
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert set(result["results"]) == {"train-none", "train-every2", "micro"}
+    assert set(result) >= {"machine", "args", "overhead_pct", "projected_overhead_pct", "ratios", "printed"}
+    assert result["results"]["train-every2"]["checks"] == 2 and result["overhead_pct"]["every=2"]["checks"] == 2
+    assert result["printed"].startswith("machine:") and result["printed"] in out.stdout
+    assert all(v["median_s"] > 0 for v in result["results"]["micro"]["check"].values())

@@ -182,8 +182,9 @@ def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path, m
     batch = token_batches(n_batches=1, seed=5)[0]
     with torch.no_grad():
         expected = model(**batch).logits
-    torch.save(batch, tmp_path / "batch.pt")
-    torch.save(expected, tmp_path / "expected.pt")
+    from safetensors.torch import save_file
+
+    save_file({**batch, "expected": expected.contiguous()}, str(tmp_path / "io.safetensors"))
     out = export_to_lora(model, tmp_path / "lora")
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".export-")]
@@ -197,8 +198,9 @@ def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path, m
         assert cfg["peft_type"] == "LORA", cfg["peft_type"]
         base = BertForSequenceClassification.from_pretrained({str(tmp_path / 'base')!r}).eval()
         m = PeftModel.from_pretrained(base, {str(tmp_path / 'lora')!r}).eval()
-        batch = torch.load({str(tmp_path / 'batch.pt')!r}, weights_only=True)
-        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        from safetensors.torch import load_file
+        batch = load_file({str(tmp_path / 'io.safetensors')!r})
+        expected = batch.pop("expected")
         with torch.no_grad():
             got = m(**batch).logits
         print("maxdiff", float((got - expected).abs().max()), "r", cfg["r"])

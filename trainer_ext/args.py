@@ -31,6 +31,9 @@ class SpectralTrainingArguments(TrainingArguments):
         metadata={"help": "Comma-separated matrices to watch: aliases (attn.qkv, attn.proj, mlp.fc1, mlp.fc2 match "
                   "timm and transformers names), module-name suffixes, or re:<regex>."},
     )
+    spec_niter: int = field(
+        default=2, metadata={"help": "Power iterations of the randomized SVD (raise it where spectra are flat)."}
+    )
     spec_track: str = field(default="weight,grad,momentum", metadata={"help": "What to measure: weight[,grad][,momentum]."})
     magnitude_lr_ratio: float = field(
         default=1.0, metadata={"help": "LR multiplier (and no weight decay) for magnitude-like parameters; 1 = off."}

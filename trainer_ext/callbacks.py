@@ -65,7 +65,8 @@ class SpectralMonitorCallback(TrainerCallback):
         track: Iterable[str] = ("weight", "grad", "momentum"),
         output_dir: str | None = None,
         plots: bool = True,
-        exact_max_dim: int = 512,
+        exact_max_dim: int = 128,
+        niter: int = 2,
         seed: int = 0,
     ) -> None:
         if not isinstance(every, int) or every < 1:
@@ -78,7 +79,9 @@ class SpectralMonitorCallback(TrainerCallback):
             raise ValueError(f"spec_track must include 'weight' and may add 'grad', 'momentum'; got {track}")
         self.patterns = [targets] if isinstance(targets, str) else list(targets)
         self.every, self.topk, self.track = every, topk, track
-        self.output_dir, self.plots, self.exact_max_dim, self.seed = output_dir, plots, exact_max_dim, seed
+        # exact SVD only for small matrices: at min dim 128 it is already 3-4x the randomized cost, and at ViT-S sizes
+        # (384) ~10x (benchmarks/monitor_overhead.py); more `niter` where spectra are flat (e.g. fresh initialisation)
+        self.output_dir, self.plots, self.exact_max_dim, self.niter, self.seed = output_dir, plots, exact_max_dim, niter, seed
         self.trainer = None
         self.targets: list[Target] = []
         self.trackers: dict[str, SubspaceTracker] = {}
@@ -115,7 +118,7 @@ class SpectralMonitorCallback(TrainerCallback):
         rank, world = _dist()
         self._mine = [t for i, t in enumerate(self.targets) if i % world == rank]
         self.trackers = {
-            t.name: SubspaceTracker(self.topk, exact_max_dim=self.exact_max_dim, seed=self.seed + i)
+            t.name: SubspaceTracker(self.topk, exact_max_dim=self.exact_max_dim, niter=self.niter, seed=self.seed + i)
             for i, t in enumerate(self.targets)
             if t in self._mine
         }

@@ -23,6 +23,7 @@ class SpectralTrainer(Trainer):
                 every=self.args.spec_every,
                 topk=self.args.spec_topk,
                 track=self.args.spec_track_list,
+                niter=self.args.spec_niter,
                 seed=self.args.seed,
             ).attach(self)
 
