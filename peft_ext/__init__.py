@@ -11,10 +11,12 @@ from .nullspace.layer import NullSpaceLoraLayer
 from .nullspace.model import NullSpaceLoraModel
 from .registry import missing_type_hint, register
 from .stats import ActivationStats, StatsRecorder, collect_stats
+from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
 
 __version__ = "0.1.0"
 
 register("nullspace_lora", NullSpaceLoraConfig, NullSpaceLoraModel, prefix=NullSpaceLoraModel.prefix)
+register("subspace_lora", SubspaceLoraConfig, SubspaceLoraModel, prefix="subspace_")
 
 __all__ = [
     "ActivationStats",
@@ -23,6 +25,9 @@ __all__ = [
     "NullSpaceLoraModel",
     "NullSpaceReport",
     "StatsRecorder",
+    "SubspaceLoraConfig",
+    "SubspaceLoraLayer",
+    "SubspaceLoraModel",
     "collect_stats",
     "export_to_lora",
     "initialize_nullspace_lora",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -45,3 +47,137 @@ def energy_ratio(m: torch.Tensor, cov: torch.Tensor) -> float:
     if total <= 0:
         raise ValueError("cov has zero trace: no energy to compare against")
     return float(((m64 @ c64) * m64).sum() / total)
+
+
+# ------------------------------------------------------------------------------------------------- top-k SVD
+# `top_k_svd` is shared by trainer_ext.spectral (which re-exports it; checked in tests/test_spectral.py) and
+# SubspaceLoRA's initialisation (tests/test_subspace.py). Its private helpers come with it, unchanged.
+
+# Start vectors that the caller did not supply come from a generator with this seed, never from the global RNG:
+# a monitoring check must not shift the random stream that dropout and data shuffling consume, or switching the
+# monitor on would change the training run it is supposed to observe.
+_DEFAULT_SEED = 0
+
+
+def _as_matrix(x: Any, name: str) -> torch.Tensor:
+    """`x` as a detached, finite 2-D float32/float64 tensor on its own device, or a clear error naming `name`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(
+            f"{name} must be a 2-D matrix, got a {x.dim()}-D tensor of shape {tuple(x.shape)}; "
+            f"reshape it first (a conv kernel as {name}.flatten(1), a batch one matrix at a time)"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {x.dtype}; convert it with {name}.float()")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): it has no singular values")
+    x = x.detach()
+    if x.dtype != torch.float64:
+        x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} contains NaN or Inf (shape {tuple(x.shape)}): its spectrum is undefined; "
+            "look for a diverged step, or skip this check"
+        )
+    return x
+
+
+def _check_int(value: Any, name: str, lo: int, hi: int | None = None, hint: str = "") -> int:
+    """`value` as an int in [lo, hi], or a TypeError/ValueError naming `name` and the range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {rng}, got {name}={value}{hint}")
+    return value
+
+
+def _check_k(k: Any, shape: tuple[int, int], name: str = "k") -> int:
+    """k in [1, min(a, b)]; the error names k and the shape because the caller must choose k, we do not clip it."""
+    a, b = shape
+    return _check_int(
+        k, name, 1, min(a, b),
+        hint=f" for a matrix of shape ({a}, {b}); choose {name} <= min(a, b) = {min(a, b)}",
+    )
+
+
+def _default_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(_DEFAULT_SEED)
+
+
+def _randn(rows: int, cols: int, *, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Gaussian (rows, cols) drawn on the generator's own device, then moved: a CPU generator (the usual choice for
+    rank-identical results) can then feed a CUDA matrix."""
+    g = generator if generator is not None else _default_generator()
+    return torch.randn(rows, cols, generator=g, dtype=dtype, device=g.device).to(device)
+
+
+def top_k_svd(
+    m: torch.Tensor,
+    k: int,
+    *,
+    warm_start: torch.Tensor | None = None,
+    exact_max_dim: int = 512,
+    oversample: int = 8,
+    niter: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets of a 2-D matrix `m` of shape (a, b): `U (a, k)`, `S (k,)` descending, `V (b, k)`.
+
+    float32 (float64 if `m` is float64), on `m`'s device, so `m ~= U diag(S) V^T` restricted to the top k.
+
+    Exact (`torch.linalg.svd`, `full_matrices=False`) when `min(a, b) <= exact_max_dim`: below that size a full SVD
+    costs little and has no approximation error. Above it, a randomized range finder (Halko, Martinsson & Tropp
+    2011): the range of `m` is sampled with `k + oversample` test vectors (the extra columns absorb the tail so the
+    top k are resolved), refined by `niter` power iterations `m m^T`, each re-orthonormalised with QR (otherwise all
+    columns collapse onto the top singular vector in floating point), and the small projected matrix `Q^T m` is
+    decomposed exactly. Cost O(a b (k + oversample) (2 niter + 2)) instead of O(a b min(a, b)).
+
+    `warm_start` (a (b, j) matrix, j <= k + oversample, typically the previous check's V) becomes the first j
+    columns of the test matrix; the rest are Gaussian. A slowly rotating subspace is then already almost in the
+    sampled range, so it converges in fewer power iterations than from random vectors. The exact path ignores it.
+
+    `generator` draws the Gaussian columns. With None a fresh CPU generator seeded 0 is used, so the result is
+    deterministic and the global RNG (dropout, data order) is never advanced by a monitoring call.
+    """
+    m = _as_matrix(m, "m")
+    a, b = m.shape
+    k = _check_k(k, (a, b))
+    _check_int(exact_max_dim, "exact_max_dim", 0)
+    _check_int(oversample, "oversample", 0)
+    _check_int(niter, "niter", 0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+    if min(a, b) <= exact_max_dim:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :k], s[:k], vh[:k].T
+
+    # sample size: never more columns than the matrix has rank room for
+    l = min(k + oversample, min(a, b))
+    cols = []
+    if warm_start is not None:
+        w = _as_matrix(warm_start, "warm_start")
+        if w.shape[0] != b:
+            raise ValueError(
+                f"warm_start must have one row per column of m: m has shape ({a}, {b}), "
+                f"warm_start has shape {tuple(w.shape)}; pass the previous check's V (shape ({b}, k))"
+            )
+        if w.shape[1] > l:
+            raise ValueError(
+                f"warm_start has {w.shape[1]} columns, more than the {l} test vectors used "
+                f"(min(k + oversample, min(a, b)) with k={k}, oversample={oversample}); pass at most {l} columns"
+            )
+        cols.append(w.to(device=m.device, dtype=m.dtype))
+    j = cols[0].shape[1] if cols else 0
+    if l > j:
+        cols.append(_randn(b, l - j, generator=generator, dtype=m.dtype, device=m.device))
+    omega = torch.cat(cols, dim=1)
+
+    q, _ = torch.linalg.qr(m @ omega)  # (a, l), orthonormal basis of the sampled range
+    for _ in range(niter):
+        z, _ = torch.linalg.qr(m.T @ q)  # (b, l)
+        q, _ = torch.linalg.qr(m @ z)  # (a, l)
+    ub, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)  # (l, b): small
+    return q @ ub[:, :k], s[:k], vh[:k].T

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from peft_ext.linalg import top_k_svd
+
 __all__ = [
     "top_k_svd",
     "low_rank_top_k",
@@ -102,74 +104,7 @@ def _randn(rows: int, cols: int, *, generator: torch.Generator | None, dtype: to
 # ----------------------------------------------------------------------------------------------- decompositions
 
 
-def top_k_svd(
-    m: torch.Tensor,
-    k: int,
-    *,
-    warm_start: torch.Tensor | None = None,
-    exact_max_dim: int = 512,
-    oversample: int = 8,
-    niter: int = 2,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets of a 2-D matrix `m` of shape (a, b): `U (a, k)`, `S (k,)` descending, `V (b, k)`.
-
-    float32 (float64 if `m` is float64), on `m`'s device, so `m ~= U diag(S) V^T` restricted to the top k.
-
-    Exact (`torch.linalg.svd`, `full_matrices=False`) when `min(a, b) <= exact_max_dim`: below that size a full SVD
-    costs little and has no approximation error. Above it, a randomized range finder (Halko, Martinsson & Tropp
-    2011): the range of `m` is sampled with `k + oversample` test vectors (the extra columns absorb the tail so the
-    top k are resolved), refined by `niter` power iterations `m m^T`, each re-orthonormalised with QR (otherwise all
-    columns collapse onto the top singular vector in floating point), and the small projected matrix `Q^T m` is
-    decomposed exactly. Cost O(a b (k + oversample) (2 niter + 2)) instead of O(a b min(a, b)).
-
-    `warm_start` (a (b, j) matrix, j <= k + oversample, typically the previous check's V) becomes the first j
-    columns of the test matrix; the rest are Gaussian. A slowly rotating subspace is then already almost in the
-    sampled range, so it converges in fewer power iterations than from random vectors. The exact path ignores it.
-
-    `generator` draws the Gaussian columns. With None a fresh CPU generator seeded 0 is used, so the result is
-    deterministic and the global RNG (dropout, data order) is never advanced by a monitoring call.
-    """
-    m = _as_matrix(m, "m")
-    a, b = m.shape
-    k = _check_k(k, (a, b))
-    _check_int(exact_max_dim, "exact_max_dim", 0)
-    _check_int(oversample, "oversample", 0)
-    _check_int(niter, "niter", 0)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-
-    if min(a, b) <= exact_max_dim:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        return u[:, :k], s[:k], vh[:k].T
-
-    # sample size: never more columns than the matrix has rank room for
-    l = min(k + oversample, min(a, b))
-    cols = []
-    if warm_start is not None:
-        w = _as_matrix(warm_start, "warm_start")
-        if w.shape[0] != b:
-            raise ValueError(
-                f"warm_start must have one row per column of m: m has shape ({a}, {b}), "
-                f"warm_start has shape {tuple(w.shape)}; pass the previous check's V (shape ({b}, k))"
-            )
-        if w.shape[1] > l:
-            raise ValueError(
-                f"warm_start has {w.shape[1]} columns, more than the {l} test vectors used "
-                f"(min(k + oversample, min(a, b)) with k={k}, oversample={oversample}); pass at most {l} columns"
-            )
-        cols.append(w.to(device=m.device, dtype=m.dtype))
-    j = cols[0].shape[1] if cols else 0
-    if l > j:
-        cols.append(_randn(b, l - j, generator=generator, dtype=m.dtype, device=m.device))
-    omega = torch.cat(cols, dim=1)
-
-    q, _ = torch.linalg.qr(m @ omega)  # (a, l), orthonormal basis of the sampled range
-    for _ in range(niter):
-        z, _ = torch.linalg.qr(m.T @ q)  # (b, l)
-        q, _ = torch.linalg.qr(m @ z)  # (a, l)
-    ub, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)  # (l, b): small
-    return q @ ub[:, :k], s[:k], vh[:k].T
+# `top_k_svd` lives in peft_ext.linalg (imported above): one implementation, shared with SubspaceLoRA.
 
 
 def low_rank_top_k(b: torch.Tensor, a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
