@@ -44,7 +44,7 @@ class Target:
     transposed: bool = False  # Conv1D stores (in, out)
 
     def matrix(self):
-        """The (out, in) matrix, or (scaled B, A) for a branch so its SVD needs only the small factors."""
+        """The (out, in) matrix, or (scaled B, A) for a low-rank branch so its SVD needs only the small factors."""
         if self.param is None:
             return branch_factors(self.module)
         w = self.param.detach()
@@ -58,19 +58,26 @@ class Target:
         return tuple(m.shape)
 
 
-def branch_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(s*B, A) of the active adapter of a LoRA-like layer (PEFT LoRA, peft-ext layers), else None."""
+def branch_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
+    """The active adapter's update of a PEFT layer: (s*B, A) when it is exactly low rank (PEFT LoRA, peft-ext
+    layers), else the dense delta W (out, in) from `get_delta_weight` (e.g. SubspaceLoRA with a trained residual),
+    else None."""
     active = getattr(module, "active_adapters", None)
     if not active:
         return None
     name = active[0]
-    if callable(getattr(module, "lora_factors", None)):
-        a, b = module.lora_factors(name)
-    elif hasattr(module, "lora_A") and name in getattr(module, "lora_A", {}):
-        a, b = module.lora_A[name].weight, module.lora_B[name].weight
-    else:
-        return None
-    return (b.detach() * module.scaling[name], a.detach())
+    try:
+        if callable(getattr(module, "lora_factors", None)):
+            a, b = module.lora_factors(name)
+            return (b.detach() * module.scaling[name], a.detach())
+        if hasattr(module, "lora_A") and name in getattr(module, "lora_A", {}):
+            return (module.lora_B[name].weight.detach() * module.scaling[name], module.lora_A[name].weight.detach())
+    except ValueError:  # no exact low-rank form: measure the dense update instead
+        pass
+    if callable(getattr(module, "get_delta_weight", None)):
+        delta = module.get_delta_weight(name).detach()
+        return delta.T if getattr(module, "fan_in_fan_out", False) else delta
+    return None
 
 
 def find_targets(model: nn.Module, patterns: Iterable[str]) -> list[Target]:
