@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..registry import ensure_peft_type
+
+CORES = ("full", "diag")
+
+
+@dataclass
+class SubspaceLoraConfig(PeftConfig):
+    """Configuration of a SubspaceLoRA adapter: fine-tune inside each weight's own top-k singular subspace.
+
+    Per target matrix a top-k truncated SVD gives ``W = R + U C0 V^T`` with ``R = W - U C0 V^T``. U (out, k) and
+    V (in, k) are frozen, the core C (k x k, or its diagonal) is trained from C0, so the layer computes
+    ``W x + U (C - C0) V^T x``: the function is unchanged at init and W itself is never rewritten (quantised bases
+    work, the export to LoRA is exact at rank k).
+
+    With ``train_residual=True`` the residual R is trained too, as a dense ``R_delta`` (out, in) from 0 whose
+    effect is confined to the orthogonal complement of span(U) x span(V), so C and R never double-count a
+    direction. That makes the adapter as large as the layer, and the export to a low-rank LoRA impossible
+    (use ``merge_and_unload`` instead).
+    """
+
+    k: int = field(default=8, metadata={"help": "Rank: number of top singular directions per layer (1 <= k <= min(out, in))."})
+    core: Literal["full", "diag"] = field(
+        default="full",
+        metadata={"help": "'full': train a k x k core C (U C V^T may rotate within the subspaces); "
+                  "'diag': train only the k singular values (the singular vectors stay fixed)."},
+    )
+    train_residual: bool = field(
+        default=False,
+        metadata={"help": "Also train the residual R = W - U C0 V^T, restricted to the orthogonal complement of the "
+                  "subspaces (a dense (out, in) R_delta per layer: the adapter becomes as large as the layer, and "
+                  "export_to_lora is refused)."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (or suffixes) or a regex of the linear layers to adapt, e.g. "
+                  "['query', 'key', 'value', 'dense'] or ['q_proj', 'v_proj'], or 'all-linear'."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head ['classifier']."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices (as in LoraConfig)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers' or 'h'."}
+    )
+    exact_max_dim: int = field(
+        default=512,
+        metadata={"help": "Exact SVD (torch.linalg.svd) for a weight with min(out, in) <= exact_max_dim, a "
+                  "randomized top-k SVD above (0: always randomized)."},
+    )
+    niter: int = field(
+        default=4,
+        metadata={"help": "Power iterations of the randomized SVD (more: top-k subspaces closer to exact)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD's Gaussian test vectors (a private generator)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("subspace_lora")
+        if not _is_int(self.k) or self.k < 1:
+            raise ValueError(f"SubspaceLoraConfig.k must be a positive integer, got k={self.k!r}; use e.g. k=8")
+        if self.core not in CORES:
+            raise ValueError(f"SubspaceLoraConfig.core must be one of {CORES}, got core={self.core!r}")
+        if not isinstance(self.train_residual, bool):
+            raise ValueError(
+                f"SubspaceLoraConfig.train_residual must be True or False, got train_residual={self.train_residual!r}"
+            )
+        if not _is_int(self.exact_max_dim) or self.exact_max_dim < 0:
+            raise ValueError(
+                f"SubspaceLoraConfig.exact_max_dim must be an integer >= 0, got exact_max_dim={self.exact_max_dim!r}; "
+                "use 0 to always use the randomized SVD"
+            )
+        if not _is_int(self.niter) or self.niter < 0:
+            raise ValueError(f"SubspaceLoraConfig.niter must be an integer >= 0, got niter={self.niter!r}; the default is 4")
+        if not _is_int(self.seed):
+            raise ValueError(f"SubspaceLoraConfig.seed must be an integer, got seed={self.seed!r}")
+        if self.target_modules is None:
+            raise ValueError(
+                "SubspaceLoraConfig.target_modules is required: name the linear layers to adapt, e.g. "
+                "['query', 'key', 'value'] for BERT or ['q_proj', 'k_proj', 'v_proj', 'o_proj'] for Llama"
+            )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("SubspaceLoraConfig.layers_pattern needs layers_to_transform to be set as well")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,289 @@
+"""SubspaceLoRA layers: a base linear layer (plain, Conv1D or bitsandbytes-quantised) plus, per adapter, the frozen
+top-k singular vectors of its weight and a trainable core.
+
+Per adapter: buffers `subspace_U` (out, k), `subspace_V` (in, k) and `subspace_C0` ((k, k), or (k,) for a diagonal
+core: the top-k singular values) are saved with the adapter; `subspace_C` (same shape as C0) is trained from C0;
+with `train_residual`, `subspace_R_delta` (out, in) is trained from 0. U, V and R_delta are always in the (out, in)
+convention, also for GPT-2's Conv1D, whose weight is stored (in, out).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from peft.utils.other import transpose
+from torch import nn
+
+from ..linalg import top_k_svd
+
+
+class SubspaceLoraLayer(BaseTunerLayer):
+    """Adds ``U (C - C0) V^T x`` (and, with `train_residual`, the residual update) to the base layer's output.
+
+    Everything the adapter owns stays in the dtype of its SVD (float32, float64 for float64 weights), also on a
+    half-precision base: the trained change ``C - C0`` is small next to the singular values in C, and rounding C to
+    bfloat16 would quantise that change with the ulp of the singular values. `_move_adapter_to_device_of_base_layer`
+    therefore moves the adapter's tensors to the base layer's device without casting them (PEFT's version also casts
+    to the base dtype, e.g. after a `low_cpu_mem_usage` load).
+    """
+
+    adapter_layer_names = ("subspace_C", "subspace_R_delta")
+    # Only the tensor containers: export.py filters checkpoint keys by these names, so the plain per-adapter dicts
+    # (k, core, train_residual, scaling) are not listed (a module called `k` would collide); `delete_adapter` drops them.
+    other_param_names = ("subspace_U", "subspace_V", "subspace_C0")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.k: dict[str, int] = {}
+        self.core: dict[str, str] = {}
+        self.train_residual: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.subspace_C = nn.ParameterDict({})
+        self.subspace_R_delta = nn.ParameterDict({})
+        self.subspace_U = BufferDict({}, persistent=True)
+        self.subspace_V = BufferDict({}, persistent=True)
+        self.subspace_C0 = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"SubspaceLoRA does not support layers of type {type(self.get_base_layer()).__name__}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        k: int,
+        core: str,
+        train_residual: bool,
+        exact_max_dim: int = 512,
+        niter: int = 4,
+        seed: int = 0,
+        name: str = "",
+    ) -> None:
+        out_f, in_f = self.out_features, self.in_features
+        if k > min(out_f, in_f):
+            raise ValueError(
+                f"SubspaceLoraConfig.k={k} is larger than min(out, in) = {min(out_f, in_f)} for layer "
+                f"{name or type(self.get_base_layer()).__name__} with weight shape (out, in) = ({out_f}, {in_f}): it "
+                f"has at most {min(out_f, in_f)} singular directions. Choose k <= {min(out_f, in_f)} or exclude this "
+                "layer with exclude_modules."
+            )
+        self.k[adapter_name] = k
+        self.core[adapter_name] = core
+        self.train_residual[adapter_name] = train_residual
+        self.scaling[adapter_name] = 1.0
+        c_shape = (k, k) if core == "full" else (k,)
+
+        # Under low_cpu_mem_usage PEFT creates adapter parameters on the meta device and loads them (and our buffers)
+        # from the checkpoint afterwards; a meta base weight has nothing to decompose either. Skip the SVD then.
+        self.subspace_C[adapter_name] = nn.Parameter(torch.zeros(c_shape))
+        weight = self.get_base_layer().weight
+        skip = self.subspace_C[adapter_name].device.type == "meta" or weight.device.type == "meta"
+        if skip:
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            u = torch.zeros(out_f, k, dtype=dtype, device=weight.device)
+            v = torch.zeros(in_f, k, dtype=dtype, device=weight.device)
+            s = torch.zeros(k, dtype=dtype, device=weight.device)
+        else:
+            u, s, v = self._top_k(k, exact_max_dim, niter, seed, name)
+        c0 = s if core == "diag" else torch.diag(s)
+        self.subspace_U[adapter_name] = u.contiguous()
+        self.subspace_V[adapter_name] = v.contiguous()
+        self.subspace_C0[adapter_name] = c0.clone()
+        if not skip:
+            self.subspace_C[adapter_name] = nn.Parameter(c0.clone())
+        if train_residual:
+            self.subspace_R_delta[adapter_name] = nn.Parameter(torch.zeros(out_f, in_f, dtype=u.dtype, device=u.device))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def _top_k(
+        self, k: int, exact_max_dim: int, niter: int, seed: int, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k SVD of the (dequantised) base weight in (out, in) layout: float32 (float64 for float64 weights),
+        on the weight's device; exact up to `exact_max_dim`, randomized above."""
+        try:
+            weight = self.get_base_weight()
+        except TypeError as e:  # forward-only quantisation backends (GPTQ, ...) cannot dequantise
+            raise TypeError(f"SubspaceLoRA needs the weight of layer {name!r} for its SVD: {e}") from e
+        w = transpose(weight, self.fan_in_fan_out)
+        try:
+            return top_k_svd(
+                w, k, exact_max_dim=exact_max_dim, niter=niter, generator=torch.Generator().manual_seed(seed)
+            )
+        except ValueError as e:
+            raise ValueError(f"SubspaceLoRA cannot decompose the weight of layer {name!r}: {e}") from e
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move this adapter's tensors to the base layer's device, keeping their dtype (see the class docstring)."""
+        if device is None:
+            device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
+            if device is None:
+                return
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ParameterDict, BufferDict)) or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if item.device.type == "meta" or item.device == torch.device(device):
+                continue
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.detach().to(device), requires_grad=item.requires_grad)
+            else:
+                container[adapter_name] = item.to(device)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for attr in (self.k, self.core, self.train_residual, self.scaling):
+            attr.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ math
+    def _basis(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, V, C - C0) in the dtype of C."""
+        c = self.subspace_C[adapter_name]
+        u = self.subspace_U[adapter_name].to(c.dtype)
+        v = self.subspace_V[adapter_name].to(c.dtype)
+        return u, v, c - self.subspace_C0[adapter_name].to(c.dtype)
+
+    def _effective_residual(self, adapter_name: str) -> torch.Tensor:
+        """(I - U U^T) R_delta (I - V V^T): the part of R_delta that acts, in (out, in) layout."""
+        r = self.subspace_R_delta[adapter_name]
+        u = self.subspace_U[adapter_name].to(r.dtype)
+        v = self.subspace_V[adapter_name].to(r.dtype)
+        r = r - u @ (u.T @ r)
+        return r - (r @ v) @ v.T
+
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with delta W = scaling * B @ A exactly: A = (C - C0) V^T (k, in), B = U (out, k), scaling 1.
+
+        Refused with `train_residual`: the residual update is a dense (out, in) matrix, not rank k.
+        """
+        if self.train_residual[adapter_name]:
+            raise ValueError(
+                f"SubspaceLoRA adapter {adapter_name!r} trains the residual (train_residual=True): its update is a "
+                "dense (out, in) matrix, so no low-rank LoRA reproduces it exactly and export_to_lora refuses it. Use "
+                "model.merge_and_unload() to bake it into the weights instead."
+            )
+        u, v, d = self._basis(adapter_name)
+        a = d[:, None] * v.T if self.core[adapter_name] == "diag" else d @ v.T
+        return a, u
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Delta of the layer's weight (in the base layer's layout) that this adapter adds, in the adapter's dtype."""
+        u, v, d = self._basis(adapter_name)
+        a = d[:, None] * v.T if self.core[adapter_name] == "diag" else d @ v.T
+        delta = u @ a
+        if adapter_name in self.subspace_R_delta:
+            delta = delta + self._effective_residual(adapter_name)
+        return transpose(delta, self.fan_in_fan_out) * self.scaling[adapter_name]
+
+    def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """x @ delta W^T without forming delta W, `x` already in the adapter's dtype."""
+        u, v, d = self._basis(adapter_name)
+        xv = x @ v  # (..., k)
+        z = xv * d if self.core[adapter_name] == "diag" else xv @ d.T
+        out = z @ u.T
+        if adapter_name in self.subspace_R_delta:
+            # x (I - V V^T) R^T (I - U U^T): autograd gives R_delta the gradient (I - U U^T) G (I - V V^T), so the
+            # residual never acts inside span(U) x span(V) (which C owns), whatever the optimiser does to the step.
+            y = (x - xv @ v.T) @ self.subspace_R_delta[adapter_name].T
+            out = out + (y - (y @ u) @ u.T)
+        return out
+
+
+class Linear(nn.Module, SubspaceLoraLayer):
+    """SubspaceLoRA around nn.Linear, transformers' Conv1D, or a bitsandbytes Linear4bit/Linear8bitLt.
+
+    The base weight is never rewritten (except by an explicit `merge`): W = R + U C0 V^T holds implicitly, and the
+    layer computes ``base_layer(x) + x V (C - C0)^T U^T`` (diagonal core: ``((x V) * (c - c0)) U^T``). With
+    `train_residual` it also adds ``x (I - V V^T) R_delta^T (I - U U^T)``, a dense trainable (out, in) matrix: the
+    adapter is then as large as the layer.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        k: int,
+        core: str = "full",
+        train_residual: bool = False,
+        exact_max_dim: int = 512,
+        niter: int = 4,
+        seed: int = 0,
+        fan_in_fan_out: bool = False,
+        name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        SubspaceLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name, k, core, train_residual, exact_max_dim=exact_max_dim, niter=niter, seed=seed, name=name
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise TypeError(f"cannot merge into a {self.quantization_backend.backend_name} base layer")
+        for name in adapter_names:
+            if name not in self.subspace_C:
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name).detach()
+            if safe_merge:
+                weight = weight.clone() + delta.to(weight.dtype)
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"NaNs/Infs in the merged weight: adapter {name!r} is broken")
+            else:
+                weight += delta.to(weight.dtype)
+            self.set_base_weight(weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.subspace_C:
+                weight = self.get_base_weight()
+                weight -= self.get_delta_weight(name).detach().to(weight.dtype)
+                self.set_base_weight(weight)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.subspace_C:
+                continue
+            delta = self._adapter_output(name, x.to(self.subspace_C[name].dtype))
+            result = result + (delta * self.scaling[name]).to(out_dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # PEFT's own (SVD-based) conversion works from get_delta_weight, also with a trained residual.
+        return True
+
+    def __repr__(self) -> str:
+        return "subspace." + super().__repr__()

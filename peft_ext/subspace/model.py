@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import copy
+
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _get_in_out_features,
+    _maybe_include_all_linear_layers,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import SubspaceLoraConfig
+from .layer import Linear, SubspaceLoraLayer
+
+
+def _unsupported_reason(layer: nn.Module) -> str | None:
+    """Why SubspaceLoRA cannot adapt `layer`, or None if it can."""
+    if isinstance(layer, (nn.Linear, Conv1D)) and resolve_quantization_backend(layer) is None:
+        return None
+    backend = resolve_quantization_backend(layer)
+    if backend is None or backend.layer_type != "linear":
+        return (f"only nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt are supported, "
+                f"not {type(layer).__name__}")
+    if not backend.supports_merge:
+        return f"its SVD needs the dequantised weight, which {backend.backend_name or type(layer).__name__} layers cannot give"
+    return None
+
+
+class SubspaceLoraModel(BaseTuner):
+    """PEFT tuner for SubspaceLoRA. Create it with `peft.get_peft_model(model, SubspaceLoraConfig(...))`: each target
+    layer's top-k SVD is computed right there, so the adapter is ready to train (no calibration step).
+
+    `PeftModel.from_pretrained` restores the saved U, V and C0 (they are persistent buffers of the checkpoint): it
+    recomputes an SVD when the layers are created and overwrites it on load, unless `low_cpu_mem_usage=True`, which
+    skips the SVD altogether.
+    """
+
+    prefix: str = "subspace_"
+    tuner_layer_cls = SubspaceLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: SubspaceLoraConfig, adapter_name: str) -> None:
+        # Validate every target before the first layer is replaced, so a bad config leaves the model unchanged.
+        self._check_targets(model, config)
+
+    def _prepare_model(self, peft_config: SubspaceLoraConfig, model: nn.Module) -> None:
+        # PeftModel.add_adapter / load_adapter go straight to inject_adapter without _pre_injection_hook
+        # (peft/peft_model.py: add_adapter), but inject_adapter calls this before it replaces anything.
+        self._check_targets(model, peft_config)
+
+    def _check_targets(self, model: nn.Module, config: SubspaceLoraConfig) -> None:
+        # 'all-linear' is expanded by inject_adapter only after this point: expand a copy to see the real targets.
+        config = _maybe_include_all_linear_layers(copy.copy(config), model)
+        inside_adapters = tuple(f"{key}." for key, m in model.named_modules() if key and isinstance(m, BaseTunerLayer))
+        too_small, unsupported = [], []
+        for key, module in model.named_modules():
+            if not key or key.startswith(inside_adapters) or not self._check_target_module_exists(config, key):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            reason = _unsupported_reason(base)
+            if reason is not None:
+                unsupported.append(f"{key!r}: {reason}")
+                continue
+            in_features, out_features = _get_in_out_features(base)
+            if config.k > min(in_features, out_features):
+                too_small.append(f"{key} (weight shape (out, in) = ({out_features}, {in_features}))")
+        if unsupported:
+            raise TypeError(
+                f"SubspaceLoRA cannot adapt {len(unsupported)} target module(s): {'; '.join(unsupported[:5])}"
+                f"{' ...' if len(unsupported) > 5 else ''}. Narrow target_modules (or use exclude_modules)."
+            )
+        if too_small:
+            raise ValueError(
+                f"SubspaceLoraConfig.k={config.k} is larger than min(out, in) of {len(too_small)} target layer(s): "
+                f"{', '.join(too_small[:5])}{' ...' if len(too_small) > 5 else ''}. A matrix has at most min(out, in) "
+                "singular directions: choose a smaller k or exclude these layers (exclude_modules)."
+            )
+
+    def _create_and_replace(
+        self,
+        config: SubspaceLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        if parameter_name is not None:
+            raise ValueError("SubspaceLoRA adapts linear layers; target_parameters is not supported")
+        kwargs = dict(
+            k=config.k,
+            core=config.core,
+            train_residual=config.train_residual,
+            exact_max_dim=config.exact_max_dim,
+            niter=config.niter,
+            seed=config.seed,
+        )
+        if isinstance(target, SubspaceLoraLayer):
+            target.update_layer(adapter_name, name=current_key, **kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        reason = _unsupported_reason(base)
+        if reason is not None:
+            raise TypeError(f"SubspaceLoRA cannot adapt {current_key!r}: {reason}. Narrow target_modules.")
+        # One config may cover Conv1D and Linear layers: the weight layout is a property of each layer.
+        new_module = Linear(target, adapter_name, fan_in_fan_out=isinstance(base, Conv1D), name=current_key, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        new_module.train(target.training)  # a fresh nn.Module is in train mode even inside an eval model
+        self._replace_module(parent, target_name, new_module, target)
