@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 # PEFT task type -> the auto class its base model loads with
 TASK_TO_PEFT_AUTO = {

@@ -49,7 +49,14 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[di
         ranks[name] = rank
         alphas[name] = layer.scaling[adapter_name] * rank
     # Everything else the adapter saves (modules_to_save heads, trained biases) loads the same way under LoRA.
-    own = {a for layer in layers.values() for a in layer.adapter_layer_names + layer.other_param_names}
+    # Only attributes that hold tensors can appear in the state dict; plain dicts such as `r` or `scaling` must not
+    # filter out, say, a modules_to_save head that happens to be named `r`.
+    own = {
+        a
+        for layer in layers.values()
+        for a in layer.adapter_layer_names + layer.other_param_names
+        if isinstance(getattr(layer, a, None), nn.Module)
+    }
     for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
         if not any(f".{a}." in key or key.endswith(f".{a}") for a in own):
             tensors[key] = value.detach().to("cpu").contiguous()

@@ -314,3 +314,22 @@ def test_gpt2_conv1d_layers(tmp_path, mode):
     with torch.no_grad():
         assert torch.allclose(as_lora(**x).logits, y, atol=1e-5)
         assert torch.allclose(model.merge_and_unload()(**x).logits, y, atol=1e-5)
+
+
+def test_bad_targets_are_refused_before_any_change_also_for_add_adapter_and_all_linear():
+    class WithEmbedding(Toy):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 8)
+
+    toy = WithEmbedding()
+    before = _state(toy)
+    with pytest.raises(TypeError, match=r"cannot adapt emb \(Embedding\)"):
+        get_peft_model(toy, NullSpaceLoraConfig(r=2, target_modules=["q", "emb"]))
+    assert isinstance(toy.q, nn.Linear) and _same_state(_state(toy), before)
+    with pytest.raises(ValueError, match=r"r=9 is larger"):
+        get_peft_model(Toy(), NullSpaceLoraConfig(r=9, target_modules="all-linear"))
+    model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    with pytest.raises(ValueError, match=r"r=9 is larger.*k \(in_features=8\)"):
+        model.add_adapter("second", NullSpaceLoraConfig(r=9, target_modules=["k"]))
+    assert isinstance(model.base_model.model.k, nn.Linear)  # nothing injected

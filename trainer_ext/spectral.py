@@ -1,8 +1,8 @@
 """Tracking the top-k singular subspaces of big matrices during training, in pure torch.
 
-Each function is small and checked against closed forms in tests/test_spectral.py. Nothing here imports
-transformers: the Trainer callback that logs these numbers is a thin layer on top, and the maths must stay testable
-(and usable from a plain training loop) without it.
+Each function is small and checked against closed forms in tests/test_spectral.py. No Trainer code here: the
+callback that logs these numbers is a thin layer on top, and the maths stays testable (and usable from a plain
+training loop) without it. The randomized SVD itself lives in `peft_ext.linalg`, shared with SubspaceLoRA.
 
 Conventions shared by every public function:
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from peft_ext.linalg import top_k_svd
+from peft_ext.linalg import _as_matrix, _check_int, _check_k, _default_generator, _randn, top_k_svd  # noqa: F401
 
 __all__ = [
     "top_k_svd",
@@ -42,63 +42,9 @@ _DEFAULT_SEED = 0
 # --------------------------------------------------------------------------------------------------- validation
 
 
-def _as_matrix(x: Any, name: str) -> torch.Tensor:
-    """`x` as a detached, finite 2-D float32/float64 tensor on its own device, or a clear error naming `name`."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(
-            f"{name} must be a 2-D matrix, got a {x.dim()}-D tensor of shape {tuple(x.shape)}; "
-            f"reshape it first (a conv kernel as {name}.flatten(1), a batch one matrix at a time)"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {x.dtype}; convert it with {name}.float()")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): it has no singular values")
-    x = x.detach()
-    if x.dtype != torch.float64:
-        x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"{name} contains NaN or Inf (shape {tuple(x.shape)}): its spectrum is undefined; "
-            "look for a diverged step, or skip this check"
-        )
-    return x
-
-
 def _common_dtype(*xs: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (inputs are already promoted by `_as_matrix`)."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
-def _check_int(value: Any, name: str, lo: int, hi: int | None = None, hint: str = "") -> int:
-    """`value` as an int in [lo, hi], or a TypeError/ValueError naming `name` and the range."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be in {rng}, got {name}={value}{hint}")
-    return value
-
-
-def _check_k(k: Any, shape: tuple[int, int], name: str = "k") -> int:
-    """k in [1, min(a, b)]; the error names k and the shape because the caller must choose k, we do not clip it."""
-    a, b = shape
-    return _check_int(
-        k, name, 1, min(a, b),
-        hint=f" for a matrix of shape ({a}, {b}); choose {name} <= min(a, b) = {min(a, b)}",
-    )
-
-
-def _default_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(_DEFAULT_SEED)
-
-
-def _randn(rows: int, cols: int, *, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Gaussian (rows, cols) drawn on the generator's own device, then moved: a CPU generator (the usual choice for
-    rank-identical results) can then feed a CUDA matrix."""
-    g = generator if generator is not None else _default_generator()
-    return torch.randn(rows, cols, generator=g, dtype=dtype, device=g.device).to(device)
 
 
 # ----------------------------------------------------------------------------------------------- decompositions

@@ -5,6 +5,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._tuners import planned_targets
 from .config import NullSpaceLoraConfig
 from .layer import Linear, NullSpaceLoraLayer
 
@@ -27,14 +28,27 @@ class NullSpaceLoraModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: NullSpaceLoraConfig, adapter_name: str) -> None:
         # Validate every target before the first layer is replaced, so a bad config leaves the model unchanged.
-        too_small = []
-        for key, module in model.named_modules():
-            if not key or not self._check_target_module_exists(config, key):
+        self._check_targets(model, config)
+
+    def _prepare_model(self, peft_config: NullSpaceLoraConfig, model: nn.Module) -> None:
+        # add_adapter / load_adapter skip _pre_injection_hook; inject_adapter calls this before replacing anything.
+        self._check_targets(model, peft_config)
+
+    def _check_targets(self, model: nn.Module, config: NullSpaceLoraConfig) -> None:
+        too_small, unsupported = [], []
+        for key, base in planned_targets(self, model, config):
+            if not _supported(base):
+                unsupported.append(f"{key} ({type(base).__name__})")
                 continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             in_features = _get_in_out_features(base)[0]
-            if in_features is not None and config.r > in_features:
+            if config.r > in_features:
                 too_small.append(f"{key} (in_features={in_features})")
+        if unsupported:
+            raise TypeError(
+                f"NullSpaceLoRA cannot adapt {', '.join(unsupported[:5])}{' ...' if len(unsupported) > 5 else ''}: "
+                "only nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt are supported. "
+                "Narrow target_modules (or use exclude_modules)."
+            )
         if too_small:
             raise ValueError(
                 f"NullSpaceLoraConfig.r={config.r} is larger than the input dimension of {len(too_small)} target "
@@ -60,11 +74,6 @@ class NullSpaceLoraModel(BaseTuner):
             )
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not _supported(base):
-            raise TypeError(
-                f"NullSpaceLoRA cannot adapt {current_key!r} of type {type(base).__name__}: only nn.Linear, "
-                "transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt are supported. Narrow target_modules."
-            )
         # One config may cover Conv1D and Linear layers: the weight layout is a property of each layer.
         fan_in_fan_out = isinstance(base, Conv1D)
         new_module = Linear(

@@ -9,15 +9,16 @@ convention, also for GPT-2's Conv1D, whose weight is stored (in, out).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
+
+from .._tuners import DeltaMergeMixin
 
 from ..linalg import top_k_svd
 
@@ -201,7 +202,7 @@ class SubspaceLoraLayer(BaseTunerLayer):
         return out
 
 
-class Linear(nn.Module, SubspaceLoraLayer):
+class Linear(nn.Module, DeltaMergeMixin, SubspaceLoraLayer):
     """SubspaceLoRA around nn.Linear, transformers' Conv1D, or a bitsandbytes Linear4bit/Linear8bitLt.
 
     The base weight is never rewritten (except by an explicit `merge`): W = R + U C0 V^T holds implicitly, and the
@@ -232,47 +233,10 @@ class Linear(nn.Module, SubspaceLoraLayer):
             adapter_name, k, core, train_residual, exact_max_dim=exact_max_dim, niter=niter, seed=seed, name=name
         )
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
-            raise TypeError(f"cannot merge into a {self.quantization_backend.backend_name} base layer")
-        for name in adapter_names:
-            if name not in self.subspace_C:
-                continue
-            weight = self.get_base_weight()
-            delta = self.get_delta_weight(name).detach()
-            if safe_merge:
-                weight = weight.clone() + delta.to(weight.dtype)
-                if not torch.isfinite(weight).all():
-                    raise ValueError(f"NaNs/Infs in the merged weight: adapter {name!r} is broken")
-            else:
-                weight += delta.to(weight.dtype)
-            self.set_base_weight(weight)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.subspace_C:
-                weight = self.get_base_weight()
-                weight -= self.get_delta_weight(name).detach().to(weight.dtype)
-                self.set_base_weight(weight)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
+        result, add_adapters = self._base_forward(x, *args, **kwargs)
+        if not add_adapters:
+            return result
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.subspace_C:

@@ -1,17 +1,11 @@
 from __future__ import annotations
 
-import copy
-
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _get_in_out_features,
-    _maybe_include_all_linear_layers,
-)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._tuners import planned_targets
 from .config import SubspaceLoraConfig
 from .layer import Linear, SubspaceLoraLayer
 
@@ -52,14 +46,8 @@ class SubspaceLoraModel(BaseTuner):
         self._check_targets(model, peft_config)
 
     def _check_targets(self, model: nn.Module, config: SubspaceLoraConfig) -> None:
-        # 'all-linear' is expanded by inject_adapter only after this point: expand a copy to see the real targets.
-        config = _maybe_include_all_linear_layers(copy.copy(config), model)
-        inside_adapters = tuple(f"{key}." for key, m in model.named_modules() if key and isinstance(m, BaseTunerLayer))
         too_small, unsupported = [], []
-        for key, module in model.named_modules():
-            if not key or key.startswith(inside_adapters) or not self._check_target_module_exists(config, key):
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        for key, base in planned_targets(self, model, config):
             reason = _unsupported_reason(base)
             if reason is not None:
                 unsupported.append(f"{key!r}: {reason}")

@@ -1,0 +1,79 @@
+"""Helpers shared by peft-ext's tuner models."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
+from torch import nn
+
+
+def planned_targets(tuner: BaseTuner, model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
+    """(name, base layer) of every module `inject_adapter` is about to adapt, before it changes anything.
+
+    Tuners validate these in `_pre_injection_hook` and again in `_prepare_model`, because PeftModel.add_adapter /
+    load_adapter call inject_adapter without the hook; 'all-linear' is expanded on a copy, as inject_adapter
+    expands it only after the hook. Modules inside existing adapter layers are skipped.
+    """
+    config = _maybe_include_all_linear_layers(copy.copy(config), model)
+    inside_adapters = tuple(f"{key}." for key, m in model.named_modules() if key and isinstance(m, BaseTunerLayer))
+    for key, module in model.named_modules():
+        if not key or key.startswith(inside_adapters) or not tuner._check_target_module_exists(config, key):
+            continue
+        yield key, (module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
+
+
+class DeltaMergeMixin:
+    """merge/unmerge and the shared start of forward for tuner layers whose whole update is
+    `get_delta_weight(adapter)` (in the base weight's layout). Goes through PEFT's get_base_weight/set_base_weight,
+    so bitsandbytes bases merge by dequantising and requantising (as lossy as it is for LoRA)."""
+
+    def _has_adapter(self, name: str) -> bool:
+        return name in getattr(self, self.adapter_layer_names[0])
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise TypeError(f"cannot merge into a {self.quantization_backend.backend_name} base layer")
+        for name in adapter_names:
+            if not self._has_adapter(name):
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name).detach()
+            if safe_merge:
+                weight = weight.clone() + delta.to(weight.dtype)
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"NaNs/Infs in the merged weight: adapter {name!r} is broken")
+            else:
+                weight += delta.to(weight.dtype)
+            self.set_base_weight(weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if self._has_adapter(name):
+                weight = self.get_base_weight()
+                weight -= self.get_delta_weight(name).detach().to(weight.dtype)
+                self.set_base_weight(weight)
+
+    def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, bool]:
+        """(base output, whether the adapters still have to be added to it)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs), False
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs), False
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        return result, True
