@@ -77,3 +77,32 @@ class DeltaMergeMixin:
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         return result, True
+
+
+def validate_target_fields(config, cls_name: str) -> None:
+    """The target-selection checks every peft-ext config shares (normalises lists to sets, as LoraConfig does)."""
+    if config.target_modules is None:
+        raise ValueError(
+            f"{cls_name}.target_modules is required: name the linear layers to adapt, e.g. "
+            "['query', 'key', 'value'] for BERT or ['q_proj', 'k_proj', 'v_proj', 'o_proj'] for Llama"
+        )
+    if isinstance(config.target_modules, list):
+        config.target_modules = set(config.target_modules)
+    if isinstance(config.exclude_modules, list):
+        config.exclude_modules = set(config.exclude_modules)
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"{cls_name}.layers_pattern needs layers_to_transform to be set as well")
+
+
+def init_layer_shapes(layer: BaseTunerLayer, method: str, kwargs: dict) -> None:
+    """The bookkeeping every peft-ext tuner layer's __init__ ends with: adapter state and the layer's in/out sizes."""
+    from peft.tuners.tuners_utils import _get_in_out_features
+
+    layer._disable_adapters = False
+    layer.merged_adapters = []
+    in_features, out_features = _get_in_out_features(layer.get_base_layer())
+    if in_features is None or out_features is None:
+        raise TypeError(f"{method} does not support layers of type {type(layer.get_base_layer()).__name__}")
+    layer.in_features = in_features
+    layer.out_features = out_features
+    layer.kwargs = kwargs

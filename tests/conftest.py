@@ -79,3 +79,61 @@ def token_batches(n_batches: int = 4, batch: int = 3, seq: int = 10, vocab: int 
         ids[0, seq - pad_last :] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def perturb_trainables(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every trainable tensor by seeded noise, so round trips compare clearly non-trivial adapters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def state_of(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def save_tiny_bert_classifier(path, num_labels: int = 3) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=64, num_labels=num_labels)
+    BertForSequenceClassification(cfg).eval().save_pretrained(path)
+
+
+def outputs_under_vanilla_peft(tmp_path, base_dir, lora_dir, batch, expected) -> tuple[float, dict]:
+    """Load `lora_dir` with plain PEFT onto a BertForSequenceClassification in a fresh interpreter that never
+    imports peft_ext (asserted) and return (max |logit difference| to `expected`, the adapter config)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import save_file
+
+    io_path = str(tmp_path / "io.safetensors")
+    save_file({**batch, "expected": expected.contiguous()}, io_path)
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from peft import PeftModel
+        from safetensors.torch import load_file
+        from transformers import BertForSequenceClassification
+        base = BertForSequenceClassification.from_pretrained({str(base_dir)!r}).eval()
+        m = PeftModel.from_pretrained(base, {str(lora_dir)!r}).eval()
+        batch = load_file({io_path!r})
+        expected = batch.pop("expected")
+        with torch.no_grad():
+            print(float((m(**batch).logits - expected).abs().max()))
+        assert 'peft_ext' not in sys.modules
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(lora_dir, "adapter_config.json")) as f:
+        return float(out.stdout.split()[-1]), json.load(f)

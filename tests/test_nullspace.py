@@ -1,9 +1,6 @@
 import copy
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -12,7 +9,17 @@ from torch import nn
 
 from peft_ext import ActivationStats, NullSpaceLoraConfig, export_to_lora, initialize_nullspace_lora
 
-from .conftest import Toy, planted_inputs, tiny_bert, token_batches
+from .conftest import (
+    Toy,
+    outputs_under_vanilla_peft,
+    perturb_trainables,
+    planted_inputs,
+    same_state,
+    save_tiny_bert_classifier,
+    state_of,
+    tiny_bert,
+    token_batches,
+)
 
 
 def _planted_toy(seed=0):
@@ -21,14 +28,6 @@ def _planted_toy(seed=0):
     x, q = planted_inputs(400, eig, seed=seed)
     batches = [x[i : i + 50].float() for i in range(0, 400, 50)]
     return Toy(seed=seed), batches, eig, q
-
-
-def _perturb_trainables(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("mode", ["v2", "v1", "split"])
@@ -111,7 +110,7 @@ def test_save_load_merge_disable_round_trip(tmp_path, mode):
     base_copy = copy.deepcopy(toy)
     model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k", "out"], mode=mode))
     initialize_nullspace_lora(model, batches, progress=False, warn=False)  # `out` has no planted null space
-    _perturb_trainables(model)
+    perturb_trainables(model)
     model.eval()
     x = torch.randn(6, 8)
     with torch.no_grad():
@@ -142,9 +141,9 @@ def test_two_adapters_and_set_adapter():
     # second is active and trainable (v1: both factors); first is frozen
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"base_model.model.q.nullspace_A.second.weight", "base_model.model.q.nullspace_B.second.weight"}
-    _perturb_trainables(model, seed=1)
+    perturb_trainables(model, seed=1)
     model.set_adapter("first")
-    _perturb_trainables(model, seed=2)
+    perturb_trainables(model, seed=2)
     model.eval()
     x = torch.randn(3, 8)
     with torch.no_grad():
@@ -154,77 +153,40 @@ def test_two_adapters_and_set_adapter():
     assert not torch.allclose(ya, yb)
 
 
-def _run_without_peft_ext(code: str) -> str:
-    """Run code in a fresh interpreter in which peft_ext is never imported (asserted)."""
-    full = textwrap.dedent(code) + "\nimport sys\nassert 'peft_ext' not in sys.modules\n"
-    out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
 @pytest.mark.parametrize("mode", ["v2", "split"])
 def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path, mode):
-    from transformers import BertForSequenceClassification, BertConfig
+    from transformers import BertForSequenceClassification
 
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                     max_position_embeddings=64, num_labels=3)
-    base = BertForSequenceClassification(cfg).eval()
-    base.save_pretrained(tmp_path / "base")
+    save_tiny_bert_classifier(tmp_path / "base")
     model = get_peft_model(
         BertForSequenceClassification.from_pretrained(tmp_path / "base"),
         NullSpaceLoraConfig(r=4, target_modules=["query", "value", "dense"], mode=mode, nullspace_alpha=8,
                             modules_to_save=["classifier"], task_type="SEQ_CLS"),
     )
     initialize_nullspace_lora(model, token_batches(), progress=False)
-    _perturb_trainables(model)
+    perturb_trainables(model)
     model.eval()
     batch = token_batches(n_batches=1, seed=5)[0]
     with torch.no_grad():
         expected = model(**batch).logits
-    from safetensors.torch import save_file
-
-    save_file({**batch, "expected": expected.contiguous()}, str(tmp_path / "io.safetensors"))
     out = export_to_lora(model, tmp_path / "lora")
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".export-")]
     with pytest.raises(FileExistsError):
         export_to_lora(model, tmp_path / "lora")
-    stdout = _run_without_peft_ext(f"""
-        import json, torch
-        from peft import PeftModel
-        from transformers import BertForSequenceClassification
-        cfg = json.load(open({str(tmp_path / 'lora' / 'adapter_config.json')!r}))
-        assert cfg["peft_type"] == "LORA", cfg["peft_type"]
-        base = BertForSequenceClassification.from_pretrained({str(tmp_path / 'base')!r}).eval()
-        m = PeftModel.from_pretrained(base, {str(tmp_path / 'lora')!r}).eval()
-        from safetensors.torch import load_file
-        batch = load_file({str(tmp_path / 'io.safetensors')!r})
-        expected = batch.pop("expected")
-        with torch.no_grad():
-            got = m(**batch).logits
-        print("maxdiff", float((got - expected).abs().max()), "r", cfg["r"])
-    """)
-    maxdiff = float(stdout.split()[1])
-    assert maxdiff < 1e-5, stdout
-    assert int(stdout.split()[3]) == (8 if mode == "split" else 4)
+    maxdiff, cfg = outputs_under_vanilla_peft(tmp_path, tmp_path / "base", tmp_path / "lora", batch, expected)
+    assert cfg["peft_type"] == "LORA"
+    assert maxdiff < 1e-5
+    assert cfg["r"] == (8 if mode == "split" else 4)
 
 
 # ------------------------------------------------------------------ bad inputs: clear error, model unchanged
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_r_larger_than_input_dim_is_refused_before_any_change():
     toy = Toy()
-    before = _state(toy)
+    before = state_of(toy)
     with pytest.raises(ValueError, match=r"r=9 is larger than the input dimension.*q \(in_features=8\)"):
         get_peft_model(toy, NullSpaceLoraConfig(r=9, target_modules=["q", "k"]))
-    assert isinstance(toy.q, nn.Linear) and _same_state(_state(toy), before)
+    assert isinstance(toy.q, nn.Linear) and same_state(state_of(toy), before)
 
 
 def test_config_errors_name_field_and_value():
@@ -247,31 +209,31 @@ def test_target_modules_matching_nothing():
 
 def test_layer_reached_by_no_token_is_an_error_and_nothing_is_written():
     model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q", "unused"]))
-    before = _state(model)
+    before = state_of(model)
     with pytest.raises(ValueError, match=r"reached layer 'unused' with zero tokens"):
         initialize_nullspace_lora(model, [torch.randn(4, 8)], progress=False)
-    assert _same_state(_state(model), before)
+    assert same_state(state_of(model), before)
 
 
 def test_stats_from_another_model_is_an_error_and_nothing_is_written():
     other = tiny_bert(hidden_size=16, intermediate_size=24)
     stats = ActivationStats.collect(other, token_batches(), ["query", "key", "value"], progress=False)
     model = get_peft_model(tiny_bert(), NullSpaceLoraConfig(r=2, target_modules=["query"]))
-    before = _state(model)
+    before = state_of(model)
     with pytest.raises(ValueError, match=r"input dimension 16, but the layer takes 32: they come from"):
         initialize_nullspace_lora(model, stats=stats, progress=False)
-    assert _same_state(_state(model), before)
+    assert same_state(state_of(model), before)
     with pytest.raises(ValueError, match="either dataloader or stats"):
         initialize_nullspace_lora(model, token_batches(), stats=stats, progress=False)
 
 
 def test_nan_calibration_is_an_error_and_nothing_is_written():
     model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q"]))
-    before = _state(model)
+    before = state_of(model)
     bad = torch.full((3, 8), float("inf"))
     with pytest.raises(ValueError, match="non-finite"):
         initialize_nullspace_lora(model, [torch.randn(3, 8), bad], progress=False)
-    assert _same_state(_state(model), before)
+    assert same_state(state_of(model), before)
 
 
 def test_verification_flags_a_layer_without_null_space():
@@ -305,7 +267,7 @@ def test_gpt2_conv1d_layers(tmp_path, mode):
         with model.disable_adapter():
             y0 = model(**x).logits
         assert torch.allclose(model(**x).logits, y0, atol=1e-5)
-    _perturb_trainables(model)
+    perturb_trainables(model)
     with torch.no_grad():
         y = model(**x).logits
     assert not torch.allclose(y, y0, atol=1e-3)
@@ -323,10 +285,10 @@ def test_bad_targets_are_refused_before_any_change_also_for_add_adapter_and_all_
             self.emb = nn.Embedding(5, 8)
 
     toy = WithEmbedding()
-    before = _state(toy)
+    before = state_of(toy)
     with pytest.raises(TypeError, match=r"cannot adapt emb \(Embedding\)"):
         get_peft_model(toy, NullSpaceLoraConfig(r=2, target_modules=["q", "emb"]))
-    assert isinstance(toy.q, nn.Linear) and _same_state(_state(toy), before)
+    assert isinstance(toy.q, nn.Linear) and same_state(state_of(toy), before)
     with pytest.raises(ValueError, match=r"r=9 is larger"):
         get_peft_model(Toy(), NullSpaceLoraConfig(r=9, target_modules="all-linear"))
     model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q"]))

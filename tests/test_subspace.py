@@ -2,9 +2,6 @@
 
 import copy
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,29 +10,22 @@ from torch import nn
 
 from peft_ext import SubspaceLoraConfig, SubspaceLoraLayer, export_to_lora
 
-from .conftest import Toy, tiny_bert, token_batches
+from .conftest import (
+    Toy,
+    outputs_under_vanilla_peft,
+    perturb_trainables,
+    same_state,
+    save_tiny_bert_classifier,
+    state_of,
+    tiny_bert,
+    token_batches,
+)
 
 CASES = [("full", False), ("diag", False), ("full", True), ("diag", True)]
 
 
-def _perturb_trainables(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-
-
 def _trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _projector(q):
@@ -143,12 +133,12 @@ def test_only_the_core_is_trainable_through_peft_machinery(tmp_path, train_resid
     model.set_adapter("default")
     assert _trainable(model) == expected
 
-    before = _state(model)
+    before = state_of(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
     model(torch.randn(16, 8)).pow(2).mean().backward()
     opt.step()
-    after = _state(model)
+    after = state_of(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == expected  # C (and R_delta) only: no buffer, no base weight
     model.save_pretrained(tmp_path / "ad")
@@ -162,7 +152,7 @@ def test_residual_gradient_lives_outside_the_subspace(core):
     """C gets U^T G V and R_delta gets (I - U U^T) G (I - V V^T) of the raw weight gradient G: no double counting."""
     model = get_peft_model(Toy(), SubspaceLoraConfig(k=3, core=core, target_modules=["q"], train_residual=True))
     layer = model.base_model.model.q
-    _perturb_trainables(model)  # away from init, so every term contributes
+    perturb_trainables(model)  # away from init, so every term contributes
     w = layer.get_base_layer().weight
     w.requires_grad_(True)  # the raw gradient of any additive (out, in) update equals W's gradient
     model.train()
@@ -195,7 +185,7 @@ def test_save_load_merge_disable_round_trip(tmp_path, core, train_residual):
     model = get_peft_model(toy, SubspaceLoraConfig(k=3, core=core, train_residual=train_residual,
                                                    target_modules=["q", "k", "out"]))
     _flip_first_direction(model.base_model.model.q)
-    _perturb_trainables(model)
+    perturb_trainables(model)
     model.eval()
     x = torch.randn(6, 8)
     with torch.no_grad():
@@ -236,7 +226,7 @@ def test_half_precision_base_keeps_the_adapter_in_float32(tmp_path):
     x = torch.randn(5, 8, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(model(x), base(x))
-    _perturb_trainables(model, scale=1e-3)
+    perturb_trainables(model, scale=1e-3)
     delta = layer.get_delta_weight("default").detach()
     model.save_pretrained(tmp_path / "ad")
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad", low_cpu_mem_usage=True)
@@ -256,9 +246,9 @@ def test_two_adapters_and_set_adapter():
     model.set_adapter("second")
     assert _trainable(model) == {f"base_model.model.{m}.{n}.second" for m in ("q", "k")
                                  for n in ("subspace_C", "subspace_R_delta")}
-    _perturb_trainables(model, seed=1)
+    perturb_trainables(model, seed=1)
     model.set_adapter("first")
-    _perturb_trainables(model, seed=2)
+    perturb_trainables(model, seed=2)
     model.eval()
     x = torch.randn(3, 8)
     with torch.no_grad():
@@ -273,53 +263,26 @@ def test_two_adapters_and_set_adapter():
 
 
 # ------------------------------------------------------------------ export to plain LoRA
-def _run_without_peft_ext(code: str) -> str:
-    """Run code in a fresh interpreter in which peft_ext is never imported (asserted)."""
-    full = textwrap.dedent(code) + "\nimport sys\nassert 'peft_ext' not in sys.modules\n"
-    out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
 def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path):
-    from safetensors.torch import save_file
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                     max_position_embeddings=64, num_labels=3)
-    BertForSequenceClassification(cfg).eval().save_pretrained(tmp_path / "base")
+    save_tiny_bert_classifier(tmp_path / "base")
     model = get_peft_model(
         BertForSequenceClassification.from_pretrained(tmp_path / "base"),
         SubspaceLoraConfig(k=4, target_modules=["query", "value", "dense"], modules_to_save=["classifier"],
                            task_type="SEQ_CLS"),
     )
-    _perturb_trainables(model)
+    perturb_trainables(model)
     model.eval()
     batch = token_batches(n_batches=1, seed=5)[0]
     with torch.no_grad():
         expected = model(**batch).logits
-    save_file({**batch, "expected": expected.contiguous()}, str(tmp_path / "io.safetensors"))
     out = export_to_lora(model, tmp_path / "lora")
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
-    stdout = _run_without_peft_ext(f"""
-        import json, torch
-        from peft import PeftModel
-        from safetensors.torch import load_file
-        from transformers import BertForSequenceClassification
-        cfg = json.load(open({str(tmp_path / 'lora' / 'adapter_config.json')!r}))
-        assert cfg["peft_type"] == "LORA", cfg["peft_type"]
-        base = BertForSequenceClassification.from_pretrained({str(tmp_path / 'base')!r}).eval()
-        m = PeftModel.from_pretrained(base, {str(tmp_path / 'lora')!r}).eval()
-        batch = load_file({str(tmp_path / 'io.safetensors')!r})
-        expected = batch.pop("expected")
-        with torch.no_grad():
-            got = m(**batch).logits
-        print("maxdiff", float((got - expected).abs().max()), "r", cfg["r"], "alpha", cfg["lora_alpha"])
-    """)
-    words = stdout.split()
-    assert float(words[1]) < 1e-5, stdout
-    assert int(words[3]) == 4 and float(words[5]) == 4.0  # rank k, scaling 1
+    maxdiff, cfg = outputs_under_vanilla_peft(tmp_path, tmp_path / "base", tmp_path / "lora", batch, expected)
+    assert cfg["peft_type"] == "LORA"
+    assert maxdiff < 1e-5
+    assert cfg["r"] == 4 and float(cfg["lora_alpha"]) == 4.0  # rank k, scaling 1
 
 
 def test_export_is_refused_with_a_trained_residual(tmp_path):
@@ -350,7 +313,7 @@ def test_gpt2_conv1d_layers(tmp_path, core):
         with model.disable_adapter():
             y0 = model(**x).logits
         assert torch.allclose(model(**x).logits, y0, atol=1e-6)
-    _perturb_trainables(model)
+    perturb_trainables(model)
     with torch.no_grad():
         y = model(**x).logits
     assert not torch.allclose(y, y0, atol=1e-3)
@@ -394,7 +357,7 @@ def test_nf4_base_is_never_touched_and_round_trips(tmp_path):
     model.eval()
     assert not torch.equal(layer.subspace_C["default"], c_before)
     assert torch.equal(layer.get_base_layer().weight.data, packed)  # W untouched
-    _perturb_trainables(model, scale=0.5)
+    perturb_trainables(model, scale=0.5)
     with torch.no_grad():
         y = model(**batch).last_hidden_state
     assert not torch.allclose(y, y_base, atol=1e-4)
@@ -425,22 +388,22 @@ def test_config_errors_name_field_and_value():
 
 def test_k_larger_than_a_target_is_refused_before_any_change():
     toy = Toy()
-    before = _state(toy)
+    before = state_of(toy)
     with pytest.raises(ValueError, match=r"k=9 is larger than min\(out, in\).*q \(weight shape \(out, in\) = \(12, 8\)\)"):
         get_peft_model(toy, SubspaceLoraConfig(k=9, target_modules=["q", "k"]))
-    assert isinstance(toy.q, nn.Linear) and _same_state(_state(toy), before)
+    assert isinstance(toy.q, nn.Linear) and same_state(state_of(toy), before)
     # 'all-linear' is expanded before the check: `out` (4 x 12) cannot take k=5
     with pytest.raises(ValueError, match=r"k=5 .*out \(weight shape \(out, in\) = \(4, 12\)\)"):
         get_peft_model(toy, SubspaceLoraConfig(k=5, target_modules="all-linear"))
-    assert type(toy.q) is nn.Linear and _same_state(_state(toy), before)
+    assert type(toy.q) is nn.Linear and same_state(state_of(toy), before)
 
 
 def test_add_adapter_with_too_large_k_leaves_the_model_unchanged():
     model = get_peft_model(Toy(), SubspaceLoraConfig(k=2, target_modules=["q", "out"]))
-    before = _state(model)
+    before = state_of(model)
     with pytest.raises(ValueError, match=r"k=5 is larger than min\(out, in\).*out \(weight shape"):
         model.add_adapter("second", SubspaceLoraConfig(k=5, target_modules=["q", "out"]))
-    assert _same_state(_state(model), before)
+    assert same_state(state_of(model), before)
     assert "second" not in model.peft_config and "second" not in model.base_model.model.q.subspace_C
 
 
@@ -450,10 +413,10 @@ def test_target_modules_matching_nothing_or_unsupported():
         get_peft_model(toy, SubspaceLoraConfig(k=2, target_modules=["nope"]))
     assert type(toy.q) is nn.Linear
     bert = tiny_bert()
-    before = _state(bert)
+    before = state_of(bert)
     with pytest.raises(TypeError, match=r"cannot adapt 1 target module\(s\): '.*word_embeddings'.*not Embedding"):
         get_peft_model(bert, SubspaceLoraConfig(k=2, target_modules=["query", "word_embeddings"]))
-    assert not any(isinstance(m, SubspaceLoraLayer) for m in bert.modules()) and _same_state(_state(bert), before)
+    assert not any(isinstance(m, SubspaceLoraLayer) for m in bert.modules()) and same_state(state_of(bert), before)
 
 
 # ------------------------------------------------------------------ trainer_ext integration

@@ -5,6 +5,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .._tuners import validate_target_fields
 from ..registry import ensure_peft_type
 
 MODES = ("v2", "v1", "split")
@@ -85,17 +86,7 @@ class NullSpaceLoraConfig(PeftConfig):
             raise ValueError(
                 f"NullSpaceLoraConfig.bias must be 'none', 'all' or 'nullspace_only', got bias={self.bias!r}"
             )
-        if self.target_modules is None:
-            raise ValueError(
-                "NullSpaceLoraConfig.target_modules is required: name the linear layers to adapt, e.g. "
-                "['query', 'key', 'value'] for BERT or ['q_proj', 'k_proj', 'v_proj', 'o_proj'] for Llama"
-            )
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("NullSpaceLoraConfig.layers_pattern needs layers_to_transform to be set as well")
+        validate_target_fields(self, "NullSpaceLoraConfig")
 
     @property
     def scaling(self) -> float:

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
 
-from .._tuners import DeltaMergeMixin
+from .._tuners import DeltaMergeMixin, init_layer_shapes
 
 
 class NullSpaceLoraLayer(BaseTunerLayer):
@@ -34,14 +34,7 @@ class NullSpaceLoraLayer(BaseTunerLayer):
         self.nullspace_dropout = nn.ModuleDict({})
         self.nullspace_A0 = BufferDict({}, persistent=True)
         self.nullspace_B0 = BufferDict({}, persistent=True)
-        self._disable_adapters = False
-        self.merged_adapters = []
-        in_features, out_features = _get_in_out_features(self.get_base_layer())
-        if in_features is None or out_features is None:
-            raise TypeError(f"NullSpaceLoRA does not support layers of type {type(self.get_base_layer()).__name__}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.kwargs = kwargs
+        init_layer_shapes(self, "NullSpaceLoRA", kwargs)
 
     def update_layer(self, adapter_name: str, r: int, scaling: float, mode: str, dropout: float, name: str = "") -> None:
         if r > self.in_features:

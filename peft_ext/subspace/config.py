@@ -5,6 +5,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .._tuners import validate_target_fields
 from ..registry import ensure_peft_type
 
 CORES = ("full", "diag")
@@ -86,17 +87,7 @@ class SubspaceLoraConfig(PeftConfig):
             raise ValueError(f"SubspaceLoraConfig.niter must be an integer >= 0, got niter={self.niter!r}; the default is 4")
         if not _is_int(self.seed):
             raise ValueError(f"SubspaceLoraConfig.seed must be an integer, got seed={self.seed!r}")
-        if self.target_modules is None:
-            raise ValueError(
-                "SubspaceLoraConfig.target_modules is required: name the linear layers to adapt, e.g. "
-                "['query', 'key', 'value'] for BERT or ['q_proj', 'k_proj', 'v_proj', 'o_proj'] for Llama"
-            )
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("SubspaceLoraConfig.layers_pattern needs layers_to_transform to be set as well")
+        validate_target_fields(self, "SubspaceLoraConfig")
 
 
 def _is_int(value: object) -> bool:
