@@ -16,7 +16,7 @@ from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
 __version__ = "0.1.0"
 
 register("nullspace_lora", NullSpaceLoraConfig, NullSpaceLoraModel, prefix=NullSpaceLoraModel.prefix)
-register("subspace_lora", SubspaceLoraConfig, SubspaceLoraModel, prefix="subspace_")
+register("subspace_lora", SubspaceLoraConfig, SubspaceLoraModel, prefix=SubspaceLoraModel.prefix)
 
 __all__ = [
     "ActivationStats",
