@@ -168,14 +168,17 @@ class SubspaceLoraLayer(BaseTunerLayer):
                 "dense (out, in) matrix, so no low-rank LoRA reproduces it exactly and export_to_lora refuses it. Use "
                 "model.merge_and_unload() to bake it into the weights instead."
             )
+        return self._low_rank(adapter_name)
+
+    def _low_rank(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) = ((C - C0) V^T, U) of the in-subspace update."""
         u, v, d = self._basis(adapter_name)
         a = d[:, None] * v.T if self.core[adapter_name] == "diag" else d @ v.T
         return a, u
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Delta of the layer's weight (in the base layer's layout) that this adapter adds, in the adapter's dtype."""
-        u, v, d = self._basis(adapter_name)
-        a = d[:, None] * v.T if self.core[adapter_name] == "diag" else d @ v.T
+        a, u = self._low_rank(adapter_name)
         delta = u @ a
         if adapter_name in self.subspace_R_delta:
             delta = delta + self._effective_residual(adapter_name)
