@@ -4,16 +4,23 @@
   relative to them), logged through `report_to` every N optimizer updates; CSV/JSON and plots at the end.
 * `create_directional_optimizer`: parameter groups by role with LR multipliers, spectral clamps of adapter
   branches, amplification of the update inside stable subspaces (with a bulk-only control).
+* `prepare_extraction` / `WarmupExtractionCallback`: E4 warm-up extraction, W = R + U C V^T after N steps with C
+  in a high-LR group from the start and R kept out of the subspace.
 * `SpectralTrainer` / `SpectralTrainingArguments`: both wired from arguments (and command-line flags).
 """
 
 from .args import SpectralTrainingArguments
 from .callbacks import SpectralMonitorCallback
+from .extraction import EXTRACTION_MAGNITUDE_PATTERNS, ExtractableLinear, WarmupExtractionCallback, prepare_extraction
 from .optim import DirectionalOptimizer, create_directional_optimizer
 from .trainer import SpectralTrainer
 
 __all__ = [
+    "EXTRACTION_MAGNITUDE_PATTERNS",
     "DirectionalOptimizer",
+    "ExtractableLinear",
+    "WarmupExtractionCallback",
+    "prepare_extraction",
     "SpectralMonitorCallback",
     "SpectralTrainer",
     "SpectralTrainingArguments",
