@@ -106,3 +106,15 @@ def init_layer_shapes(layer: BaseTunerLayer, method: str, kwargs: dict) -> None:
     layer.in_features = in_features
     layer.out_features = out_features
     layer.kwargs = kwargs
+
+
+class CheckTargetsFirst:
+    """Mixin for BaseTuner subclasses: run `self._check_targets(model, config)` before inject_adapter replaces any
+    layer, on every path. get_peft_model goes through `_pre_injection_hook`; PeftModel.add_adapter / load_adapter
+    skip that hook but still call `_prepare_model` first. A bad config therefore leaves the model unchanged."""
+
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        self._check_targets(model, config)
+
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        self._check_targets(model, peft_config)

@@ -5,7 +5,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import planned_targets
+from .._tuners import CheckTargetsFirst, planned_targets
 from .config import NullSpaceLoraConfig
 from .layer import Linear, NullSpaceLoraLayer
 
@@ -17,7 +17,7 @@ def _supported(layer: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class NullSpaceLoraModel(BaseTuner):
+class NullSpaceLoraModel(CheckTargetsFirst, BaseTuner):
     """PEFT tuner for NullSpaceLoRA. Create it with `peft.get_peft_model(model, NullSpaceLoraConfig(...))`, then
     call `peft_ext.initialize_nullspace_lora` to put each adapter's input side into the null space of its inputs.
     """
@@ -25,14 +25,6 @@ class NullSpaceLoraModel(BaseTuner):
     prefix: str = "nullspace_"
     tuner_layer_cls = NullSpaceLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    def _pre_injection_hook(self, model: nn.Module, config: NullSpaceLoraConfig, adapter_name: str) -> None:
-        # Validate every target before the first layer is replaced, so a bad config leaves the model unchanged.
-        self._check_targets(model, config)
-
-    def _prepare_model(self, peft_config: NullSpaceLoraConfig, model: nn.Module) -> None:
-        # add_adapter / load_adapter skip _pre_injection_hook; inject_adapter calls this before replacing anything.
-        self._check_targets(model, peft_config)
 
     def _check_targets(self, model: nn.Module, config: NullSpaceLoraConfig) -> None:
         too_small, unsupported = [], []

@@ -5,7 +5,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import planned_targets
+from .._tuners import CheckTargetsFirst, planned_targets
 from .config import SubspaceLoraConfig
 from .layer import Linear, SubspaceLoraLayer
 
@@ -23,7 +23,7 @@ def _unsupported_reason(layer: nn.Module) -> str | None:
     return None
 
 
-class SubspaceLoraModel(BaseTuner):
+class SubspaceLoraModel(CheckTargetsFirst, BaseTuner):
     """PEFT tuner for SubspaceLoRA. Create it with `peft.get_peft_model(model, SubspaceLoraConfig(...))`: each target
     layer's top-k SVD is computed right there, so the adapter is ready to train (no calibration step).
 
@@ -35,15 +35,6 @@ class SubspaceLoraModel(BaseTuner):
     prefix: str = "subspace_"
     tuner_layer_cls = SubspaceLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    def _pre_injection_hook(self, model: nn.Module, config: SubspaceLoraConfig, adapter_name: str) -> None:
-        # Validate every target before the first layer is replaced, so a bad config leaves the model unchanged.
-        self._check_targets(model, config)
-
-    def _prepare_model(self, peft_config: SubspaceLoraConfig, model: nn.Module) -> None:
-        # PeftModel.add_adapter / load_adapter go straight to inject_adapter without _pre_injection_hook
-        # (peft/peft_model.py: add_adapter), but inject_adapter calls this before it replaces anything.
-        self._check_targets(model, peft_config)
 
     def _check_targets(self, model: nn.Module, config: SubspaceLoraConfig) -> None:
         too_small, unsupported = [], []
