@@ -277,3 +277,49 @@ def test_randomized_path_also_preserves_function():
         torch.testing.assert_close(U.T @ U, torch.eye(K, dtype=torch.float64), atol=1e-5, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(model(x)["logits"], ref, rtol=0, atol=1e-5)
+
+
+def test_random_basis_preserves_function_in_a_data_blind_subspace():
+    model = TinyViT()
+    mods = prepare_extraction(model, targets="mlp.fc1", k=K)
+    x = _batch()
+    with torch.no_grad():
+        ref = model(x)["logits"]
+    (m,) = mods[:1]
+    w = m.weight.detach().double().clone()
+    extract_(m, basis="random", generator=torch.Generator().manual_seed(3))
+    for mod in mods[1:]:
+        extract_(mod, basis="random")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["logits"], ref, rtol=0, atol=1e-5)
+    U, V = m.extract_U.double(), m.extract_V.double()
+    torch.testing.assert_close(U.T @ U, torch.eye(K, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(V.T @ V, torch.eye(K, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.extract_C.detach().double(), U.T @ w @ V, atol=1e-5, rtol=0)
+    # not the top subspace: the core holds much less of W than the top-k singular values would
+    s = torch.linalg.svdvals(w)
+    assert float(m.extract_C.detach().double().pow(2).sum()) < 0.8 * float(s[:K].pow(2).sum())
+    with pytest.raises(ValueError, match="basis must be one of"):
+        extract_(prepare_extraction(TinyViT(), k=K)[0], basis="bottom")
+    with pytest.raises(ValueError, match="basis must be one of"):
+        WarmupExtractionCallback(3, basis="bottom")
+
+
+def test_spectral_trainer_wires_extraction_from_arguments(tmp_path):
+    from trainer_ext import SpectralTrainer, SpectralTrainingArguments
+
+    args = SpectralTrainingArguments(**_args(tmp_path, max_steps=5), extract_warmup=3, extract_rank=K,
+                                     extract_targets="mlp.fc1", magnitude_lr_ratio=10.0, extract_basis="random")
+    model = TinyViT()
+    trainer = SpectralTrainer(model=model, args=args, train_dataset=Data())
+    assert isinstance(model.blocks[0].mlp.fc1, ExtractableLinear) and not isinstance(model.blocks[0].attn.qkv,
+                                                                                       ExtractableLinear)
+    trainer.train()
+    assert trainer.extraction.extracted_at == 3 and trainer.extraction.basis == "random"
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    groups = {g["role"]: g for g in opt.param_groups}
+    core = model.blocks[0].mlp.fc1.extract_C
+    assert any(p is core for p in groups["magnitude"]["params"])
+    assert groups["magnitude"]["lr"] == pytest.approx(10 * groups["default"]["lr"])
+    with pytest.raises(ValueError, match="extract_basis must be"):
+        SpectralTrainingArguments(**_args(tmp_path), extract_warmup=3, extract_basis="bottom")

@@ -2,7 +2,7 @@
 
 Every field is also a command-line flag through HfArgumentParser, dashed or not: `--spec-monitor --spec-every 100
 --spec-topk 8 --spec-targets attn.qkv,attn.proj,mlp.fc1,mlp.fc2`, and `--log-wandb --wandb-project NAME` map onto
-`report_to`/`project`.
+`report_to`/`project`. `--extract-warmup 50 --extract-rank 8 --magnitude-lr-ratio 10` turns on E4 warm-up extraction.
 """
 
 from __future__ import annotations
@@ -48,6 +48,21 @@ class SpectralTrainingArguments(TrainingArguments):
     amplify_mode: str = field(default="subspace", metadata={"help": "'subspace', or 'bulk' (the control: amplify the complement)."})
     stability_threshold: float = field(default=0.9, metadata={"help": "Mean principal cosine that counts as stable."})
     stability_checks: int = field(default=3, metadata={"help": "Consecutive stable checks before amplifying."})
+    extract_warmup: int = field(
+        default=0, metadata={"help": "E4 warm-up extraction: after N optimizer updates split each extract_targets matrix "
+                             "into W = R + U C V^T (function-preserving); C trains at lr * magnitude_lr_ratio. 0 = off."}
+    )
+    extract_rank: int = field(default=8, metadata={"help": "k, the rank of the extracted core C (k x k)."})
+    extract_targets: str = field(
+        default="attn.qkv,attn.proj,mlp.fc1,mlp.fc2",
+        metadata={"help": "Comma-separated nn.Linear modules to extract (same pattern syntax as spec_targets)."},
+    )
+    extract_basis: str = field(
+        default="top", metadata={"help": "'top' (W's top-k singular subspaces, E4) or 'random' (the control)."}
+    )
+    extract_moments: str = field(
+        default="project", metadata={"help": "W's Adam moments at extraction: 'project' (to the complement) or 'reset'."}
+    )
     log_wandb: bool = field(default=False, metadata={"help": "Add 'wandb' to report_to."})
     wandb_project: str = field(default=None, metadata={"help": "W&B (and Trackio) project name."})
 
@@ -71,6 +86,16 @@ class SpectralTrainingArguments(TrainingArguments):
             raise ValueError(f"amplify must be >= 1 (1 = off), got {self.amplify}")
         if self.amplify > 1 and not _split(self.amplify_targets):
             raise ValueError("amplify > 1 needs amplify_targets: the parameter patterns whose updates to amplify")
+        if self.extract_warmup < 0:
+            raise ValueError(f"extract_warmup must be >= 0 (0 = no extraction), got {self.extract_warmup}")
+        if self.extract_warmup and self.extract_rank < 1:
+            raise ValueError(f"extract_rank must be >= 1, got {self.extract_rank}")
+        if self.extract_basis not in ("top", "random"):
+            raise ValueError(f"extract_basis must be 'top' or 'random', got {self.extract_basis!r}")
+        if self.extract_moments not in ("project", "reset"):
+            raise ValueError(f"extract_moments must be 'project' or 'reset', got {self.extract_moments!r}")
+        if self.extract_warmup and not _split(self.extract_targets):
+            raise ValueError("extract_warmup > 0 needs extract_targets: the nn.Linear modules to extract")
 
     @property
     def spec_target_list(self) -> list[str]:
@@ -82,4 +107,7 @@ class SpectralTrainingArguments(TrainingArguments):
 
     @property
     def uses_directional_optimizer(self) -> bool:
-        return self.magnitude_lr_ratio != 1.0 or self.spectral_clamp is not None or self.amplify > 1
+        return (
+            self.magnitude_lr_ratio != 1.0 or self.spectral_clamp is not None or self.amplify > 1
+            or self.extract_warmup > 0
+        )

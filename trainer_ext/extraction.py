@@ -93,6 +93,7 @@ __all__ = [
 DEFAULT_EXTRACTION_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 EXTRACTION_MAGNITUDE_PATTERNS: tuple[str, ...] = DEFAULT_MAGNITUDE_PATTERNS + (r"extract_C",)
 MOMENTS = ("project", "reset")
+BASES = ("top", "random")
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
 
 
@@ -225,16 +226,33 @@ def _complement(m: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def extract_(
-    module: ExtractableLinear, *, exact_max_dim: int = 512, niter: int = 4, generator: torch.Generator | None = None
+    module: ExtractableLinear,
+    *,
+    exact_max_dim: int = 512,
+    niter: int = 4,
+    generator: torch.Generator | None = None,
+    basis: str = "top",
 ) -> dict[str, float]:
-    """Split ``W = R + U C V^T`` in place (module docstring); returns {"energy": ||C||_F^2 / ||W||_F^2}."""
+    """Split ``W = R + U C V^T`` in place (module docstring); returns {"energy": ||C||_F^2 / ||W||_F^2}.
+
+    ``basis="top"``: U, V = W's top-k singular vectors. ``basis="random"``: U, V = orthonormal bases of uniformly
+    random k-dimensional subspaces (QR of Gaussian matrices drawn from `generator`), ``C = U^T W V``: the same
+    function-preserving split in directions that know nothing about W or the data, the control (B2) that shows
+    whether the chosen directions matter or only the extra high-LR parameters do."""
     if not isinstance(module, ExtractableLinear):
         raise TypeError(f"extract_: module must be an ExtractableLinear (see prepare_extraction), got {type(module).__name__}")
     if module.is_extracted:
         raise ValueError("extract_: module is already extracted (extracted=True); extract each module once")
+    if basis not in BASES:
+        raise ValueError(f"extract_: basis must be one of {BASES}, got basis={basis!r}; 'top' is E4, 'random' its control")
     w = module.weight
     w64 = w.detach().double()
-    u, _, v = top_k_svd(w64, module.k, exact_max_dim=exact_max_dim, niter=niter, generator=generator)
+    if basis == "top":
+        u, _, v = top_k_svd(w64, module.k, exact_max_dim=exact_max_dim, niter=niter, generator=generator)
+    else:
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        u = torch.linalg.qr(torch.randn(w64.shape[0], module.k, generator=gen, dtype=torch.float64))[0].to(w64.device)
+        v = torch.linalg.qr(torch.randn(w64.shape[1], module.k, generator=gen, dtype=torch.float64))[0].to(w64.device)
     c = u.T @ w64 @ v
     w.data.copy_((w64 - u @ c @ v.T).to(w.dtype))
     module.extract_U.copy_(u.to(module.extract_U.dtype))
@@ -323,12 +341,15 @@ class WarmupExtractionCallback(TrainerCallback):
     `attach(trainer)` so the values go through `trainer.log`; unbound they go to `state.log_history`."""
 
     def __init__(self, warmup_steps: int, *, moments: str = "project", exact_max_dim: int = 512, niter: int = 4,
-                 seed: int = 0) -> None:
+                 seed: int = 0, basis: str = "top") -> None:
         fn = "WarmupExtractionCallback"
         self.warmup_steps = _int_at_least(warmup_steps, "warmup_steps", 1, "extract after at least one update", fn)
         if moments not in MOMENTS:
             raise ValueError(f"{fn}: moments must be one of {MOMENTS}, got moments={moments!r}; use 'project'")
+        if basis not in BASES:
+            raise ValueError(f"{fn}: basis must be one of {BASES}, got basis={basis!r}; 'top' is E4, 'random' its control")
         self.moments, self.exact_max_dim, self.niter, self.seed = moments, exact_max_dim, niter, seed
+        self.basis = basis
         self.trainer = None
         self.modules: list[ExtractableLinear] = []
         self.extracted_at: int | None = None
@@ -372,7 +393,10 @@ class WarmupExtractionCallback(TrainerCallback):
             logger.warning("warm-up extraction at step %d, later than warmup_steps=%d (resumed from an unextracted "
                            "checkpoint?)", state.global_step, self.warmup_steps)
         gen = torch.Generator().manual_seed(self.seed)
-        energies = [extract_(m, exact_max_dim=self.exact_max_dim, niter=self.niter, generator=gen)["energy"] for m in todo]
+        energies = [
+            extract_(m, exact_max_dim=self.exact_max_dim, niter=self.niter, generator=gen, basis=self.basis)["energy"]
+            for m in todo
+        ]
         if optimizer is not None:
             handle_moments(optimizer, todo, self.moments)
         self.extracted_at = state.global_step

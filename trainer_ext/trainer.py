@@ -6,13 +6,16 @@ from transformers import Trainer
 
 from .args import SpectralTrainingArguments, _split
 from .callbacks import SpectralMonitorCallback
-from .optim import create_directional_optimizer
+from .extraction import EXTRACTION_MAGNITUDE_PATTERNS, WarmupExtractionCallback, prepare_extraction
+from .optim import DEFAULT_MAGNITUDE_PATTERNS, create_directional_optimizer
 
 
 class SpectralTrainer(Trainer):
     """`Trainer` plus, from `SpectralTrainingArguments`: a bound `SpectralMonitorCallback` when `spec_monitor`, and
     the directional optimizer when any of `magnitude_lr_ratio`, `spectral_clamp`, `amplify` is set (unless you pass
-    your own optimizer). With plain `TrainingArguments` it behaves exactly like `Trainer`."""
+    your own optimizer), and E4 warm-up extraction when `extract_warmup > 0` (the model's target Linears become
+    `ExtractableLinear` here, before the optimizer exists, and a bound `WarmupExtractionCallback` extracts them).
+    With plain `TrainingArguments` it behaves exactly like `Trainer`."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -24,6 +27,15 @@ class SpectralTrainer(Trainer):
                 topk=self.args.spec_topk,
                 track=self.args.spec_track_list,
                 niter=self.args.spec_niter,
+                seed=self.args.seed,
+            ).attach(self)
+        self.extraction = None
+        if isinstance(self.args, SpectralTrainingArguments) and self.args.extract_warmup > 0:
+            prepare_extraction(self.model, targets=_split(self.args.extract_targets), k=self.args.extract_rank)
+            self.extraction = WarmupExtractionCallback(
+                self.args.extract_warmup,
+                moments=self.args.extract_moments,
+                basis=self.args.extract_basis,
                 seed=self.args.seed,
             ).attach(self)
 
@@ -42,6 +54,7 @@ class SpectralTrainer(Trainer):
                 betas=(args.adam_beta1, args.adam_beta2),
                 eps=args.adam_epsilon,
                 magnitude_lr_ratio=args.magnitude_lr_ratio,
+                magnitude_patterns=EXTRACTION_MAGNITUDE_PATTERNS if args.extract_warmup > 0 else DEFAULT_MAGNITUDE_PATTERNS,
                 spectral_clamp=args.spectral_clamp,
                 amplify=args.amplify,
                 amplify_targets=_split(args.amplify_targets),
