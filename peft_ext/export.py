@@ -7,6 +7,7 @@ An adapter whose update is exactly `delta W = s * B @ A` is written as `lora_A =
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .stats import canonical_name
+
+EXPORT_MARKER = "peft_ext_export.json"  # written next to an exported adapter: where it came from
 
 
 def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, Any]:
@@ -92,12 +95,20 @@ def export_to_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: s
         raise FileExistsError(f"{out_dir!r} exists; pass overwrite=True or choose another out_dir")
     tensors, kwargs = lora_state_dict(model, adapter_name)
     config = LoraConfig(**kwargs)
+    source = getattr(model, "peft_config", {}).get(adapter_name)
+    marker = {  # provenance, read by peft_ext.hub for the model card; vanilla PEFT ignores the file
+        "source_peft_type": str(getattr(getattr(source, "peft_type", None), "value", "") or "") or None,
+        "source_config": source.to_dict() if hasattr(source, "to_dict") else None,
+        "exact": True,
+    }
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
     try:
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+            json.dump(marker, f, indent=2, default=str)
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-")
             os.rmdir(old)

@@ -137,3 +137,19 @@ def outputs_under_vanilla_peft(tmp_path, base_dir, lora_dir, batch, expected) ->
     assert out.returncode == 0, out.stderr[-3000:]
     with open(os.path.join(lora_dir, "adapter_config.json")) as f:
         return float(out.stdout.split()[-1]), json.load(f)
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A local Hub-compatible server (tests/hub_server.py) with huggingface_hub pointed at it and a private cache.
+
+    Yields the `HubServer`: `.url`, `.token`, `.files(repo_id, revision)`, `.history(repo_id)`, `.repo_ids()`,
+    `.require_token`. Fails the test if the client called a route the server does not implement or hit a server bug.
+    """
+    from .hub_server import HubServer, point_hub_client_at
+
+    with HubServer() as server:
+        point_hub_client_at(server, monkeypatch, tmp_path / "hf_home")
+        yield server
+    assert not server.unhandled, f"the client called routes the test Hub server lacks: {server.unhandled}"
+    assert not server.errors, "the test Hub server failed:\n" + "\n".join(server.errors)
