@@ -86,3 +86,28 @@ def docstring_task(seed: int = 0, per_class: int = 80, test_fraction: float = 0.
         train += [(d, label) for d in docs[n_test:]]
     rng.shuffle(train)
     return train, test, list(packages)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def digits(image_size: int = 16, test_fraction: float = 0.2, split_seed: int = 0):
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled (bilinear) to `image_size`, standardised with the
+    training split's mean and std; returns (x_train, y_train, x_test, y_test), x of shape (n, 1, s, s).
+
+    The train/test split depends only on `split_seed`, so every run of an experiment evaluates on the same images."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = perm[:n_test], perm[n_test:]
+    mean, std = x[train].mean(), x[train].std()
+    x = (x - mean) / std
+    return x[train], y[train], x[test], y[test]
