@@ -100,8 +100,12 @@ def cmd_lorax_convert(args: argparse.Namespace) -> int:
         print(report)
     print(f"wrote a LoRA adapter for {args.target_base} to {os.path.abspath(args.out)} (report: lorax_report.json)")
     if push_adapter is not None:
-        url = push_adapter(args.out, args.push_to_hub)
-        print(f"pushed to {url or args.push_to_hub}")
+        try:
+            info = push_adapter(args.out, args.push_to_hub)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"peft-ext lorax convert: error: the adapter was written to {args.out}, but pushing it "
+                             f"failed: {e}; push it later with `peft-ext push {args.out} {args.push_to_hub}`") from e
+        print(f"pushed {args.out} to {args.push_to_hub}: {getattr(info, 'commit_url', None) or args.push_to_hub}")
     return 0
 
 
