@@ -74,16 +74,14 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 def cmd_lorax_convert(args: argparse.Namespace) -> int:
     from .lorax import convert
 
-    push_adapter = None
-    if args.push_to_hub:  # checked before converting, so a missing helper does not cost a whole conversion
+    if args.push_to_hub:  # a bad repo id is refused before a whole conversion is spent
+        from huggingface_hub.utils import validate_repo_id
+
         try:
-            from .hub import push_adapter
-        except ImportError as e:
-            raise SystemExit(
-                f"peft-ext lorax convert: error: --push-to-hub={args.push_to_hub!r} needs peft_ext.hub.push_adapter, "
-                f"which cannot be imported here ({e}); convert without --push-to-hub and upload OUT with "
-                f"`hf upload {args.push_to_hub} {args.out}`"
-            ) from e
+            validate_repo_id(args.push_to_hub)
+        except ValueError as e:
+            raise SystemExit(f"peft-ext lorax convert: error: --push-to-hub={args.push_to_hub!r} is not a Hub repo id "
+                             f"({e}); use namespace/name, e.g. me/style-lora-v2") from e
     options = dict(
         method=args.method, rank=args.rank, energy=args.energy, subspace_rank=args.subspace_rank,
         carry_complement=not args.no_carry_complement, min_similarity=args.min_similarity,
@@ -99,7 +97,9 @@ def cmd_lorax_convert(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(report)
     print(f"wrote a LoRA adapter for {args.target_base} to {os.path.abspath(args.out)} (report: lorax_report.json)")
-    if push_adapter is not None:
+    if args.push_to_hub:
+        from .hub import push_adapter
+
         try:
             info = push_adapter(args.out, args.push_to_hub)
         except (ValueError, TypeError) as e:

@@ -623,12 +623,20 @@ def test_bad_options_refused_before_any_work(berts, tmp_path, options, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_push_without_hub_helper_is_a_clear_error(berts, tmp_path, monkeypatch):
-    import sys
-
+def test_cli_convert_and_push_to_a_hub_then_load_by_repo_id(berts, tmp_path, hub_server, capsys):
     src, tgt, ad = berts
-    monkeypatch.setitem(sys.modules, "peft_ext.hub", None)  # import fails as if the module were absent
-    with pytest.raises(SystemExit, match=r"--push-to-hub='me/x' needs peft_ext\.hub\.push_adapter.*hf upload me/x"):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit, match=r"--push-to-hub='not a repo' is not a Hub repo id"):
         main(["lorax", "convert", "--adapter", str(ad), "--source-base", str(src), "--target-base", str(tgt),
-              "--out", str(tmp_path / "o"), "--push-to-hub", "me/x"])
-    assert not (tmp_path / "o").exists()
+              "--out", str(out), "--push-to-hub", "not a repo"])
+    assert not out.exists() and hub_server.repo_ids() == []
+    with pytest.warns(UserWarning):  # the recorded target base is a local path: left out of the card's metadata
+        assert main(["lorax", "convert", "--adapter", str(ad), "--source-base", str(src), "--target-base", str(tgt),
+                     "--out", str(out), "--subspace-rank", str(K), "--quiet", "--push-to-hub", "tester/style-v2"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    pulled = _load(tgt, "tester/style-v2")  # PeftModel.from_pretrained by repo id, through the local Hub
+    assert (_outputs(pulled) - _outputs(_load(tgt, out))).abs().max() == 0
+    from huggingface_hub import hf_hub_download
+
+    card = open(hf_hub_download("tester/style-v2", "README.md")).read()
+    assert "lora-x" in card and "φ" in card and "encoder.layer.0.attention.self.query" in card
