@@ -43,3 +43,16 @@ def test_monitor_overhead_benchmark_runs(tmp_path):
     assert result["results"]["train-every2"]["checks"] == 2 and result["overhead_pct"]["every=2"]["checks"] == 2
     assert result["printed"].startswith("machine:") and result["printed"] in out.stdout
     assert all(v["median_s"] > 0 for v in result["results"]["micro"]["check"].values())
+
+
+@pytest.mark.slow
+def test_lorax_speed_benchmark_runs(tmp_path, minilm_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lorax_speed.py"), "--quick", "--idle-wait", "0",
+         "--json", str(tmp_path / "l.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "conversion exact / randomized" in out.stdout and "transferred energy" in out.stdout
+    result = json.loads((tmp_path / "l.json").read_text())
+    assert result["printed"].startswith("machine:") and result["printed"] in out.stdout
