@@ -6,11 +6,8 @@ An adapter whose update is exactly `delta W = s * B @ A` is written as `lora_A =
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from typing import Any
 
@@ -20,6 +17,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
+from .files import atomic_directory
 from .stats import canonical_name
 
 EXPORT_MARKER = "peft_ext_export.json"  # written next to an exported adapter: where it came from
@@ -101,24 +99,9 @@ def export_to_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: s
         "source_config": source.to_dict() if hasattr(source, "to_dict") else None,
         "exact": True,
     }
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
             json.dump(marker, f, indent=2, default=str)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
-        raise
     return out_dir

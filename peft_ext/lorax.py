@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -38,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import atomic_directory
 from .linalg import top_k_svd
 from .stats import canonical_name
 
@@ -891,27 +891,11 @@ def _write_atomic(out_dir: str, tensors: dict[str, Tensor], config: Any, report:
     """Write into a temporary directory beside `out_dir`, then rename it into place."""
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".lorax-")
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         report.save_json(os.path.join(tmp, REPORT_JSON))
         _write_markdown(os.path.join(tmp, REPORT_MD), report)
-        if os.path.exists(out_dir):
-            if not overwrite:
-                raise FileExistsError(f"out_dir={out_dir!r} appeared while converting; pass overwrite=True")
-            old = tempfile.mkdtemp(dir=parent, prefix=".lorax-old-")
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_markdown(path: str, report: TransferReport) -> None:

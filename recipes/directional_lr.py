@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -58,6 +59,7 @@ from common import machine  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from peft_ext.files import atomic_directory  # noqa: E402
 from trainer_ext import create_directional_optimizer  # noqa: E402
 from trainer_ext.extraction import EXTRACTION_MAGNITUDE_PATTERNS, WarmupExtractionCallback, prepare_extraction  # noqa: E402
 from trainer_ext.spectral import chance_energy, projection_energy  # noqa: E402
@@ -696,6 +698,31 @@ def plot(results: list[dict], tasks: list[str], levels_of: dict, out_dir: str) -
 # ------------------------------------------------------------------------------------------------ main
 
 
+def partial_path(args) -> str:
+    """Finished runs of an unfinished recipe, one JSON line each, keyed by everything that changes a run's result:
+    a rerun with the same flags picks up where an interrupted one stopped; other flags start afresh."""
+    keep = {k: v for k, v in vars(args).items() if k not in ("output_dir", "runs", "run_list", "seeds", "seed_list",
+                                                               "no_plots", "threads")}
+    digest = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return os.path.abspath(args.output_dir) + f".partial-{digest}.jsonl"
+
+
+def load_partial(args) -> dict[str, dict]:
+    path = partial_path(args)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {row["key"]: row["result"] for row in rows}
+
+
+def save_partial(args, key: str, result: dict) -> None:
+    path = partial_path(args)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"key": key, "result": result}, default=float) + "\n")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -703,16 +730,25 @@ def main(argv=None) -> dict:
     out_dir = args.output_dir
     specs = [s for s in SPECS if s.name in args.run_list]
     results = []
+    done = load_partial(args)
     with tempfile.TemporaryDirectory() as work:
         for task_name in args.task_list:
             shared = {"digits": digits_task, "hf": hf_task}.get(task_name)
             shared = shared(args) if shared else None  # the planted task is drawn per seed (teacher and inputs)
             for seed in args.seed_list:
-                task = shared or planted_task(args, seed)
+                task = None
                 for spec in specs:
+                    key = f"{task_name}/{spec.name}/{seed}"
+                    if key in done:
+                        results.append(done[key])
+                        print(f"[{task_name} seed {seed}] {spec.name:<12} final top-1 "
+                              f"{100 * done[key]['final_acc']:5.1f}%  (kept from an interrupted run)", flush=True)
+                        continue
+                    task = task or shared or planted_task(args, seed)
                     t0 = time.perf_counter()
                     res = run_one(spec, task, seed, args, work)
                     results.append(res)
+                    save_partial(args, key, res)
                     print(f"[{task_name} seed {seed}] {spec.name:<12} final top-1 {100 * res['final_acc']:5.1f}%  "
                           f"{time.perf_counter() - t0:5.1f}s" + ("  DIVERGED" if res["diverged"] else ""), flush=True)
     task_names = list(args.task_list)
@@ -726,18 +762,15 @@ def main(argv=None) -> dict:
     report = {"args": {k: v for k, v in vars(args).items()}, "machine": machine_line, "levels": levels_of,
               "specs": [asdict(s) for s in specs], "summary": summary, "momentum": momentum, "results": results,
               "markdown": md}
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".directional-")
-    with open(os.path.join(tmp, "results.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    with open(os.path.join(tmp, "results.md"), "w") as f:
-        f.write(md + "\n")
-    if not args.no_plots:
-        plot(results, task_names, levels_of, tmp)
-    if os.path.isdir(out_dir):
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir, overwrite=True, field="--output-dir") as tmp:
+        with open(os.path.join(tmp, "results.json"), "w") as f:
+            json.dump(report, f, indent=1, default=float)
+        with open(os.path.join(tmp, "results.md"), "w") as f:
+            f.write(md + "\n")
+        if not args.no_plots:
+            plot(results, task_names, levels_of, tmp)
+    if os.path.exists(partial_path(args)):
+        os.remove(partial_path(args))  # everything is in results.json now
     print("\n" + md)
     print(f"\nwrote {out_dir}/results.json, results.md" + ("" if args.no_plots else ", curves.png, sigma_max.png"))
     return report

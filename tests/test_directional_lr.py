@@ -108,3 +108,26 @@ def test_bad_flags_are_refused_with_the_fix(capsys):
     with pytest.raises(SystemExit):
         directional_lr.parse_args(["--warmup-steps", "300", "--steps", "300"])
     assert "must be below --steps" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_resumes_from_its_finished_runs(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--quick", "--seeds", "0", "--tasks", "digits", "--runs", "B0,B2", "--no-plots", "--output-dir", str(out)]
+    real, calls = directional_lr.run_one, []
+
+    def failing(spec, *a, **kw):
+        calls.append(spec.name)
+        if spec.name == "B2":
+            raise KeyboardInterrupt
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(directional_lr, "run_one", failing)
+    with pytest.raises(KeyboardInterrupt):
+        directional_lr.main(argv)
+    assert calls == ["B0", "B2"] and not out.exists()
+    assert os.path.exists(directional_lr.partial_path(directional_lr.parse_args(argv)))
+    monkeypatch.setattr(directional_lr, "run_one", lambda spec, *a, **kw: (calls.append(spec.name), real(spec, *a, **kw))[1])
+    report = directional_lr.main(argv)
+    assert calls == ["B0", "B2", "B2"]  # B0 was kept from the interrupted run
+    assert {r["run"] for r in report["results"]} == {"B0", "B2"}
+    assert not os.path.exists(directional_lr.partial_path(directional_lr.parse_args(argv)))

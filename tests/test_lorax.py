@@ -306,7 +306,7 @@ def _load(tgt, out):
 
 
 def _no_temp_dirs(parent) -> bool:
-    return not [p for p in os.listdir(parent) if p.startswith(".lorax")]
+    return not [p for p in os.listdir(parent) if ".tmp-" in p]
 
 
 @pytest.mark.parametrize("carry", [True, False])

@@ -170,8 +170,8 @@ def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path, m
     with torch.no_grad():
         expected = model(**batch).logits
     out = export_to_lora(model, tmp_path / "lora")
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".export-")]
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "peft_ext_export.json"]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     with pytest.raises(FileExistsError):
         export_to_lora(model, tmp_path / "lora")
     maxdiff, cfg = outputs_under_vanilla_peft(tmp_path, tmp_path / "base", tmp_path / "lora", batch, expected)
