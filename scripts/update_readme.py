@@ -36,10 +36,20 @@ def printed_block(filename: str) -> str | None:
     return "```\n" + json.loads(path.read_text())["printed"].rstrip() + "\n```"
 
 
+def recipe_markdown(name: str) -> str | None:
+    """The results.md a recipe wrote into runs/NAME/."""
+    path = ROOT / "runs" / name / "results.md"
+    return path.read_text().rstrip() if path.exists() else None
+
+
 BLOCKS = {
     "tour": tour_block,
+    "directional": lambda: recipe_markdown("directional_lr"),
+    "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
     "bench-calibration": lambda: printed_block("calibration.json"),
     "bench-monitor": lambda: printed_block("monitor_overhead.json"),
+    "bench-lorax": lambda: printed_block("lorax_speed.json"),
+    "lorax-transfer": lambda: recipe_markdown("lorax_transfer"),
 }
 
 

@@ -43,6 +43,10 @@ def test_quick_run_writes_table_json_and_plots(tmp_path):
     assert mom["p_chance"] < mom["p"] <= 1 and 0 <= mom["planted_u"] <= 1
     # the purely low-rank network (#2) trains: its branches were started off the W = 0 saddle
     assert runs[("digits", "#2-r4")]["curve"][-1]["sigma_max"] > 0
+    # the report is a function of the raw per-run results: rebuilt from results.json it is the same
+    rebuilt = directional_lr.main(["--from-json", str(out / "results.json"), "--no-plots",
+                                   "--output-dir", str(tmp_path / "rebuilt")])
+    assert rebuilt["markdown"] == md.rstrip("\n") and (tmp_path / "rebuilt" / "results.md").read_text() == md
 
 
 def test_time_to_and_summary_closed_forms():
