@@ -10,7 +10,7 @@ from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
 from .nullspace.layer import NullSpaceLoraLayer
 from .nullspace.model import NullSpaceLoraModel
 from .registry import missing_type_hint, register
-from .stats import ActivationStats, StatsRecorder, collect_stats
+from .stats import ActivationStats, StatsRecorder, cached_stats, collect_stats, data_fingerprint, model_fingerprint
 from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
 
 __version__ = "0.1.0"
@@ -28,9 +28,12 @@ __all__ = [
     "SubspaceLoraConfig",
     "SubspaceLoraLayer",
     "SubspaceLoraModel",
+    "cached_stats",
     "collect_stats",
+    "data_fingerprint",
     "export_to_lora",
     "initialize_nullspace_lora",
     "lora_state_dict",
     "missing_type_hint",
+    "model_fingerprint",
 ]

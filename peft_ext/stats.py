@@ -472,3 +472,172 @@ def _model_metadata(model: nn.Module) -> dict[str, Any]:
         "model_name_or_path": getattr(cfg, "_name_or_path", "") if cfg is not None else "",
         "model_type": getattr(cfg, "model_type", "") if cfg is not None else "",
     }
+
+
+# ---------------------------------------------------------------------------------------------------- caching
+
+CACHE_SAMPLE = 1 << 16  # values hashed per large tensor by `model_fingerprint`
+CACHE_FULL_HASH_MAX = 1 << 20  # tensors up to this many elements are hashed completely
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's config and weights, cheap enough for 7B models.
+
+    Each parameter and buffer contributes its canonical name, shape and dtype, and its values: all of them up to
+    2^20 elements, else 2^16 evenly spaced ones (a fine-tune or a merged adapter moves nearly every element, so the
+    sample sees it; a change confined to a few unsampled elements would not be seen). Tensors on the meta device
+    (weights offloaded by accelerate's `device_map`) are read from accelerate's offload map, so an offloaded model
+    fingerprints like the same model in memory; without one they contribute the model's `_name_or_path` and
+    `_commit_hash` instead of values. PEFT adapter weights and `modules_to_save` copies are skipped, so a model
+    fingerprints the same before and after `get_peft_model` (unless its initialisation rewrote base weights, as
+    PiSSA and CorDA do).
+    """
+    import hashlib
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    skip: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            for attr in (*m.adapter_layer_names, *m.other_param_names):
+                sub = getattr(m, attr, None)
+                if isinstance(sub, nn.Module):
+                    skip.update(id(t) for t in (*sub.parameters(), *sub.buffers()))
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is None and hasattr(model, "get_base_model"):
+        cfg = getattr(model.get_base_model(), "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):  # where the model was loaded from is not part of it
+        described = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "_commit_hash")}
+        h.update(json.dumps(described, sort_keys=True, default=str).encode())
+    modules = dict(model.named_modules())
+    named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
+    named = sorted(((canonical_name(n), n, t) for n, t in named if id(t) not in skip and ".modules_to_save." not in n),
+                   key=lambda cnt: cnt[0])
+    for name, raw_name, t in named:
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.device.type == "meta":
+            t = _offloaded_value(modules, raw_name)
+            if t is None:
+                h.update(f"meta:{getattr(cfg, '_name_or_path', '')}@{getattr(cfg, '_commit_hash', '')}".encode())
+                continue
+        flat = t.detach().reshape(-1)
+        if flat.numel() > CACHE_FULL_HASH_MAX:
+            flat = flat[torch.linspace(0, flat.numel() - 1, CACHE_SAMPLE, device=flat.device).long()]
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _offloaded_value(modules: dict[str, nn.Module], raw_name: str) -> torch.Tensor | None:
+    """The value accelerate keeps for an offloaded (meta) tensor in the `weights_map` of a hook on the tensor's module or
+    one of its ancestors (cpu/disk offload with `device_map`); None when there is none."""
+    parts = raw_name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        hook = getattr(modules.get(".".join(parts[:i])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(h, "weights_map", None)
+            if weights is not None:
+                with contextlib.suppress(KeyError):
+                    return weights[".".join(parts[i:])]
+    return None
+
+
+def data_fingerprint(dataloader: Iterable[Any], max_batches: int | None = None) -> str:
+    """sha256 of the multiset of batches (every tensor but `labels`, by key): the statistics are sums, so the order
+    of batches does not matter, and N processes that each hash their shard agree with one process hashing all of it
+    (under torch.distributed the per-batch hashes of all ranks are gathered; every rank must call this)."""
+    import hashlib
+
+    per_batch = []
+    for i, batch in enumerate(dataloader):
+        if max_batches is not None and i >= max_batches:
+            break
+        h = hashlib.sha256()
+        items = sorted(batch.items()) if isinstance(batch, Mapping) else [("input_ids", batch)]
+        for key, value in items:
+            if key == "labels" or not torch.is_tensor(value):
+                continue
+            value = value.detach().cpu().contiguous()
+            h.update(f"{key}|{tuple(value.shape)}|{value.dtype}|".encode())
+            h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        per_batch.append(h.hexdigest())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, per_batch)
+        per_batch = [d for g in gathered for d in g]
+    return hashlib.sha256("\n".join(sorted(per_batch)).encode()).hexdigest()
+
+
+def cached_stats(
+    path: str | os.PathLike,
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    target_modules: Iterable[str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    share_inputs: bool = True,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> ActivationStats:
+    """`ActivationStats.collect(...)`, reusing the safetensors file at `path` when it was made from the same model,
+    target layers, data and settings; otherwise collect, write `path` (atomically) and say why.
+
+    The file's metadata keeps three fingerprints: `model_fingerprint(model)`, the canonical names of the target layers
+    (with dtype and share_inputs) and `data_fingerprint(dataloader)` (token ids and masks of every batch, so re-pad or
+    re-tokenise and it recomputes). `dataloader` is iterated twice: pass a list or a DataLoader, not a generator.
+    The result's `metadata["cache"]` is `{"hit": bool, "reason": str, "path": str}`. Under torch.distributed every
+    rank calls this with its own shard; rank 0 decides and writes, and `path` must be readable by every rank.
+    """
+    if iter(dataloader) is dataloader:
+        raise TypeError("cached_stats iterates the data twice (fingerprint, then statistics): pass a list of batches "
+                        "or a DataLoader, not a generator or iterator")
+    path = os.fspath(path)
+    layers = sorted(find_linear_targets(model, target_modules))
+    wanted = {
+        "model": model_fingerprint(model),
+        "layers": json.dumps(layers),
+        "settings": json.dumps({"dtype": str(dtype), "share_inputs": share_inputs}),
+        "data": data_fingerprint(dataloader, max_batches),
+    }
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    decision = [None]
+    if rank == 0:
+        decision[0] = _cache_verdict(path, wanted)
+    if distributed:
+        torch.distributed.broadcast_object_list(decision, src=0)
+    hit, reason = decision[0]
+    if hit:
+        stats = ActivationStats.load(path)
+    else:
+        stats = ActivationStats.collect(model, dataloader, target_modules, dtype=dtype, share_inputs=share_inputs,
+                                        max_batches=max_batches, progress=progress)
+        if rank == 0:
+            stats.save(path, metadata={"fingerprint": wanted})
+        if distributed:
+            torch.distributed.barrier()
+        stats.metadata["fingerprint"] = wanted
+    stats.metadata["cache"] = {"hit": hit, "reason": reason, "path": path}
+    return stats
+
+
+def _cache_verdict(path: str, wanted: dict[str, str]) -> tuple[bool, str]:
+    if not os.path.isfile(path):
+        return False, "no cached statistics yet"
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = json.loads((f.metadata() or {}).get("metadata", "{}")).get("fingerprint") or {}
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is simply recomputed
+        return False, f"cache file unreadable ({type(e).__name__}: {e})"
+    why = []
+    if stored.get("model") != wanted["model"]:
+        why.append("the model's config or weights changed")
+    if stored.get("layers") != wanted["layers"]:
+        old, new = set(json.loads(stored.get("layers") or "[]")), set(json.loads(wanted["layers"]))
+        why.append(f"the target layers changed (+{len(new - old)} -{len(old - new)}: e.g. "
+                   f"{sorted(new - old)[:2] + sorted(old - new)[:2]})")
+    if stored.get("settings") != wanted["settings"]:
+        why.append(f"the settings changed ({stored.get('settings')} -> {wanted['settings']})")
+    if stored.get("data") != wanted["data"]:
+        why.append("the calibration data changed (token ids hash differs)")
+    return (False, "; ".join(why)) if why else (True, "model, layers, data and settings match")
