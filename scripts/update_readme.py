@@ -39,7 +39,10 @@ def printed_block(filename: str) -> str | None:
 def recipe_markdown(name: str) -> str | None:
     """The results.md a recipe wrote into runs/NAME/."""
     path = ROOT / "runs" / name / "results.md"
-    return path.read_text().rstrip() if path.exists() else None
+    if not path.exists():
+        return None
+    # the blocks sit under a README ### heading: push the recipe's own headings one level down
+    return re.sub(r"^(#{1,5}) ", r"#\1 ", path.read_text().rstrip(), flags=re.M)
 
 
 BLOCKS = {
