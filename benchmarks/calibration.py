@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._worker:
         result = worker(args)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f)
         return
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"machine": machine, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                    "results": results, "ratios": {label: value for label, value, _ in ratios(results)},
                    "memory_note": MEMORY_NOTE, "printed": printed.getvalue()}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
 

@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"machine": machine(), "args": vars(args), "results": results,
                    "target": {"speedup": SPEEDUP_TARGET, "energy_diff_pct": ENERGY_LOSS_TARGET_PCT, "met": met},
                    "printed": printed.getvalue()}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
 

@@ -555,6 +555,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._worker:
         result = worker(args)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f)
         return
@@ -574,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
                    "params_at_224": params, "results": results, "overhead_pct": summary["end_to_end"],
                    "projected_overhead_pct": summary["projected"], "ratios": summary["ratios"],
                    "targets_pct": {f"every={e}": b for e, b in TARGETS.items()}, "printed": printed.getvalue()}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
 
