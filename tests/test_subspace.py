@@ -278,7 +278,7 @@ def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path):
     with torch.no_grad():
         expected = model(**batch).logits
     out = export_to_lora(model, tmp_path / "lora")
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "peft_ext_export.json"]
     maxdiff, cfg = outputs_under_vanilla_peft(tmp_path, tmp_path / "base", tmp_path / "lora", batch, expected)
     assert cfg["peft_type"] == "LORA"
     assert maxdiff < 1e-5
