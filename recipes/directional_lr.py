@@ -231,7 +231,6 @@ def planted_task(args, seed: int) -> Task:
 
 def hf_task(args) -> Task:
     """A transformers image classifier on an image data set: the recommended ViT-S / CIFAR-100 setting on a GPU."""
-    from datasets import load_dataset
     from transformers import AutoConfig, AutoModelForImageClassification
 
     ds = _load_images(args.dataset)
@@ -777,7 +776,6 @@ def main(argv=None) -> dict:
         return rebuild(args)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    out_dir = args.output_dir
     specs = [s for s in SPECS if s.name in args.run_list]
     results = []
     done = load_partial(args)

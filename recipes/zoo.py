@@ -8,8 +8,6 @@ all `transformers.Trainer` needs from a model.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,7 +144,3 @@ def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """||A^T B||_F^2 / k for orthonormal A (n, k) and B (n, k'): 1 when span(B) contains span(A), about k'/n for
     unrelated random subspaces."""
     return float((a.T.double() @ b.double()).pow(2).sum()) / a.shape[1]
-
-
-def chance_overlap(n: int, k: int) -> float:
-    return min(1.0, k / n) if n else math.nan

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from peft_ext.linalg import _as_matrix, _check_int, _check_k, _default_generator, _randn, top_k_svd  # noqa: F401
+from peft_ext.linalg import _as_matrix, _check_int, _check_k, _randn, top_k_svd  # noqa: F401
 
 __all__ = [
     "top_k_svd",
