@@ -57,7 +57,8 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # calibration.py's helpers, and trainer_ext from this checkout
+sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "recipes")]  # + trainer_ext, zoo
+import zoo  # noqa: E402  (the recipes' timm-named ViT)
 from calibration import OtherLoad, machine_info  # noqa: E402  (same machine line and other-load meter as there)
 
 TARGETS = {100: 1.0, 10: 5.0}  # every -> allowed overhead in %
@@ -97,71 +98,10 @@ def every_list(args: argparse.Namespace) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------- the model
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        x = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    """ViT-S/16 with timm's module names (blocks.{i}.attn.qkv, ...); `forward(pixel_values, labels)` for Trainer."""
-
-    def __init__(self, image_size: int = 224, depth: int = 12, dim: int = 384, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        tokens = (image_size // PATCH) ** 2 + 1
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, PATCH, PATCH)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.ModuleList([Block(dim, max(1, dim // 64)) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        x = self.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.norm(x)[:, 0])
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return {"loss": loss, "logits": logits}
+def ViT(image_size: int = 224, depth: int = 12, dim: int = 384, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """ViT-S/16-shaped model with timm's module names (blocks.{i}.attn.qkv, ...): the recipes' `zoo.ViT`."""
+    return zoo.ViT(image_size=image_size, patch=PATCH, in_chans=3, dim=dim, depth=depth, heads=max(1, dim // 64),
+                   mlp_ratio=4.0, num_classes=num_classes, seed=0)
 
 
 class RandomImages(torch.utils.data.Dataset):
