@@ -302,13 +302,18 @@ def report(res: dict, args: argparse.Namespace, machine: dict) -> None:
               "an idle machine before trusting the ratios.")
 
 
+def write_json(path: str, payload: dict, indent: int | None = None) -> None:
+    """Write a benchmark's JSON (results for update_readme.py, or a worker's result), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=indent)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._worker:
         result = worker(args)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f)
+        write_json(args.json, result)
         return
     variants = [v for v in VARIANTS if not (args.skip_corda and v.startswith("corda"))]
     results = {}
@@ -324,9 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"machine": machine, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                    "results": results, "ratios": {label: value for label, value, _ in ratios(results)},
                    "memory_note": MEMORY_NOTE, "printed": printed.getvalue()}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_json(args.json, payload, indent=2)
 
 
 if __name__ == "__main__":

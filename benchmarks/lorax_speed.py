@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # calibration.py's load meter, recipes/ and peft_ext from this checkout
-from calibration import OtherLoad  # noqa: E402
+from calibration import OtherLoad, write_json  # noqa: E402
 from monitor_overhead import IdleWaiter  # noqa: E402  (same idle wait as there)
 
 SPEEDUP_TARGET = 20.0
@@ -322,9 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"machine": machine(), "args": vars(args), "results": results,
                    "target": {"speedup": SPEEDUP_TARGET, "energy_diff_pct": ENERGY_LOSS_TARGET_PCT, "met": met},
                    "printed": printed.getvalue()}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_json(args.json, payload, indent=2)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "recipes")]  # + trainer_ext, zoo
 import zoo  # noqa: E402  (the recipes' timm-named ViT)
-from calibration import OtherLoad, machine_info  # noqa: E402  (same machine line and other-load meter as there)
+from calibration import OtherLoad, machine_info, write_json  # noqa: E402  (same helpers as there)
 
 TARGETS = {100: 1.0, 10: 5.0}  # every -> allowed overhead in %
 MONITOR_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -495,9 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._worker:
         result = worker(args)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f)
+        write_json(args.json, result)
         return
     waiter = IdleWaiter(args.idle_wait)
     parts = ["train-none"] + [f"train-every{e}" for e in every_list(args)] + ["micro"]
@@ -515,9 +513,7 @@ def main(argv: list[str] | None = None) -> None:
                    "params_at_224": params, "results": results, "overhead_pct": summary["end_to_end"],
                    "projected_overhead_pct": summary["projected"], "ratios": summary["ratios"],
                    "targets_pct": {f"every={e}": b for e, b in TARGETS.items()}, "printed": printed.getvalue()}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        write_json(args.json, payload, indent=2)
 
 
 if __name__ == "__main__":
