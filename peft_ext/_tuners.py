@@ -27,9 +27,11 @@ def planned_targets(tuner: BaseTuner, model: nn.Module, config) -> Iterator[tupl
 
 
 class DeltaMergeMixin:
-    """merge/unmerge and the shared start of forward for tuner layers whose whole update is
-    `get_delta_weight(adapter)` (in the base weight's layout). Goes through PEFT's get_base_weight/set_base_weight,
-    so bitsandbytes bases merge by dequantising and requantising (as lossy as it is for LoRA)."""
+    """merge/unmerge and forward for tuner layers whose whole update is `get_delta_weight(adapter)` (in the base
+    weight's layout). Goes through PEFT's get_base_weight/set_base_weight, so bitsandbytes bases merge by
+    dequantising and requantising (as lossy as it is for LoRA). A layer supplies `_adapter_delta(name, x)`: the
+    unscaled output of one adapter for the input `x`. List it before nn.Module in the bases, so that its `forward`
+    is the one nn.Module finds."""
 
     def _has_adapter(self, name: str) -> bool:
         return name in getattr(self, self.adapter_layer_names[0])
@@ -64,6 +66,16 @@ class DeltaMergeMixin:
                 weight = self.get_base_weight()
                 weight -= self.get_delta_weight(name).detach().to(weight.dtype)
                 self.set_base_weight(weight)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result, add_adapters = self._base_forward(x, *args, **kwargs)
+        if not add_adapters:
+            return result
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if self._has_adapter(name):
+                result = result + (self._adapter_delta(name, x) * self.scaling[name]).to(out_dtype)
+        return result
 
     def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, bool]:
         """(base output, whether the adapters still have to be added to it)."""

@@ -105,7 +105,7 @@ class NullSpaceLoraLayer(BaseTunerLayer):
         return delta.to(self.nullspace_A[adapter_name].weight.dtype) if cast else delta
 
 
-class Linear(nn.Module, DeltaMergeMixin, NullSpaceLoraLayer):
+class Linear(DeltaMergeMixin, nn.Module, NullSpaceLoraLayer):
     """NullSpaceLoRA around nn.Linear, transformers' Conv1D, or a bitsandbytes Linear4bit/Linear8bitLt."""
 
     def __init__(
@@ -126,27 +126,19 @@ class Linear(nn.Module, DeltaMergeMixin, NullSpaceLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, scaling, mode, dropout, name=name)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result, add_adapters = self._base_forward(x, *args, **kwargs)
-        if not add_adapters:
-            return result
-        out_dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.nullspace_A:
-                continue
-            a = self.nullspace_A[name]
-            if self.training and not self.is_initialized(name):
-                raise RuntimeError(
-                    f"NullSpaceLoRA adapter {name!r} is not initialised: call "
-                    "peft_ext.initialize_nullspace_lora(model, calib_dataloader) (or with stats=...) before training"
-                )
-            h = self.nullspace_dropout[name](x.to(a.weight.dtype))
-            delta = self.nullspace_B[name](a(h))
-            if self.mode[name] == "split":
-                # s (B A - B0 A0) x: the base keeps W - W P without W being rewritten.
-                delta = delta - (h @ self.nullspace_A0[name].T.to(h.dtype)) @ self.nullspace_B0[name].T.to(h.dtype)
-            result = result + (delta * self.scaling[name]).to(out_dtype)
-        return result
+    def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.nullspace_A[name]
+        if self.training and not self.is_initialized(name):
+            raise RuntimeError(
+                f"NullSpaceLoRA adapter {name!r} is not initialised: call "
+                "peft_ext.initialize_nullspace_lora(model, calib_dataloader) (or with stats=...) before training"
+            )
+        h = self.nullspace_dropout[name](x.to(a.weight.dtype))
+        delta = self.nullspace_B[name](a(h))
+        if self.mode[name] == "split":
+            # s (B A - B0 A0) x: the base keeps W - W P without W being rewritten.
+            delta = delta - (h @ self.nullspace_A0[name].T.to(h.dtype)) @ self.nullspace_B0[name].T.to(h.dtype)
+        return delta
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

@@ -198,7 +198,7 @@ class SubspaceLoraLayer(BaseTunerLayer):
         return out
 
 
-class Linear(nn.Module, DeltaMergeMixin, SubspaceLoraLayer):
+class Linear(DeltaMergeMixin, nn.Module, SubspaceLoraLayer):
     """SubspaceLoRA around nn.Linear, transformers' Conv1D, or a bitsandbytes Linear4bit/Linear8bitLt.
 
     The base weight is never rewritten (except by an explicit `merge`): W = R + U C0 V^T holds implicitly, and the
@@ -229,17 +229,8 @@ class Linear(nn.Module, DeltaMergeMixin, SubspaceLoraLayer):
             adapter_name, k, core, train_residual, exact_max_dim=exact_max_dim, niter=niter, seed=seed, name=name
         )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result, add_adapters = self._base_forward(x, *args, **kwargs)
-        if not add_adapters:
-            return result
-        out_dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.subspace_C:
-                continue
-            delta = self._adapter_output(name, x.to(self.subspace_C[name].dtype))
-            result = result + (delta * self.scaling[name]).to(out_dtype)
-        return result
+    def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self._adapter_output(name, x.to(self.subspace_C[name].dtype))
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # PEFT's own (SVD-based) conversion works from get_delta_weight, also with a trained residual.
