@@ -9,6 +9,17 @@ from .nullspace.config import NullSpaceLoraConfig
 from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
 from .nullspace.layer import NullSpaceLoraLayer
 from .nullspace.model import NullSpaceLoraModel
+from .ortho import (
+    EntrySaliency,
+    OrthoSplitConfig,
+    OrthoSplitLayer,
+    OrthoSplitModel,
+    entry_saliency,
+    ortho_alpha,
+    ortho_report,
+    orthosplit,
+    set_ortho_alpha,
+)
 from .registry import missing_type_hint, register
 from .stats import ActivationStats, StatsRecorder, cached_stats, collect_stats, data_fingerprint, model_fingerprint
 from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
@@ -16,10 +27,15 @@ from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
 __version__ = "0.1.0"
 
 register("nullspace_lora", NullSpaceLoraConfig, NullSpaceLoraModel, prefix=NullSpaceLoraModel.prefix)
+register("ortho_split", OrthoSplitConfig, OrthoSplitModel, prefix=OrthoSplitModel.prefix)
 register("subspace_lora", SubspaceLoraConfig, SubspaceLoraModel, prefix=SubspaceLoraModel.prefix)
 
 __all__ = [
     "ActivationStats",
+    "EntrySaliency",
+    "OrthoSplitConfig",
+    "OrthoSplitLayer",
+    "OrthoSplitModel",
     "NullSpaceLoraConfig",
     "NullSpaceLoraLayer",
     "NullSpaceLoraModel",
@@ -31,9 +47,14 @@ __all__ = [
     "cached_stats",
     "collect_stats",
     "data_fingerprint",
+    "entry_saliency",
     "export_to_lora",
     "initialize_nullspace_lora",
     "lora_state_dict",
     "missing_type_hint",
     "model_fingerprint",
+    "ortho_alpha",
+    "ortho_report",
+    "orthosplit",
+    "set_ortho_alpha",
 ]

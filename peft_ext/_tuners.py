@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
+from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 
@@ -130,3 +132,31 @@ class CheckTargetsFirst:
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         self._check_targets(model, peft_config)
+
+
+class KeepAdapterDtype:
+    """Mixin for tuner layers (before BaseTunerLayer in the bases) whose adapter tensors keep their own dtype.
+
+    PEFT's `_move_adapter_to_device_of_base_layer` also casts every float adapter tensor to the base layer's dtype,
+    and re-wraps a cast Parameter as a new one with requires_grad=True. This version moves tensors to the base
+    layer's device only, keeping dtype and requires_grad.
+    """
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move this adapter's tensors to the base layer's device, keeping their dtype and requires_grad."""
+        if device is None:
+            device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
+            if device is None:
+                return
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ParameterDict, BufferDict)) or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if item.device.type == "meta" or item.device == torch.device(device):
+                continue
+            if isinstance(item, nn.Parameter):
+                container[adapter_name] = nn.Parameter(item.detach().to(device), requires_grad=item.requires_grad)
+            else:
+                container[adapter_name] = item.to(device)
+

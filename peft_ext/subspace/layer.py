@@ -9,7 +9,7 @@ convention, also for GPT-2's Conv1D, whose weight is stored (in, out).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -18,12 +18,12 @@ from peft.utils import resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
 
-from .._tuners import DeltaMergeMixin, init_layer_shapes
+from .._tuners import DeltaMergeMixin, KeepAdapterDtype, init_layer_shapes
 
 from ..linalg import top_k_svd
 
 
-class SubspaceLoraLayer(BaseTunerLayer):
+class SubspaceLoraLayer(KeepAdapterDtype, BaseTunerLayer):
     """Adds ``U (C - C0) V^T x`` (and, with `train_residual`, the residual update) to the base layer's output.
 
     Everything the adapter owns stays in the dtype of its SVD (float32, float64 for float64 weights), also on a
@@ -117,24 +117,6 @@ class SubspaceLoraLayer(BaseTunerLayer):
             )
         except ValueError as e:
             raise ValueError(f"SubspaceLoRA cannot decompose the weight of layer {name!r}: {e}") from e
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Move this adapter's tensors to the base layer's device, keeping their dtype (see the class docstring)."""
-        if device is None:
-            device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
-            if device is None:
-                return
-        for attr in self.adapter_layer_names + self.other_param_names:
-            container = getattr(self, attr, None)
-            if not isinstance(container, (nn.ParameterDict, BufferDict)) or adapter_name not in container:
-                continue
-            item = container[adapter_name]
-            if item.device.type == "meta" or item.device == torch.device(device):
-                continue
-            if isinstance(item, nn.Parameter):
-                container[adapter_name] = nn.Parameter(item.detach().to(device), requires_grad=item.requires_grad)
-            else:
-                container[adapter_name] = item.to(device)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

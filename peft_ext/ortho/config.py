@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .._tuners import validate_target_fields
+from ..registry import ensure_peft_type
+from .quant import BASE_KINDS
+from .select import SELECTORS
+
+LAYOUTS = ("csr", "fused")
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class OrthoSplitConfig(PeftConfig):
+    """Configuration of an OrthoSplit adapter: each target weight becomes a dense base stream plus a sparse ortho stream.
+
+    Per target layer with weight W a selector picks ``k = round(density * out * in)`` entries (the mask M) of a
+    candidate residual D: ``D = W - W_ref`` with reference weights (the fine-tuning delta), else ``D = W - Q(W)`` (the
+    quantisation residual). The base stream is ``B = Q(W - M * D)`` (M * D removed, then quantised with `base_kind`),
+    the ortho stream holds ``O = (W - B)[M]`` sparsely, and the layer computes ``y = B x + alpha * O x + bias``.
+    alpha=1 gives W back on M (exactly W everywhere with base_kind='none'); alpha=0 leaves the base stream alone.
+
+    Build it with `peft_ext.orthosplit(model, config, reference=..., stats=..., fisher=..., forget=..., retain=...)`.
+    `get_peft_model(model, config)` works on its own for the selectors that need no data (magnitude, relative,
+    random) without reference weights. Set alpha with `peft_ext.set_ortho_alpha(model, a)` or `with
+    peft_ext.ortho_alpha(model, a):`.
+    """
+
+    base_kind: Literal["none", "fp16", "bf16", "int8", "int4", "nf4", "bnb_nf4", "bnb_int8"] = field(
+        default="int8",
+        metadata={"help": "Base stream: 'none' (full precision), 'fp16'/'bf16' casts, 'int8'/'int4' per-row "
+                  "round-to-nearest, 'nf4' (QLoRA's code book, pure torch), 'bnb_nf4'/'bnb_int8' (bitsandbytes)."},
+    )
+    density: float = field(
+        default=0.01, metadata={"help": "Fraction of each target weight's entries the ortho stream holds, in (0, 1)."}
+    )
+    selector: Literal["magnitude", "relative", "obs", "fisher", "contrastive", "random"] = field(
+        default="magnitude",
+        metadata={"help": "How entries are chosen: 'magnitude' |D|, 'relative' |D|/|W|, 'obs' D^2/diag(H^-1) (needs "
+                  "stats), 'fisher' F D^2/2 (needs fisher), 'contrastive' forget minus retain loss change (needs "
+                  "forget and retain saliency), 'random' (control)."},
+    )
+    contrastive_lambda: float = field(
+        default=1.0, metadata={"help": "Weight of the retain-set loss change in the contrastive score (>= 0)."}
+    )
+    obs_damp: float = field(
+        default=0.01, metadata={"help": "Damping of H for the 'obs' selector, as a fraction of mean(diag H)."}
+    )
+    layout: Literal["csr", "fused"] = field(
+        default="csr",
+        metadata={"help": "'csr': base matmul plus a sparse CSR matmul when alpha != 0 (lean memory); 'fused': one "
+                  "dense matmul with B + alpha * O cached for the current alpha (fastest, one extra dense copy)."},
+    )
+    values_dtype: Literal["float16", "bfloat16", "float32"] = field(
+        default="float16", metadata={"help": "dtype of the stored ortho values."}
+    )
+    train_ortho: bool = field(
+        default=False,
+        metadata={"help": "Train the ortho values (isolated adaptation: the base stream stays frozen, updates live "
+                  "only on the selected entries and vanish at alpha=0)."},
+    )
+    uses_reference: bool = field(
+        default=False,
+        metadata={"help": "Set by peft_ext.orthosplit when reference weights defined the residual (then each layer "
+                  "also stores the reference values on its mask, so the base stream can be rebuilt on load)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (or suffixes) or a regex of the linear layers to split, e.g. "
+                  "['q_proj', 'v_proj', 'down_proj'], or 'all-linear'."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapters that are trained and saved."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only split these layer indices (as in LoraConfig)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers' or 'h'."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("ortho_split")
+        name = "OrthoSplitConfig"
+        if self.base_kind not in BASE_KINDS:
+            raise ValueError(f"{name}.base_kind must be one of {BASE_KINDS}, got base_kind={self.base_kind!r}")
+        if not _is_real(self.density) or not 0 < self.density < 1:
+            raise ValueError(
+                f"{name}.density must be a number strictly between 0 and 1 (the fraction of entries in the ortho "
+                f"stream), got density={self.density!r}; e.g. density=0.01 for 1%"
+            )
+        if self.selector not in SELECTORS:
+            raise ValueError(f"{name}.selector must be one of {SELECTORS}, got selector={self.selector!r}")
+        if not _is_real(self.contrastive_lambda) or self.contrastive_lambda < 0:
+            raise ValueError(
+                f"{name}.contrastive_lambda must be a number >= 0, got contrastive_lambda={self.contrastive_lambda!r}"
+            )
+        if not _is_real(self.obs_damp) or self.obs_damp <= 0:
+            raise ValueError(f"{name}.obs_damp must be a number > 0, got obs_damp={self.obs_damp!r}; the default is 0.01")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{name}.layout must be one of {LAYOUTS}, got layout={self.layout!r}")
+        if self.values_dtype not in VALUE_DTYPES:
+            raise ValueError(f"{name}.values_dtype must be one of {VALUE_DTYPES}, got values_dtype={self.values_dtype!r}")
+        for flag in ("train_ortho", "uses_reference"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{name}.{flag} must be True or False, got {flag}={getattr(self, flag)!r}")
+        if self.layout == "fused" and self.base_kind in ("bnb_nf4", "bnb_int8"):
+            raise ValueError(
+                f"{name}.layout='fused' needs a dense base stream, but base_kind={self.base_kind!r} runs bitsandbytes' "
+                "quantised kernels; use layout='csr'"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"{name}.seed must be an integer, got seed={self.seed!r}")
+        validate_target_fields(self, name)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

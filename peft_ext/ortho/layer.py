@@ -1,0 +1,351 @@
+"""OrthoSplit layers: a dense base stream B and a sparse ortho stream O with a run-time knob alpha.
+
+``y = B x + alpha * O x + bias``. What is saved per adapter (prefix ``ortho_``): `ortho_index` (flat row-major indices
+of the mask in the (out, in) layout, sorted, int32 when they fit), `ortho_values` (O on the mask, float16 by default)
+and, when reference weights defined the residual, `ortho_anchor` (the reference values on the mask, float32). The
+base stream itself is not saved: it is rebuilt deterministically from the base layer's weight, ``B = Q(W with the
+mask set to the anchor)``, so a saved adapter is as small as its sparse stream. The original weight W stays in the
+base layer (PEFT's contract: disabling the adapter or `unload()` gives the original model back); `merge_and_unload()`
+at alpha=0 bakes the base stream into the weights and drops everything the ortho stream held.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import resolve_quantization_backend
+from peft.utils.other import transpose
+from torch import nn
+
+from peft.tuners.tuners_utils import check_adapters_to_merge
+
+from .._tuners import KeepAdapterDtype, init_layer_shapes
+from .quant import BITSANDBYTES, quantize
+from .select import entry_count
+
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_alpha(alpha: Any, field: str = "alpha") -> float:
+    """`alpha` as a float, or a ValueError naming the value (bools, strings, NaN and infinities are refused)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and torch.isfinite(alpha).item():
+            return float(alpha.item())
+        raise ValueError(f"{field} must be a finite real number (0 drops the ortho stream, 1 restores it), got {alpha!r}")
+    return float(alpha)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def bnb_base(target: torch.Tensor, kind: str, compute_dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """A bitsandbytes Linear4bit (NF4) / Linear8bitLt holding `target` (out, in), and its dequantised weight."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = target.shape
+    device = target.device
+    w = target.detach().to("cpu", torch.float32).contiguous()
+    if kind == "bnb_nf4":
+        module = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+        module.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        module = module.to(device)
+        deq = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    elif kind == "bnb_int8":
+        module = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False)
+        module.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        module = module.to(device)
+        deq = module.weight.data.float() * (module.weight.SCB.float()[:, None] / 127.0)
+    else:
+        raise ValueError(f"not a bitsandbytes base kind: {kind!r}; choose one of {BITSANDBYTES}")
+    return module.requires_grad_(False), deq.to(device, target.dtype).reshape(out_f, in_f)
+
+
+def base_stream(target: torch.Tensor, kind: str) -> tuple[Optional[nn.Module], torch.Tensor]:
+    """(bitsandbytes module or None, dequantised base) of a base-stream target (out, in)."""
+    if kind in BITSANDBYTES:
+        return bnb_base(target, kind, target.dtype if target.dtype != torch.float64 else torch.float32)
+    return None, quantize(target, kind)
+
+
+class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
+    """Holds the saved sparse stream per adapter and caches what is rebuilt from it (base stream, CSR, fused weight)."""
+
+    adapter_layer_names = ("ortho_values",)
+    other_param_names = ("ortho_index", "ortho_anchor")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.base_kind: dict[str, str] = {}
+        self.density: dict[str, float] = {}
+        self.layout: dict[str, str] = {}
+        self.ortho_alpha: dict[str, float] = {}
+        self.ready: dict[str, bool] = {}
+        self.train_ortho: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}  # always 1: alpha is OrthoSplit's knob (kept for PEFT's generic code)
+        self.ortho_values = nn.ParameterDict({})
+        self.ortho_index = BufferDict({}, persistent=True)
+        self.ortho_anchor = BufferDict({}, persistent=True)
+        self._ortho_cache: dict[str, dict[str, Any]] = {}
+        init_layer_shapes(self, "OrthoSplit", kwargs)
+
+    # ---------------------------------------------------------------- set-up
+    def update_layer(
+        self,
+        adapter_name: str,
+        base_kind: str,
+        density: float,
+        layout: str,
+        values_dtype: str,
+        train_ortho: bool,
+        uses_reference: bool,
+        split: Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        """Add an adapter; `split` = (index, anchor or None, values) from `split_weight`, else placeholders that a
+        checkpoint load fills (the adapter refuses to run until then)."""
+        numel = self.out_features * self.in_features
+        k = entry_count(density, numel)
+        device = self._weight_device()
+        if split is None:
+            index = torch.zeros(k, dtype=index_dtype(numel), device=device)
+            anchor = torch.zeros(k if uses_reference else 0, dtype=torch.float32, device=device)
+            values = torch.zeros(k, dtype=VALUE_DTYPES[values_dtype], device=device)
+        else:
+            index, anchor, values = split
+            anchor = torch.zeros(0, dtype=torch.float32, device=device) if anchor is None else anchor
+        self.base_kind[adapter_name] = base_kind
+        self.density[adapter_name] = density
+        self.layout[adapter_name] = layout
+        self.ortho_alpha.setdefault(adapter_name, 1.0)
+        self.ready[adapter_name] = split is not None
+        self.scaling[adapter_name] = 1.0
+        self.ortho_index[adapter_name] = index
+        self.ortho_anchor[adapter_name] = anchor
+        self.ortho_values[adapter_name] = nn.Parameter(values, requires_grad=train_ortho)
+        self._ortho_cache.pop(adapter_name, None)
+        self.train_ortho[adapter_name] = train_ortho
+        # PEFT's own switch for adapter weights that must stay frozen through set_adapter / enable_adapters:
+        # the ortho values train only with train_ortho.
+        self.frozen_peft_weight_names = dict(self.frozen_peft_weight_names)
+        if train_ortho:
+            self.frozen_peft_weight_names.pop(adapter_name, None)
+        else:
+            self.frozen_peft_weight_names[adapter_name] = ("ortho_values",)
+        self.set_adapter(self.active_adapters)
+
+    def _weight_device(self) -> torch.device:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for attr in (self.base_kind, self.density, self.layout, self.ortho_alpha, self.ready, self.train_ortho,
+                     self.scaling, self._ortho_cache):
+            attr.pop(adapter_name, None)
+
+    # ---------------------------------------------------------------- alpha
+    def set_alpha(self, adapter_name: str, alpha: float) -> None:
+        alpha = check_alpha(alpha)
+        if self.merged and adapter_name in self.merged_adapters and alpha != self.ortho_alpha[adapter_name]:
+            raise ValueError(
+                f"OrthoSplit adapter {adapter_name!r} is merged into the weights at alpha={self.ortho_alpha[adapter_name]}; "
+                "call model.unmerge_adapter() before changing alpha (or merge again afterwards)"
+            )
+        self.ortho_alpha[adapter_name] = alpha
+
+    # ---------------------------------------------------------------- streams
+    def original_weight(self) -> torch.Tensor:
+        """The base layer's weight W in (out, in) layout (dequantised if the base layer is quantised)."""
+        return transpose(self.get_base_weight(), self.fan_in_fan_out)
+
+    def _require_ready(self, name: str) -> None:
+        if not self.ready.get(name, False):
+            raise RuntimeError(
+                f"OrthoSplit adapter {name!r} has no split yet: its selector needs data, so build it with "
+                "peft_ext.orthosplit(model, config, ...) (or load a saved adapter with PeftModel.from_pretrained)"
+            )
+
+    def _streams(self, name: str) -> dict[str, Any]:
+        """Base stream (module and/or dequantised weight), rebuilt when the weight, mask or anchor changed."""
+        self._require_ready(name)
+        index, anchor = self.ortho_index[name], self.ortho_anchor[name]
+        weight = self.get_base_layer().weight
+        key = (weight.data_ptr(), weight._version, index.data_ptr(), index._version, anchor.data_ptr(), anchor._version,
+               weight.device)
+        cache = self._ortho_cache.get(name)
+        if cache is None or cache.get("key") != key:
+            with torch.no_grad():
+                w = self.original_weight()
+                target = w.detach().clone(memory_format=torch.contiguous_format)
+                if anchor.numel():
+                    target.view(-1)[index.long()] = anchor.to(target.dtype)
+                module, base = base_stream(target, self.base_kind[name])
+            cache = {"key": key, "module": module, "base": base}
+            self._ortho_cache[name] = cache
+        return cache
+
+    def _csr(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """O as a sparse CSR (out, in) matrix in `dtype`, cached until the values change."""
+        cache = self._streams(name)
+        values = self.ortho_values[name]
+        key = (values.data_ptr(), values._version, dtype)
+        if cache.get("csr_key") != key:
+            index = self.ortho_index[name].long()
+            rows, cols = index // self.in_features, index % self.in_features
+            crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=index.device)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
+            with warnings.catch_warnings():  # "CSR support is in beta" / "invariant checks disabled", once per build
+                warnings.simplefilter("ignore", UserWarning)
+                cache["csr"] = torch.sparse_csr_tensor(
+                    crow, cols, values.detach().to(dtype), size=(self.out_features, self.in_features)
+                )
+            cache["csr_key"] = key
+        return cache["csr"]
+
+    def dense_ortho(self, name: str) -> torch.Tensor:
+        """O scattered into a dense (out, in) matrix (float32 or the weight's dtype)."""
+        values = self.ortho_values[name]
+        dtype = self.get_base_layer().weight.dtype if self.get_base_layer().weight.is_floating_point() else torch.float32
+        dense = torch.zeros(self.out_features * self.in_features, dtype=dtype, device=values.device)
+        dense = dense.index_put((self.ortho_index[name].long(),), values.to(dtype))
+        return dense.view(self.out_features, self.in_features)
+
+    def effective_weight(self, name: str, alpha: Optional[float] = None) -> torch.Tensor:
+        """B + alpha * O in (out, in) layout: the weight the layer acts with."""
+        alpha = self.ortho_alpha[name] if alpha is None else check_alpha(alpha)
+        base = self._streams(name)["base"]
+        return base + alpha * self.dense_ortho(name).to(base.dtype) if alpha != 0 else base
+
+    def _fused(self, name: str) -> torch.Tensor:
+        cache = self._streams(name)
+        values = self.ortho_values[name]
+        key = (self.ortho_alpha[name], values.data_ptr(), values._version)
+        if cache.get("fused_key") != key:
+            cache["fused"] = self.effective_weight(name).detach()
+            cache["fused_key"] = key
+        return cache["fused"]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """(B + alpha * O) - W in the base layer's layout: merging it makes the weight the layer's effective weight."""
+        w = self.original_weight()
+        return transpose(self.effective_weight(adapter_name).to(w.dtype) - w, self.fan_in_fan_out)
+
+    def drop_caches(self) -> None:
+        """Free the rebuilt base streams and caches (they are rebuilt on the next forward)."""
+        self._ortho_cache.clear()
+
+
+class Linear(nn.Module, OrthoSplitLayer):
+    """OrthoSplit around nn.Linear, transformers' Conv1D, or a bitsandbytes layer (whose dequantised weight is W)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        fan_in_fan_out: bool = False,
+        split: Optional[tuple] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        keys = ("base_kind", "density", "layout", "values_dtype", "train_ortho", "uses_reference")
+        layer_kwargs = {k: kwargs.pop(k) for k in keys}
+        OrthoSplitLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, split=split, **layer_kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Here, not on OrthoSplitLayer: nn.Module precedes it in the bases. A loaded split is ready to run.
+        loaded = [n for n in self.ortho_index if f"{prefix}ortho_index.{n}" in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for n in loaded:
+            self.ready[n] = True
+            self._ortho_cache.pop(n, None)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write B + alpha * O into the base layer's weight (the original is kept aside for `unmerge`)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1 or self.merged:
+            raise ValueError(
+                f"OrthoSplit adapters replace the whole weight, so only one can be merged at a time; got "
+                f"{adapter_names} with {self.merged_adapters} already merged"
+            )
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise TypeError(f"cannot merge into a {self.quantization_backend.backend_name} base layer")
+        name = adapter_names[0]
+        weight = self.get_base_weight()
+        new = transpose(self.effective_weight(name).detach(), self.fan_in_fan_out).to(weight.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs/Infs in the merged weight: adapter {name!r} is broken")
+        self._unmerged = weight.detach().clone()
+        self.set_base_weight(new)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.merged_adapters.clear()
+        self.set_base_weight(self._unmerged)
+        del self._unmerged
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        names = [n for n in self.active_adapters if n in self.ortho_values]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        if len(names) > 1:
+            raise ValueError(
+                f"OrthoSplit adapters {names} are all active, but each one replaces the whole weight: activate one "
+                "with model.set_adapter(name)"
+            )
+        return self._split_forward(names[0], x)
+
+    def _split_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        streams = self._streams(name)
+        alpha = self.ortho_alpha[name]
+        bias = getattr(self.get_base_layer(), "bias", None)
+        values = self.ortho_values[name]
+        train_values = values.requires_grad and torch.is_grad_enabled()
+        base = streams["base"]
+        x_c = x.to(base.dtype) if x.dtype != base.dtype else x
+        if self.layout[name] == "fused" and not train_values:
+            y = F.linear(x_c, self._fused(name), bias)
+        else:
+            if streams["module"] is not None:
+                y = streams["module"](x_c).to(base.dtype)
+                y = y + bias if bias is not None else y
+            else:
+                y = F.linear(x_c, base, bias)
+            if alpha != 0:
+                y = y + alpha * self._ortho_output(name, x_c, train_values)
+        return y.to(x.dtype) if y.dtype != x.dtype else y
+
+    def _ortho_output(self, name: str, x: torch.Tensor, train_values: bool) -> torch.Tensor:
+        """x @ O^T without forming O densely: CSR matmul, or a gather/index_add that autograd can differentiate."""
+        x2 = x.reshape(-1, self.in_features)
+        if train_values:
+            index = self.ortho_index[name].long()
+            rows, cols = index // self.in_features, index % self.in_features
+            contrib = x2[:, cols] * self.ortho_values[name].to(x2.dtype)
+            y2 = torch.zeros(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device).index_add(1, rows, contrib)
+        else:
+            y2 = torch.sparse.mm(self._csr(name, x2.dtype), x2.T).T
+        return y2.reshape(*x.shape[:-1], self.out_features)
+
+    def __repr__(self) -> str:
+        return "ortho." + super().__repr__()

@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from peft.utils.other import transpose
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .._tuners import CheckTargetsFirst, planned_targets
+from .config import OrthoSplitConfig
+from .layer import VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
+from .quant import BITSANDBYTES
+from .select import entry_count, entry_scores, top_k_indices
+
+
+@dataclass
+class LayerInputs:
+    """What one layer's split needs beyond its weight (all (out, in) layout; None where the selector does not use it)."""
+
+    reference: Optional[torch.Tensor] = None
+    hinv_diag: Optional[torch.Tensor] = None
+    fisher: Optional[torch.Tensor] = None
+    forget: Optional[tuple[str, torch.Tensor]] = None
+    retain: Optional[tuple[str, torch.Tensor]] = None
+
+
+@dataclass
+class SplitPlan:
+    """Per-layer inputs prepared by `peft_ext.orthosplit`, read by the tuner while it creates the layers."""
+
+    layers: dict[str, LayerInputs] = field(default_factory=dict)
+
+
+# Set by peft_ext.orthosplit around get_peft_model: PEFT's config must stay JSON, so the tensors travel beside it.
+_PLAN: contextvars.ContextVar[Optional[SplitPlan]] = contextvars.ContextVar("orthosplit_plan", default=None)
+
+
+def split_weight(
+    w: torch.Tensor, config: OrthoSplitConfig, inputs: LayerInputs, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(index, anchor or None, values) of the ortho stream of weight `w` (out, in), following `config`.
+
+    The candidate residual is D = W - W_ref (reference) or W - Q(W); the selector scores D and the top
+    k = round(density * numel) entries form the mask M; the base stream is B = Q(W with M set to W_ref) and the
+    values are (W - B)[M], so B + O equals W on M.
+    """
+    w = w.detach().contiguous()
+    kind = config.base_kind
+    if inputs.reference is not None:
+        d = w - inputs.reference.to(w.device, w.dtype)
+    else:
+        _, qw = base_stream(w, kind)
+        d = w - qw
+    scores = entry_scores(
+        config.selector, d, w,
+        hinv_diag=inputs.hinv_diag, fisher=inputs.fisher, forget=inputs.forget, retain=inputs.retain,
+        contrastive_lambda=config.contrastive_lambda, generator=generator,
+    )
+    index = top_k_indices(scores, entry_count(config.density, w.numel()))
+    anchor = None
+    if inputs.reference is not None:
+        anchor = inputs.reference.to(w.device).reshape(-1)[index].float()
+        target = w.clone()
+        target.view(-1)[index] = anchor.to(w.dtype)
+        _, base = base_stream(target, kind)
+    else:
+        base = qw
+    values = (w - base).reshape(-1)[index].to(VALUE_DTYPES[config.values_dtype])
+    return index.to(index_dtype(w.numel())), anchor, values
+
+
+def unsupported_reason(layer: nn.Module, config: OrthoSplitConfig) -> Optional[str]:
+    """Why OrthoSplit cannot split `layer`, or None if it can."""
+    if isinstance(layer, (nn.Linear, Conv1D)) and resolve_quantization_backend(layer) is None:
+        return None
+    backend = resolve_quantization_backend(layer)
+    if backend is None or backend.layer_type != "linear":
+        return (f"only nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt are supported, "
+                f"not {type(layer).__name__}")
+    if not backend.supports_merge:
+        return f"the split needs the dequantised weight, which {backend.backend_name or type(layer).__name__} cannot give"
+    return None
+
+
+class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
+    """PEFT tuner for OrthoSplit. Build it with `peft_ext.orthosplit(model, config, ...)` (which prepares reference
+    weights, statistics and saliency maps), or with `get_peft_model` for the data-free selectors; load a saved one
+    with `PeftModel.from_pretrained` (the base stream is rebuilt from the base model's weights)."""
+
+    prefix: str = "ortho_"
+    tuner_layer_cls = OrthoSplitLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts float16/bfloat16 adapter parameters to float32 (and re-wraps them as trainable). The ortho values
+        # are stored in values_dtype on purpose and cast per forward; only values that are trained get the float32
+        # master copy an optimiser needs.
+        if self.peft_config[adapter_name].train_ortho:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+
+    def _check_targets(self, model: nn.Module, config: OrthoSplitConfig) -> None:
+        unsupported = []
+        for key, base in planned_targets(self, model, config):
+            reason = unsupported_reason(base, config)
+            if reason is not None:
+                unsupported.append(f"{key!r}: {reason}")
+        if unsupported:
+            raise TypeError(
+                f"OrthoSplit cannot split {len(unsupported)} target module(s): {'; '.join(unsupported[:5])}"
+                f"{' ...' if len(unsupported) > 5 else ''}. Narrow target_modules (or use exclude_modules)."
+            )
+        if config.base_kind in BITSANDBYTES:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ImportError(
+                    f"OrthoSplitConfig.base_kind={config.base_kind!r} needs bitsandbytes (pip install bitsandbytes); "
+                    "base_kind='nf4' or 'int8' simulate the same rounding in pure torch"
+                )
+
+    def _create_and_replace(
+        self,
+        config: OrthoSplitConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        if parameter_name is not None:
+            raise ValueError("OrthoSplit splits linear layers; target_parameters is not supported")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        fan_in_fan_out = isinstance(base, Conv1D)
+        split = self._split_for(config, current_key, base, fan_in_fan_out)
+        kwargs = dict(
+            base_kind=config.base_kind, density=config.density, layout=config.layout,
+            values_dtype=config.values_dtype, train_ortho=config.train_ortho, uses_reference=config.uses_reference,
+        )
+        if isinstance(target, OrthoSplitLayer):
+            target.update_layer(adapter_name, split=split, **kwargs)
+            return
+        new_module = Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, split=split, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        new_module.train(target.training)  # a fresh nn.Module is in train mode even inside an eval model
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _split_for(config: OrthoSplitConfig, key: str, base: nn.Module, fan_in_fan_out: bool):
+        """The split of one layer, or None (placeholders) when it needs data nobody passed (e.g. while loading)."""
+        weight = getattr(base, "weight", None)
+        if weight is None or weight.device.type == "meta":
+            return None
+        plan = _PLAN.get()
+        if plan is not None:
+            inputs = plan.layers[key]
+        elif config.selector in ("magnitude", "relative", "random") and not config.uses_reference:
+            inputs = LayerInputs()
+        else:
+            return None
+        if isinstance(base, BaseTunerLayer):
+            base = base.get_base_layer()
+        w = _dense_weight(base, fan_in_fan_out)
+        generator = torch.Generator().manual_seed(config.seed + _stable_hash(key))
+        return split_weight(w, config, inputs, generator)
+
+
+def _dense_weight(base: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
+    """The (out, in) weight of a linear layer, dequantised if it is a bitsandbytes layer."""
+    backend = resolve_quantization_backend(base)
+    if backend is not None:
+        from peft.utils.integrations import dequantize_module_weight
+
+        w = dequantize_module_weight(base)
+    else:
+        w = base.weight
+    return transpose(w.detach(), fan_in_fan_out)
+
+
+def _stable_hash(text: str) -> int:
+    """A per-layer seed offset that is the same in every process (Python's hash() is salted)."""
+    import zlib
+
+    return zlib.crc32(text.encode()) % (2**31)

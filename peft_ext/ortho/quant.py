@@ -1,0 +1,91 @@
+"""Base-stream quantisers of OrthoSplit: small pure functions from a weight to its dequantised base stream.
+
+Every function takes a weight in (out, in) layout and returns the dequantised tensor in the input's dtype, so
+`W - quantize(W, kind)` is the quantisation residual the ortho stream may hold. All are deterministic: the same
+weight gives the same base stream, which is what lets a saved adapter rebuild its base from the base model's weight.
+
+- "none": the weight itself (full precision: the residual is zero, so only reference weights give the ortho stream
+  anything to hold).
+- "fp16" / "bf16": a cast and back.
+- "int8" / "int4": round-to-nearest per output row with one uniform rule for every row: symmetric, scale =
+  max|row| / qmax (qmax 127 or 7), zero rows get scale 1. (The prior attempt mixed a 95th-percentile and a 3-sigma
+  clip row by row; the rows clipped differently were the ones that broke at alpha=0.)
+- "nf4": the NF4 code book of QLoRA / bitsandbytes with absmax blocks of 64 consecutive entries (row-major), in pure
+  torch, so it runs anywhere; `bnb_nf4` / `bnb_int8` use bitsandbytes' own kernels (see layer.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIMULATED = ("none", "fp16", "bf16", "int8", "int4", "nf4")
+BITSANDBYTES = ("bnb_nf4", "bnb_int8")
+BASE_KINDS = SIMULATED + BITSANDBYTES
+
+# bitsandbytes.functional.get_4bit_type("nf4"): the 16 quantiles of N(0, 1) normalised to [-1, 1], with an exact 0.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334,
+    -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+def rtn_per_row(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric round-to-nearest per row: q = round(w / s).clamp(-qmax, qmax), s = max|row| / qmax."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    qmax = 2 ** (bits - 1) - 1
+    wf = w.float()
+    scale = wf.abs().amax(dim=1, keepdim=True) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(wf / scale).clamp(-qmax, qmax) * scale).to(w.dtype)
+
+
+def nf4_blockwise(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """NF4 with one absmax per block of `blocksize` consecutive entries of the flattened weight (as bitsandbytes)."""
+    flat = w.float().reshape(-1)
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
+    idx = torch.bucketize(blocks / safe, (code[1:] + code[:-1]) / 2)  # nearest code value
+    out = (code[idx] * safe).view(-1)[: flat.numel()]
+    return out.view_as(w).to(w.dtype)
+
+
+def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """Dequantised base stream of `w` (out, in) for a simulated base kind."""
+    if kind == "none":
+        return w.clone()
+    if kind == "fp16":
+        return w.to(torch.float16).to(w.dtype)
+    if kind == "bf16":
+        return w.to(torch.bfloat16).to(w.dtype)
+    if kind == "int8":
+        return rtn_per_row(w, 8)
+    if kind == "int4":
+        return rtn_per_row(w, 4)
+    if kind == "nf4":
+        return nf4_blockwise(w)
+    raise ValueError(f"unknown simulated base kind {kind!r}; choose one of {SIMULATED}")
+
+
+def stored_bytes(kind: str, out_features: int, in_features: int, weight_bytes: int = 4) -> int:
+    """Bytes the base stream needs when stored packed (codes + scales): what a deployment would hold.
+
+    int8/int4 keep one float32 scale per row; NF4 one float32 absmax per 64 entries (bitsandbytes' double
+    quantisation would shrink those further); "none" keeps the weight's own dtype (`weight_bytes` per entry).
+    """
+    n = out_features * in_features
+    if kind == "none":
+        return n * weight_bytes
+    if kind in ("fp16", "bf16"):
+        return 2 * n
+    if kind in ("int8", "bnb_int8"):
+        return n + 4 * out_features
+    if kind == "int4":
+        return (n + 1) // 2 + 4 * out_features
+    if kind in ("nf4", "bnb_nf4"):
+        return (n + 1) // 2 + 4 * ((n + 63) // 64)
+    raise ValueError(f"unknown base kind {kind!r}; choose one of {BASE_KINDS}")

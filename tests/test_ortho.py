@@ -1,0 +1,495 @@
+"""OrthoSplit: quantisers and selectors against closed forms, the split's exactness, the PEFT contract, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+import peft_ext
+from peft_ext import EntrySaliency, OrthoSplitConfig, OrthoSplitLayer, entry_saliency, ortho_alpha, orthosplit, set_ortho_alpha
+from peft_ext.ortho.quant import NF4_CODE, nf4_blockwise, quantize, rtn_per_row, stored_bytes
+from peft_ext.ortho.select import entry_count, entry_scores, hessian_inverse_diagonal, top_k_indices
+
+from .conftest import Toy, same_state, state_of, tiny_bert
+
+
+def _finetuned(seed: int = 1, scale: float = 0.2) -> tuple[Toy, Toy]:
+    """(reference, fine-tuned copy with every weight moved)."""
+    ref = Toy()
+    ft = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if name.endswith("weight"):
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return ref, ft
+
+
+def _x(n: int = 6, d: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _dense(index: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    out = torch.zeros(shape[0] * shape[1], dtype=torch.float32)
+    out[index.long()] = values.float()
+    return out.view(shape)
+
+
+# ------------------------------------------------------------------ quantisers
+def test_rtn_per_row_closed_form():
+    w = torch.tensor([[0.5, -1.0, 0.26, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.0, -2.0, 0.4]])
+    q8 = rtn_per_row(w, 8)
+    s0 = 1.0 / 127
+    assert torch.allclose(q8[0], torch.round(w[0] / s0) * s0)
+    assert torch.equal(q8[1], w[1])  # a zero row stays zero (scale 1)
+    q4 = rtn_per_row(w, 4)
+    s2 = 3.0 / 7  # one uniform rule: max|row| / qmax
+    assert torch.allclose(q4[2], torch.tensor([7.0, 2.0, -5.0, 1.0]) * s2)
+    assert q4[0, 1] == -1.0 and q4.abs().amax(1).tolist() == pytest.approx([1.0, 0.0, 3.0])  # the row max is exact
+    assert torch.equal(rtn_per_row(q4, 4), q4)  # idempotent: a quantised weight is its own base
+
+
+def test_nf4_matches_bitsandbytes_without_double_quantisation():
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(48, 80, generator=torch.Generator().manual_seed(0))  # 3840 entries: 60 blocks of 64
+    q, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.allclose(nf4_blockwise(w), bnb.functional.dequantize_4bit(q, state), atol=1e-6)
+    assert torch.allclose(torch.tensor(NF4_CODE), bnb.functional.get_4bit_type("nf4", device="cpu"))
+
+
+def test_casts_and_stored_bytes():
+    w = torch.randn(4, 6, dtype=torch.float32)
+    assert torch.equal(quantize(w, "none"), w)
+    assert torch.equal(quantize(w, "fp16"), w.half().float())
+    assert torch.equal(quantize(w, "bf16"), w.bfloat16().float())
+    assert stored_bytes("int8", 4, 6) == 24 + 16 and stored_bytes("int4", 4, 6) == 12 + 16
+    assert stored_bytes("nf4", 4, 64) == 128 + 16 and stored_bytes("none", 4, 6) == 96
+
+
+# ------------------------------------------------------------------ selectors
+def test_hessian_inverse_diagonal_closed_forms():
+    c = torch.diag(torch.tensor([1.0, 2.0, 3.0, 0.0]))
+    lam = 0.01 * 1.5  # damp * mean(diag)
+    assert torch.allclose(hessian_inverse_diagonal(c), 1 / (torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64) + lam))
+    a = torch.randn(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spd = a @ a.T
+    expected = torch.linalg.inv(spd + 0.05 * spd.diagonal().mean() * torch.eye(5, dtype=torch.float64)).diagonal()
+    assert torch.allclose(hessian_inverse_diagonal(spd, damp=0.05), expected)
+
+
+def test_entry_scores_closed_forms():
+    d = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    w = torch.tensor([[4.0, -2.0], [0.5, 1.0]])
+    assert torch.equal(entry_scores("magnitude", d, w), d.abs())
+    assert torch.allclose(entry_scores("relative", d, w), torch.tensor([[0.25, 1.0], [1.0, 0.0]]), atol=1e-6)
+    hinv = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    assert torch.allclose(entry_scores("obs", d, w, hinv_diag=hinv), torch.tensor([[0.5, 8.0], [0.125, 0.0]]))
+    f = torch.tensor([[2.0, 1.0], [4.0, 9.0]])
+    assert torch.allclose(entry_scores("fisher", d, w, fisher=f), 0.5 * f * d**2)
+    att_f = torch.tensor([[1.0, 0.2], [0.0, 0.3]])
+    att_r = torch.tensor([[0.5, 0.5], [0.1, 0.0]])
+    got = entry_scores("contrastive", d, w, forget=("attribution", att_f), retain=("attribution", att_r),
+                       contrastive_lambda=2.0)
+    assert torch.allclose(got, att_f - 2.0 * att_r)
+    got = entry_scores("contrastive", d, w, forget=("fisher", f), retain=("attribution", att_r))
+    assert torch.allclose(got, 0.5 * f * d**2 - att_r)
+    r1 = entry_scores("random", d, w, generator=torch.Generator().manual_seed(3))
+    r2 = entry_scores("random", d, w, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(r1, r2) and r1.shape == d.shape
+
+
+def test_top_k_and_entry_count():
+    s = torch.tensor([[0.1, 5.0, float("nan")], [3.0, -1.0, 4.0]])
+    assert top_k_indices(s, 3).tolist() == [1, 3, 5]  # sorted row-major (CSR order), NaN ranks lowest
+    assert entry_count(0.01, 1000) == 10 and entry_count(1e-9, 1000) == 1 and entry_count(0.9999, 100) == 100
+
+
+# ------------------------------------------------------------------ the split
+def test_full_precision_base_with_reference_is_exact_at_alpha_1_and_reverts_the_mask_at_alpha_0():
+    ref, ft = _finetuned()
+    x = _x()
+    cfg = OrthoSplitConfig(target_modules=["q", "k", "out"], base_kind="none", density=0.25, values_dtype="float32")
+    model = orthosplit(copy.deepcopy(ft), cfg, reference=ref)
+    with torch.no_grad():
+        y_ft = ft(x)
+        assert torch.allclose(model(x), y_ft, atol=1e-6)
+        # alpha=0: exactly the fine-tuned model with the masked entries put back to the reference values
+        expected = copy.deepcopy(ft)
+        for name in ("q", "k", "out"):
+            layer = getattr(model.base_model.model, name)
+            idx = layer.ortho_index["default"].long()
+            # magnitude selector: the mask is the top 25% of |W - W_ref|
+            d = (getattr(ft, name).weight - getattr(ref, name).weight).reshape(-1)
+            assert set(idx.tolist()) == set(torch.topk(d.abs(), entry_count(0.25, d.numel())).indices.tolist())
+            getattr(expected, name).weight.view(-1)[idx] = getattr(ref, name).weight.reshape(-1)[idx]
+            assert torch.allclose(layer.ortho_anchor["default"], getattr(ref, name).weight.reshape(-1)[idx])
+        with ortho_alpha(model, 0.0):
+            assert torch.allclose(model(x), expected(x), atol=1e-6)
+        q = model.base_model.model.q  # each layer is linear in alpha
+        with ortho_alpha(model, 0.5):
+            mid = q(x)
+        with ortho_alpha(model, 0.0):
+            y0 = q(x)
+        assert torch.allclose(mid, (q(x) + y0) / 2, atol=1e-5)
+    assert model.base_model.model.q.ortho_alpha["default"] == 1.0  # the context manager restored alpha
+
+
+def test_quantised_base_without_reference_is_q_of_w_plus_the_largest_residuals():
+    _, ft = _finetuned()
+    x = _x()
+    for kind in ("int8", "int4", "nf4", "fp16"):
+        cfg = OrthoSplitConfig(target_modules=["q"], base_kind=kind, density=0.1, values_dtype="float32")
+        model = get_peft_model(copy.deepcopy(ft), cfg)
+        layer = model.base_model.model.q
+        w = ft.q.weight.detach()
+        base = quantize(w, kind)
+        r = w - base
+        idx = layer.ortho_index["default"].long()
+        assert set(idx.tolist()) == set(torch.topk(r.abs().reshape(-1), entry_count(0.1, w.numel())).indices.tolist())
+        assert torch.allclose(layer.ortho_values["default"], r.reshape(-1)[idx])
+        o = _dense(idx, layer.ortho_values["default"], w.shape)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), x @ (base + o).T + ft.q.bias, atol=1e-5)
+            with ortho_alpha(model, 0):
+                assert torch.allclose(layer(x), x @ base.T + ft.q.bias, atol=1e-5)
+            with ortho_alpha(model, 0.3):
+                assert torch.allclose(layer(x), x @ (base + 0.3 * o).T + ft.q.bias, atol=1e-5)
+
+
+def test_obs_selector_uses_the_damped_inverse_hessian_of_the_layer_inputs():
+    ref, ft = _finetuned()
+    batches = [{"x": _x(32, seed=s)} for s in range(3)]
+    stats, _ = peft_ext.collect_stats(ft, [b["x"] for b in batches], target_modules=["q"], progress=False)
+    cfg = OrthoSplitConfig(target_modules=["q"], base_kind="none", density=0.2, selector="obs")
+    model = orthosplit(copy.deepcopy(ft), cfg, reference=ref, stats=stats)
+    cov = torch.cat([b["x"] for b in batches]).double()
+    cov = cov.T @ cov / cov.shape[0]
+    hinv = torch.linalg.inv(cov + 0.01 * cov.diagonal().mean() * torch.eye(8, dtype=torch.float64)).diagonal()
+    d = (ft.q.weight - ref.q.weight).detach()
+    scores = d**2 / hinv.float()[None, :]
+    idx = model.base_model.model.q.ortho_index["default"].long()
+    assert set(idx.tolist()) == set(torch.topk(scores.reshape(-1), entry_count(0.2, 96)).indices.tolist())
+    # and it differs from plain magnitude on these inputs (otherwise the test would prove nothing)
+    assert set(idx.tolist()) != set(torch.topk(d.abs().reshape(-1), entry_count(0.2, 96)).indices.tolist())
+
+
+def _tiny_lm(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _lm_batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 48, (2, 7), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def test_entry_saliency_fisher_and_attribution_match_hand_computed_gradients_and_leave_the_model_alone():
+    ref = _tiny_lm(0)
+    ft = _tiny_lm(0)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ft.train()
+    flags = {n: p.requires_grad for n, p in ft.named_parameters()}
+    ft.lm_head.weight.requires_grad_(False)
+    flags["lm_head.weight"] = False
+    before = state_of(ft)
+    cfg = OrthoSplitConfig(target_modules=["down_proj", "q_proj"], base_kind="none")
+    batches = _lm_batches(3, 0)
+    fisher = entry_saliency(ft, batches, cfg, kind="fisher")
+    att = entry_saliency(ft, batches, cfg, kind="attribution", reference=ref, at=0.5)
+    assert same_state(state_of(ft), before) and ft.training
+    assert {n: p.requires_grad for n, p in ft.named_parameters()} == flags
+    assert set(fisher.maps) == {"model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"}
+    key = "model.layers.0.mlp.down_proj"
+    w = ft.get_submodule(key).weight
+    grads, grads_mid = [], []
+    mid = copy.deepcopy(ft).eval()
+    with torch.no_grad():
+        wm = mid.get_submodule(key).weight
+        wm.copy_(ref.get_submodule(key).weight + 0.5 * (w - ref.get_submodule(key).weight))
+        # attribution moves every target layer to the midpoint
+        wq = mid.get_submodule("model.layers.0.self_attn.q_proj").weight
+        rq = ref.get_submodule("model.layers.0.self_attn.q_proj").weight
+        wq.copy_(rq + 0.5 * (wq - rq))
+    eval_ft = copy.deepcopy(ft).eval()
+    for b in batches:
+        for model, store in ((eval_ft, grads), (mid, grads_mid)):
+            p = model.get_submodule(key).weight
+            p.grad = None
+            model(**b).loss.backward()
+            store.append(p.grad.clone())
+    assert torch.allclose(fisher.maps[key], torch.stack([g**2 for g in grads]).mean(0), rtol=1e-4, atol=1e-10)
+    d = (w - ref.get_submodule(key).weight).detach()
+    assert torch.allclose(att.maps[key], -torch.stack(grads_mid).mean(0) * d, rtol=1e-4, atol=1e-10)
+    assert fisher.batches == 3 and att.kind == "attribution"
+
+
+def test_contrastive_split_on_a_tiny_lm_prefers_forget_salient_entries():
+    ref = _tiny_lm(0)
+    ft = _tiny_lm(0)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = OrthoSplitConfig(target_modules=["down_proj"], base_kind="none", density=0.05, selector="contrastive")
+    forget = entry_saliency(ft, _lm_batches(2, 1), cfg, kind="attribution", reference=ref)
+    retain = entry_saliency(ft, _lm_batches(2, 2), cfg, kind="attribution", reference=ref)
+    model = orthosplit(copy.deepcopy(ft), cfg, reference=ref, forget=forget, retain=retain)
+    key = "model.layers.0.mlp.down_proj"
+    score = forget.maps[key] - retain.maps[key]
+    idx = model.base_model.model.get_submodule(key).ortho_index["default"].long()
+    assert set(idx.tolist()) == set(torch.topk(score.reshape(-1), idx.numel()).indices.tolist())
+
+
+# ------------------------------------------------------------------ PEFT contract
+def test_save_load_rebuilds_the_base_stream_and_files_are_small(tmp_path):
+    ref, ft = _finetuned()
+    x = _x()
+    cfg = OrthoSplitConfig(target_modules=["q", "k", "out"], base_kind="int4", density=0.1)
+    model = orthosplit(copy.deepcopy(ft), cfg, reference=ref)
+    set_ortho_alpha(model, {"out": 0.0})
+    with torch.no_grad():
+        y1 = model(x)
+        with ortho_alpha(model, 0.0):
+            y0 = model(x)
+    model.save_pretrained(tmp_path / "ad")
+    files = sorted(os.listdir(tmp_path / "ad"))
+    assert "adapter_model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ORTHO_SPLIT" and saved["uses_reference"] is True and saved["base_kind"] == "int4"
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert sum(t.numel() for t in tensors.values()) == 3 * sum(entry_count(0.1, n) for n in (96, 96, 48))
+    assert all(t.dtype in (torch.int32, torch.float16, torch.float32) for t in tensors.values())
+    for low_cpu in (False, True):
+        loaded = PeftModel.from_pretrained(copy.deepcopy(ft), tmp_path / "ad", low_cpu_mem_usage=low_cpu)
+        set_ortho_alpha(loaded, {"out": 0.0})
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), y1, atol=1e-6)
+            with ortho_alpha(loaded, 0.0):
+                assert torch.allclose(loaded(x), y0, atol=1e-6)
+
+
+def test_merge_unmerge_disable_and_merge_and_unload_at_alpha_0():
+    _, ft = _finetuned()
+    x = _x()
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q", "k", "out"], base_kind="int4"))
+    with torch.no_grad():
+        y1 = model(x)
+        with model.disable_adapter():
+            assert torch.allclose(model(x), ft(x), atol=1e-6)  # disabled: the original weights
+        set_ortho_alpha(model, 0.0)
+        y0 = model(x)
+        assert not torch.allclose(y0, y1, atol=1e-4)
+        model.merge_adapter()
+        assert torch.allclose(model(x), y0, atol=1e-5)
+        with pytest.raises(ValueError, match=r"merged into the weights at alpha=0.0; call model.unmerge_adapter\(\)"):
+            set_ortho_alpha(model, 1.0)
+        model.unmerge_adapter()
+        assert torch.allclose(model.base_model.model.q.get_base_layer().weight, ft.q.weight, atol=1e-6)
+        scrubbed = model.merge_and_unload()
+        assert type(scrubbed.q) is nn.Linear
+        assert torch.allclose(scrubbed(x), y0, atol=1e-5)
+
+
+def test_two_adapters_one_active_at_a_time():
+    _, ft = _finetuned()
+    x = _x()
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], base_kind="int8"))
+    model.add_adapter("coarse", OrthoSplitConfig(target_modules=["q"], base_kind="int4"))
+    with torch.no_grad():
+        y_a = model(x)
+        model.set_adapter("coarse")
+        y_b = model(x)
+        assert not torch.allclose(y_a, y_b, atol=1e-5)
+        model.base_model.set_adapter(["default", "coarse"])
+        with pytest.raises(ValueError, match="each one replaces the whole weight"):
+            model(x)
+
+
+def test_gpt2_conv1d_layers_are_split_in_out_in_layout(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
+    ft = copy.deepcopy(ref)
+    with torch.no_grad():
+        ft.transformer.h[0].attn.c_attn.weight.add_(0.1 * torch.randn(32, 96))
+    ids = {"input_ids": torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))}
+    cfg = OrthoSplitConfig(target_modules=["c_attn"], base_kind="none", density=0.9995, values_dtype="float32")
+    model = orthosplit(copy.deepcopy(ft), cfg, reference=ref)
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and (layer.out_features, layer.in_features) == (96, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(**ids).logits, ft(**ids).logits, atol=1e-5)
+        with ortho_alpha(model, 0.0):
+            assert torch.allclose(model(**ids).logits, ref(**ids).logits, atol=1e-5)
+        model.save_pretrained(tmp_path / "ad")
+        loaded = PeftModel.from_pretrained(copy.deepcopy(ft), tmp_path / "ad")
+        with ortho_alpha(loaded, 0.0):
+            assert torch.allclose(loaded(**ids).logits, ref(**ids).logits, atol=1e-5)
+
+
+def test_train_ortho_trains_only_the_values_and_alpha_0_is_untouched():
+    _, ft = _finetuned()
+    x = _x()
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q", "out"], base_kind="int8",
+                                                             density=0.2, train_ortho=True, values_dtype="float32"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("ortho_values" in n for n in trainable)
+    layer = model.base_model.model.q
+    with torch.no_grad(), ortho_alpha(model, 0.0):
+        y0 = model(x)
+    model(x).pow(2).sum().backward()
+    # the values' gradient is the dense weight gradient on the mask
+    w_eff = layer.effective_weight("default").detach().requires_grad_(True)
+    h = nn.functional.linear(x, w_eff, ft.q.bias)
+    out = model.base_model.model.out(torch.tanh(h) * model.base_model.model.k(x))
+    out.pow(2).sum().backward()
+    idx = layer.ortho_index["default"].long()
+    assert torch.allclose(layer.ortho_values["default"].grad, w_eff.grad.reshape(-1)[idx], rtol=1e-4, atol=1e-6)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    with torch.no_grad(), ortho_alpha(model, 0.0):
+        assert torch.allclose(model(x), y0, atol=1e-6)
+    frozen = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], base_kind="int8"))
+    frozen.base_model.set_adapter("default")
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_alpha_0_skips_the_sparse_stream(monkeypatch):
+    _, ft = _finetuned()
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q", "k", "out"], base_kind="int8"))
+    set_ortho_alpha(model, 0.0)
+
+    def boom(*a, **k):
+        raise AssertionError("sparse work at alpha=0")
+
+    monkeypatch.setattr(torch.sparse, "mm", boom)
+    with torch.no_grad():
+        model(_x())
+    set_ortho_alpha(model, 1.0)
+    with pytest.raises(AssertionError, match="sparse work"):
+        model(_x())
+
+
+def test_fused_layout_matches_csr_and_follows_alpha():
+    _, ft = _finetuned()
+    x = _x()
+    outs = {}
+    for layout in ("csr", "fused"):
+        model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q", "k", "out"], base_kind="int4",
+                                                                 density=0.1, layout=layout))
+        with torch.no_grad():
+            outs[layout] = [model(x)]
+            for a in (0.0, 0.5):
+                with ortho_alpha(model, a):
+                    outs[layout].append(model(x))
+    for a, b in zip(outs["csr"], outs["fused"]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_bitsandbytes_nf4_base_stream_on_cpu():
+    bnb = pytest.importorskip("bitsandbytes")
+    _, ft = _finetuned()
+    x = _x()
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], base_kind="bnb_nf4", density=0.1))
+    layer = model.base_model.model.q
+    streams = layer._streams("default")
+    assert isinstance(streams["module"], bnb.nn.Linear4bit)
+    o = _dense(layer.ortho_index["default"], layer.ortho_values["default"], (12, 8))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ (streams["base"] + o).T + ft.q.bias, atol=1e-3)
+        with ortho_alpha(model, 0):
+            assert torch.allclose(layer(x), x @ streams["base"].T + ft.q.bias, atol=1e-3)
+    # the residual the selector saw is W minus bitsandbytes' own rounding
+    r = (ft.q.weight - streams["base"]).detach().reshape(-1)
+    idx = layer.ortho_index["default"].long()
+    assert torch.allclose(layer.ortho_values["default"].float(), r[idx], atol=1e-3)
+
+
+# ------------------------------------------------------------------ bad input
+def test_config_errors_name_field_value_and_fix():
+    for bad in (0, 1, 1.5, -0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=r"density must be a number strictly between 0 and 1.*got density="):
+            OrthoSplitConfig(target_modules=["q"], density=bad)
+    with pytest.raises(ValueError, match=r"base_kind must be one of .*got base_kind='int3'"):
+        OrthoSplitConfig(target_modules=["q"], base_kind="int3")
+    with pytest.raises(ValueError, match=r"selector must be one of .*got selector='hessian'"):
+        OrthoSplitConfig(target_modules=["q"], selector="hessian")
+    with pytest.raises(ValueError, match=r"layout='fused' needs a dense base stream.*use layout='csr'"):
+        OrthoSplitConfig(target_modules=["q"], base_kind="bnb_nf4", layout="fused")
+    with pytest.raises(ValueError, match="target_modules is required"):
+        OrthoSplitConfig()
+
+
+def test_alpha_must_be_a_real_number():
+    model = get_peft_model(Toy(), OrthoSplitConfig(target_modules=["q"]))
+    for bad in ("0", None, float("nan"), float("inf"), True, [0.0]):
+        with pytest.raises(ValueError, match=r"alpha must be a finite real number .* got"):
+            set_ortho_alpha(model, bad)
+    with pytest.raises(ValueError, match=r"alpha\['q'\] must be a finite real number"):
+        set_ortho_alpha(model, {"q": "x"})
+    with pytest.raises(ValueError, match=r"alpha names \['nope'\] match no OrthoSplit layer"):
+        set_ortho_alpha(model, {"nope": 0.0})
+    assert model.base_model.model.q.ortho_alpha["default"] == 1.0
+    with pytest.raises(ValueError, match="has no OrthoSplit layers"):
+        set_ortho_alpha(Toy(), 0.0)
+
+
+def test_bad_inputs_to_orthosplit_leave_the_model_unchanged():
+    ref, ft = _finetuned()
+    before = state_of(ft)
+    base_cfg = dict(target_modules=["q", "k"], base_kind="int8")
+    other = Toy(d_in=6)
+    with pytest.raises(ValueError, match=r"reference weight for layer 'q' has shape \(out, in\) = \(12, 6\), but the model's weight is \(12, 8\)"):
+        orthosplit(ft, OrthoSplitConfig(**base_cfg), reference=other)
+    with pytest.raises(ValueError, match=r"selector='obs' needs stats"):
+        orthosplit(ft, OrthoSplitConfig(**base_cfg, selector="obs"))
+    with pytest.raises(ValueError, match=r"selector='contrastive' needs forget and retain"):
+        orthosplit(ft, OrthoSplitConfig(**base_cfg, selector="contrastive"), forget=None)
+    with pytest.raises(ValueError, match=r"stats given but OrthoSplitConfig.selector='magnitude' does not use it"):
+        orthosplit(ft, OrthoSplitConfig(**base_cfg), stats=object())
+    with pytest.raises(ValueError, match=r"base_kind='none' .*residual is zero.*pass reference="):
+        orthosplit(ft, OrthoSplitConfig(target_modules=["q"], base_kind="none"))
+    with pytest.raises(ValueError, match="matches no module"):
+        orthosplit(ft, OrthoSplitConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match=r"reference has no weight for 1 target layer\(s\): \['k'\]"):
+        orthosplit(ft, OrthoSplitConfig(**base_cfg), reference={"q.weight": ref.q.weight})
+    assert type(ft.q) is nn.Linear and same_state(state_of(ft), before)
+    bert = tiny_bert()
+    with pytest.raises(TypeError, match=r"cannot split .*word_embeddings.*not Embedding"):
+        get_peft_model(bert, OrthoSplitConfig(target_modules=["query", "word_embeddings"]))
+    assert not any(isinstance(m, OrthoSplitLayer) for m in bert.modules())
+
+
+def test_empty_forget_set_is_refused():
+    ft = _tiny_lm(0)
+    cfg = OrthoSplitConfig(target_modules=["down_proj"], selector="contrastive")
+    with pytest.raises(ValueError, match="the data set is empty"):
+        entry_saliency(ft, [], cfg, kind="fisher")
+    with pytest.raises(ValueError, match="empty data set"):
+        EntrySaliency(kind="fisher", maps={}, batches=0)
+    with pytest.raises(ValueError, match="kind='attribution' needs reference"):
+        entry_saliency(ft, _lm_batches(1, 0), cfg, kind="attribution")
+
+
+def test_data_hungry_selector_without_data_refuses_to_run_until_loaded(tmp_path):
+    _, ft = _finetuned()
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], selector="obs"))
+    with pytest.raises(RuntimeError, match=r"has no split yet.*peft_ext.orthosplit"):
+        model(_x())
