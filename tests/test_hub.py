@@ -18,7 +18,14 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Mo
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from peft_ext import NullSpaceLoraConfig, SubspaceLoraConfig, export_to_lora, initialize_nullspace_lora
+from peft_ext import (
+    NullSpaceLoraConfig,
+    OrthoSplitConfig,
+    SubspaceLoraConfig,
+    export_to_lora,
+    initialize_nullspace_lora,
+    set_ortho_alpha,
+)
 from peft_ext.cli import main
 from peft_ext.hub import adapter_kind, pull_adapter, push_adapter, render_card
 
@@ -137,13 +144,20 @@ def _adapter(kind, tmp_path):
         perturb_trainables(model, seed=1)
         model.save_pretrained(tmp_path / "sub")
         return model, tmp_path / "sub", {}, BASE, "subspace-lora", ["import peft_ext", "`k`"]
+    if kind == "ortho_split":  # the base stream is rebuilt on load from the (same, seeded) base model's weights
+        model = get_peft_model(tiny_bert(), OrthoSplitConfig(target_modules=["query", "value"], base_kind="int4"))
+        set_ortho_alpha(model, 0.5)
+        model.save_pretrained(tmp_path / "ortho")
+        set_ortho_alpha(model, 1.0)  # a fresh load runs at alpha=1
+        return model, tmp_path / "ortho", {}, BASE, "orthosplit", ["import peft_ext", "`base_kind` | `int4`",
+                                                                    "set_ortho_alpha(model, 0.0)"]
     model, folder = _lora_with_lorax_report(tmp_path)
     return model, folder, {"base_model": None}, "tester/tiny-bert-v2", "lora-x", [
         "`tester/tiny-bert-v1`", "| `encoder.layer.0.attention.self.query` | 32×32 | 0.910 | 0.870 | 0.950 | 4 | "
         "transferred |", "delta-sigma 0.420"]
 
 
-@pytest.mark.parametrize("kind", ["nullspace_lora", "lora_export", "subspace_lora", "lorax"])
+@pytest.mark.parametrize("kind", ["nullspace_lora", "lora_export", "subspace_lora", "ortho_split", "lorax"])
 def test_push_then_load_by_repo_id(hub_server, tmp_path, kind):
     model, folder, kwargs, base, tag, snippets = _adapter(kind, tmp_path)
     kwargs = {"base_model": BASE, **kwargs}

@@ -1,0 +1,302 @@
+"""recipes/tofu_data.py: fictitious people, splits, canaries, answer likelihoods, exposure and the TOFU loader."""
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import tinyllama  # noqa: E402
+import tofu_data as td  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A small byte-level BPE (BOS prepended on encode, EOS and PAD defined) trained on the fictitious QA text."""
+    texts = [f"{td.prompt(q)} {a}" for q, a in td.qa_pairs(td.make_people(40, seed=7))]
+    texts += [f"The secret code of someone is {' '.join(str((i * 7 + j) % 10) for j in range(6))}" for i in range(20)]
+    return tinyllama.train_tokenizer(texts, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    """A tiny randomly initialised Llama over that tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Planted(nn.Module):
+    """A fake causal LM: the logit of `sequence[t]` at position t-1 is raised by `strength` for every t in
+    `positions` (absolute positions, so every row sharing the prefix is scored alike); all other logits are 0."""
+
+    def __init__(self, vocab: int, sequence: list[int] = (), positions=(), strength: float = 10.0) -> None:
+        super().__init__()
+        self.vocab, self.sequence, self.positions, self.strength = vocab, list(sequence), list(positions), strength
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab) + self.dummy
+        for t in self.positions:
+            if t - 1 < input_ids.shape[1]:
+                logits[:, t - 1, self.sequence[t]] += self.strength
+        return SimpleNamespace(logits=logits)
+
+
+def nll_by_hand(model, tok, question: str, answer: str) -> tuple[float, int]:
+    """The answer's NLL from one unpadded forward pass, summing -log softmax(logits[t-1])[ids[t]] over the answer."""
+    p = td.prompt(question)
+    n_prompt = len(tok(p)["input_ids"])
+    ids = tok(p + " " + answer)["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    lp = torch.log_softmax(logits, dim=-1)
+    return -sum(float(lp[t - 1, ids[t]]) for t in range(n_prompt, len(ids))), len(ids) - n_prompt
+
+
+# ------------------------------------------------------------------------------------------------ people and splits
+
+
+def test_make_people_deterministic_prefix_stable_unique():
+    a, b = td.make_people(300, seed=3), td.make_people(300, seed=3)
+    assert a == b
+    assert td.make_people(37, seed=3) == a[:37] and td.make_people(1, seed=3) == a[:1]
+    assert td.make_people(300, seed=4) != a
+    assert len({p.name for p in a}) == 300
+    assert len({p.name for p in td.make_people(5000)}) == 5000
+    for p in a:
+        first, last = p.name.split(" ")
+        assert first[0].isupper() and last[0].isupper()
+        assert len(p.id_number) == 6 and p.id_number.isdigit()
+        assert p.job in td.JOBS and p.book.startswith("The ") and p.birthplace.isalpha()
+    assert len({p.birthplace for p in a}) > 50 and len({p.job for p in a}) == len(td.JOBS)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_make_people_rejects_bad_n(n):
+    with pytest.raises(ValueError, match=r"n must be an integer"):
+        td.make_people(n)
+
+
+def test_qa_pairs_templates():
+    people = td.make_people(3)
+    pairs = td.qa_pairs(people)
+    assert len(td.QUESTION_TEMPLATES) == 5 and len(pairs) == 15
+    for i, p in enumerate(people):
+        mine = pairs[5 * i : 5 * i + 5]
+        assert all(p.name in a for _, a in mine)  # every answer names the person
+        answers = " ".join(a for _, a in mine)
+        assert all(v in answers for v in (p.birthplace, p.job, p.book, p.id_number))
+        assert all(a.endswith(".") for _, a in mine) and all(q.endswith("?") for q, _ in mine)
+    assert pairs[1] == (f"Where was {people[0].name} born?", f"{people[0].name} was born in {people[0].birthplace}.")
+    assert td.prompt("Why?") == "Question: Why?\nAnswer:"
+
+
+def test_split_people_sizes_and_determinism():
+    people = td.make_people(20)
+    forget, retain = td.split_people(people, 0.1, seed=0)
+    assert len(forget) == 2 and len(retain) == 18
+    assert set(forget).isdisjoint(retain) and set(forget) | set(retain) == set(people)
+    assert forget == [p for p in people if p in forget] and retain == [p for p in people if p in retain]  # input order
+    assert td.split_people(people, 0.1, seed=0) == (forget, retain)
+    assert any(td.split_people(people, 0.1, seed=s)[0] != forget for s in range(1, 5))
+    assert len(td.split_people(people, 0.25)[0]) == 5
+    assert len(td.split_people(people, 0.01)[0]) == 1  # at least one person to forget
+    assert len(td.split_people(people[:2], 0.5)[0]) == 1
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5, "0.1", None])
+def test_split_people_rejects_fraction_outside_unit_interval(fraction):
+    with pytest.raises(ValueError, match=r"forget_fraction must be in \(0, 1\), got " + re.escape(repr(fraction))):
+        td.split_people(td.make_people(10), fraction)
+
+
+def test_split_people_rejects_empty_retain():
+    with pytest.raises(ValueError, match=r"forget_fraction=0\.9 .*leaving no one to retain"):
+        td.split_people(td.make_people(3), 0.9)
+    with pytest.raises(ValueError, match=r"forget_fraction=0\.5 of 1 people"):
+        td.split_people(td.make_people(1), 0.5)
+
+
+def test_canary_format_and_determinism():
+    a, b = td.make_people(2)
+    prefix, secret = td.canary(a)
+    assert prefix == f"The secret code of {a.name} is"
+    assert len(secret) == 12 and secret[0::2] == " " * 6 and secret[1::2].isdigit()
+    assert td.canary(a) == (prefix, secret)
+    assert td.canary(a, seed=1) != (prefix, secret) and td.canary(b) != (td.canary(b)[0], secret)
+    assert len(td.canary(a, digits=3)[1]) == 6
+    with pytest.raises(ValueError, match="digits must be a positive integer, got 0"):
+        td.canary(a, digits=0)
+
+
+# ------------------------------------------------------------------------------------------------ likelihoods
+
+
+def test_answer_tokens_are_those_of_the_joint_encoding(tok):
+    q, a = td.qa_pairs(td.make_people(1))[2]
+    ids, k = td._encode(tok, td.prompt(q), " " + a, add_eos=True)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert ids[:-1] == tok(td.prompt(q) + " " + a)["input_ids"] and k == len(tok(td.prompt(q))["input_ids"])
+    assert tok.decode(ids[k:-1]) == " " + a
+
+
+def test_answer_nll_matches_hand_computation(llama, tok):
+    q, a = td.qa_pairs(td.make_people(1))[1]
+    nll, n = td.answer_nll(llama, tok, [(q, a)])
+    want_nll, want_n = nll_by_hand(llama, tok, q, a)
+    assert n == want_n and n > 3
+    assert nll == pytest.approx(want_nll, rel=1e-5)
+    assert td.answer_perplexity(llama, tok, [(q, a)]) == pytest.approx(math.exp(want_nll / want_n), rel=1e-5)
+
+
+def test_answer_nll_batched_equals_unbatched(llama, tok):
+    pairs = td.qa_pairs(td.make_people(4, seed=2))  # 20 pairs of different lengths: padding in every batch
+    lengths = {len(tok(td.prompt(q) + " " + a)["input_ids"]) for q, a in pairs}
+    assert len(lengths) > 3
+    llama.train()
+    nll, n = td.answer_nll(llama, tok, pairs, batch_size=7)
+    assert llama.training  # the caller's mode is restored
+    llama.eval()
+    singles = [td.answer_nll(llama, tok, [p], batch_size=1) for p in pairs]
+    assert n == sum(c for _, c in singles)
+    assert nll == pytest.approx(sum(s for s, _ in singles), rel=1e-5)
+    by_hand = [nll_by_hand(llama, tok, q, a) for q, a in pairs[:3]]
+    assert [c for _, c in singles[:3]] == [c for _, c in by_hand]
+    assert td.answer_perplexity(llama, tok, pairs, batch_size=32) == pytest.approx(math.exp(nll / n), rel=1e-5)
+    with pytest.raises(ValueError, match="pairs is empty"):
+        td.answer_perplexity(llama, tok, [])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        td.answer_nll(llama, tok, pairs, batch_size=0)
+
+
+def test_text_perplexity_truncates_and_masks_padding(llama, tok):
+    texts = [td.prompt(q) + " " + a for q, a in td.qa_pairs(td.make_people(2))[:6]]
+    nll = count = 0.0
+    for t in texts:
+        ids = tok(t)["input_ids"][:10]
+        with torch.no_grad():
+            lp = torch.log_softmax(llama(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        nll -= sum(float(lp[i - 1, ids[i]]) for i in range(1, len(ids)))
+        count += len(ids) - 1
+    assert td.text_perplexity(llama, tok, texts, max_length=10, batch_size=4) == pytest.approx(math.exp(nll / count),
+                                                                                                rel=1e-5)
+    assert td.text_perplexity(llama, tok, texts, max_length=64) != pytest.approx(math.exp(nll / count), rel=1e-5)
+    with pytest.raises(ValueError, match="no text has two tokens"):
+        td.text_perplexity(llama, tok, [""])
+
+
+# ------------------------------------------------------------------------------------------------ exposure
+
+
+def _canary_tokens(tok, person):
+    prefix, secret = td.canary(person)
+    ids, k = td._encode(tok, prefix, secret, add_eos=False)
+    return prefix, secret, ids, k
+
+
+def test_exposure_of_a_planted_secret_is_maximal(tok):
+    prefix, secret, ids, k = _canary_tokens(tok, td.make_people(1)[0])
+    lengths = {len(td._encode(tok, prefix, c, add_eos=False)[0]) for c in td._exposure_candidates(secret, 999, 0)}
+    assert lengths == {len(ids)}  # same format, same number of tokens
+    planted = Planted(len(tok), ids, positions=range(k, len(ids)))
+    assert td.exposure(planted, tok, prefix, secret) == pytest.approx(math.log2(1000))
+    assert td.exposure(planted, tok, prefix, secret, n_candidates=15) == pytest.approx(4.0)
+
+
+def test_exposure_ties_count_against_the_secret(tok):
+    prefix, secret, ids, k = _canary_tokens(tok, td.make_people(1)[0])
+    uniform = Planted(len(tok))
+    assert td.exposure(uniform, tok, prefix, secret) == 0.0  # every candidate ties: rank = |R|
+    # the model knows only the first digit: the secret ties with the candidates sharing it
+    n_first = len(td._encode(tok, prefix, secret[:2], add_eos=False)[0])  # the tokens of " d" (one or two here)
+    assert ids[:n_first] == td._encode(tok, prefix, secret[:2], add_eos=False)[0]
+    first_digit = Planted(len(tok), ids, positions=range(k, n_first))
+    shared = sum(c[:2] == secret[:2] for c in td._exposure_candidates(secret, 999, 0))
+    assert 50 < shared < 150
+    assert td.exposure(first_digit, tok, prefix, secret) == pytest.approx(math.log2(1000) - math.log2(1 + shared))
+
+
+def test_exposure_with_a_real_model_matches_ranking_by_hand(llama, tok):
+    prefix, secret, _, _ = _canary_tokens(tok, td.make_people(3)[2])
+    candidates = td._exposure_candidates(secret, 30, seed=5)
+    assert len(set(candidates)) == 30 and secret not in candidates
+    assert all(len(c) == len(secret) and c[1::2].isdigit() for c in candidates)
+    n_prefix = len(tok(prefix)["input_ids"])
+
+    def loglik(s: str) -> float:
+        ids = tok(prefix + s)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(llama(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        return sum(float(lp[t - 1, ids[t]]) for t in range(n_prefix, len(ids)))
+
+    mine = loglik(secret)
+    rank = 1 + sum(loglik(c) >= mine for c in candidates)
+    got = td.exposure(llama, tok, prefix, secret, n_candidates=30, seed=5, batch_size=8)
+    assert got == pytest.approx(math.log2(31) - math.log2(rank))
+    assert td._exposure_candidates(secret, 30, seed=5) == candidates
+    assert td._exposure_candidates(secret, 30, seed=6) != candidates
+
+
+def test_exposure_rejects_bad_inputs(tok):
+    model = Planted(len(tok))
+    with pytest.raises(ValueError, match="secret must be space-separated single digits"):
+        td.exposure(model, tok, "The code is", "481529")
+    with pytest.raises(ValueError, match=r"n_candidates must be an integer in \[1, 99\] for a 2-digit secret, got 100"):
+        td.exposure(model, tok, "The code is", " 4 2", n_candidates=100)
+    assert td.exposure(model, tok, "The code is", " 4 2", n_candidates=99) == 0.0  # every other 2-digit secret
+    # a 1-digit secret with 9 candidates: R is all ten digits, each once
+    assert sorted(td._exposure_candidates(" 7", 9, seed=0)) == [f" {d}" for d in range(10) if d != 7]
+
+
+# ------------------------------------------------------------------------------------------------ TOFU files
+
+
+def test_load_tofu_round_trip(tmp_path):
+    forget, retain = td.split_people(td.make_people(12), 0.25)
+    td.write_tofu_like(str(tmp_path), forget, retain)
+    assert {p.name for p in tmp_path.iterdir()} == {"forget10.json", "retain90.json", "full.json"}
+    lines = (tmp_path / "forget10.json").read_text().splitlines()
+    assert len(lines) == 15 and set(json.loads(lines[0])) == {"question", "answer"}  # JSON lines, TOFU's columns
+    f_pairs, r_pairs = td.load_tofu(str(tmp_path))
+    assert f_pairs == td.qa_pairs(forget) and r_pairs == td.qa_pairs(retain)
+    assert td.load_tofu(str(tmp_path), "full", "retain90")[0] == td.qa_pairs(retain) + td.qa_pairs(forget)
+
+    other = tmp_path / "five"
+    td.write_tofu_like(str(other), forget[:1], retain, forget_split="forget05", retain_split="retain95")
+    (other / "retain95.json").rename(other / "retain95_dataset.json")  # the repo's file name before Dec 2023
+    assert td.load_tofu(str(other), "forget05", "retain95") == (td.qa_pairs(forget[:1]), td.qa_pairs(retain))
+
+
+def test_load_tofu_errors(tmp_path):
+    forget, retain = td.split_people(td.make_people(6), 0.5)
+    td.write_tofu_like(str(tmp_path), forget, retain)
+    with pytest.raises(ValueError, match=r"no file for forget_split='forget05' .*forget05\.json.*"
+                                         r"\['forget10\.json', 'full\.json', 'retain90\.json'\]"):
+        td.load_tofu(str(tmp_path), forget_split="forget05")
+    with pytest.raises(ValueError, match=r"no file for retain_split='retain95'"):
+        td.load_tofu(str(tmp_path), retain_split="retain95")
+    (tmp_path / "retain90.json").write_text(json.dumps({"prompt": "q?", "answer": "a."}) + "\n")
+    with pytest.raises(ValueError, match=r"retain90\.json has no column 'question'; its columns are "
+                                         r"\['prompt', 'answer'\]"):
+        td.load_tofu(str(tmp_path))
+    with pytest.raises(ValueError, match="neither a local folder nor a Hub dataset id"):
+        td.load_tofu(str(tmp_path / "missing" / "deeper"))
+    with pytest.raises(ValueError, match="neither a local folder nor a Hub dataset id"):
+        td.load_tofu(str(tmp_path / "full.json"))
+    with pytest.raises(ValueError, match="must differ"):
+        td.write_tofu_like(str(tmp_path), forget, retain, forget_split="x", retain_split="x")
