@@ -380,11 +380,30 @@ def test_alpha_0_skips_the_sparse_stream(monkeypatch):
         raise AssertionError("sparse work at alpha=0")
 
     monkeypatch.setattr(torch.sparse, "mm", boom)
+    monkeypatch.setattr(torch.sparse, "addmm", boom)
     with torch.no_grad():
         model(_x())
     set_ortho_alpha(model, 1.0)
     with pytest.raises(AssertionError, match="sparse work"):
         model(_x())
+
+
+def test_deepcopy_inference_mode_and_the_split_leaves_the_weights_alone():
+    ref, ft = _finetuned()
+    before = state_of(ft)
+    model = orthosplit(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q", "k", "out"], base_kind="none", density=0.3),
+                       reference=ref)
+    for name in ("q", "k", "out"):  # the split works on copies (a regression: it once wrote anchors into W)
+        assert torch.equal(getattr(model.base_model.model, name).get_base_layer().weight, before[f"{name}.weight"])
+    with torch.no_grad():
+        y = model(_x())  # builds the CSR cache
+    twin = copy.deepcopy(model)  # torch cannot deep-copy CSR tensors: the caches start empty in the copy
+    with torch.no_grad():
+        assert torch.allclose(twin(_x()), y)
+    with torch.inference_mode():
+        fresh = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], base_kind="int4"))
+        fresh(_x())
+    fresh(_x())
 
 
 def test_fused_layout_matches_csr_and_follows_alpha():

@@ -67,11 +67,29 @@ def bnb_base(target: torch.Tensor, kind: str, compute_dtype: torch.dtype) -> tup
     return module.requires_grad_(False), deq.to(device, target.dtype).reshape(out_f, in_f)
 
 
-def base_stream(target: torch.Tensor, kind: str) -> tuple[Optional[nn.Module], torch.Tensor]:
-    """(bitsandbytes module or None, dequantised base) of a base-stream target (out, in)."""
+def base_stream(target: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[Optional[nn.Module], torch.Tensor]:
+    """(bitsandbytes module or None, dequantised base in `dtype`) of a base-stream target (out, in).
+
+    Quantisation runs in float32 (float64 stays float64) whatever the weight's dtype, and the result is cast to the
+    weight's dtype once: the split and the rebuild on load both go through here, so they agree to the bit.
+    """
+    work = target if target.dtype == torch.float64 else target.float()
     if kind in BITSANDBYTES:
-        return bnb_base(target, kind, target.dtype if target.dtype != torch.float64 else torch.float32)
-    return None, quantize(target, kind)
+        module, base = bnb_base(work, kind, dtype if dtype != torch.float64 else torch.float32)
+        return module, base.to(dtype)
+    return None, quantize(work, kind).to(dtype)
+
+
+class _Caches(dict):
+    """Run-time caches, rebuilt on demand: a deep copy starts empty (torch cannot deep-copy a CSR tensor)."""
+
+    def __deepcopy__(self, memo) -> "_Caches":
+        return _Caches()
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place-change counter of a tensor (inference tensors have none and never change in place)."""
+    return -1 if t.is_inference() else t._version
 
 
 class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
@@ -93,7 +111,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         self.ortho_values = nn.ParameterDict({})
         self.ortho_index = BufferDict({}, persistent=True)
         self.ortho_anchor = BufferDict({}, persistent=True)
-        self._ortho_cache: dict[str, dict[str, Any]] = {}
+        self._ortho_cache: dict[str, dict[str, Any]] = _Caches()
         init_layer_shapes(self, "OrthoSplit", kwargs)
 
     # ---------------------------------------------------------------- set-up
@@ -177,7 +195,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         self._require_ready(name)
         index, anchor = self.ortho_index[name], self.ortho_anchor[name]
         weight = self.get_base_layer().weight
-        key = (weight.data_ptr(), weight._version, index.data_ptr(), index._version, anchor.data_ptr(), anchor._version,
+        key = (weight.data_ptr(), _version(weight), index.data_ptr(), _version(index), anchor.data_ptr(), _version(anchor),
                weight.device)
         cache = self._ortho_cache.get(name)
         if cache is None or cache.get("key") != key:
@@ -186,7 +204,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
                 target = w.detach().clone(memory_format=torch.contiguous_format)
                 if anchor.numel():
                     target.view(-1)[index.long()] = anchor.to(target.dtype)
-                module, base = base_stream(target, self.base_kind[name])
+                module, base = base_stream(target, self.base_kind[name], w.dtype)
             cache = {"key": key, "module": module, "base": base}
             self._ortho_cache[name] = cache
         return cache
@@ -195,12 +213,15 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         """O as a sparse CSR (out, in) matrix in `dtype`, cached until the values change."""
         cache = self._streams(name)
         values = self.ortho_values[name]
-        key = (values.data_ptr(), values._version, dtype)
+        key = (values.data_ptr(), _version(values), dtype)
         if cache.get("csr_key") != key:
             index = self.ortho_index[name].long()
             rows, cols = index // self.in_features, index % self.in_features
-            crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=index.device)
+            small = index.numel() < 2**31 and self.in_features < 2**31
+            idx_dtype = torch.int32 if small else torch.int64  # a third less cache, same speed (measured)
+            crow = torch.zeros(self.out_features + 1, dtype=idx_dtype, device=index.device)
             crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0)
+            cols = cols.to(idx_dtype)
             with warnings.catch_warnings():  # "CSR support is in beta" / "invariant checks disabled", once per build
                 warnings.simplefilter("ignore", UserWarning)
                 cache["csr"] = torch.sparse_csr_tensor(
@@ -226,7 +247,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
     def _fused(self, name: str) -> torch.Tensor:
         cache = self._streams(name)
         values = self.ortho_values[name]
-        key = (self.ortho_alpha[name], values.data_ptr(), values._version)
+        key = (self.ortho_alpha[name], values.data_ptr(), _version(values))
         if cache.get("fused_key") != key:
             cache["fused"] = self.effective_weight(name).detach()
             cache["fused_key"] = key
@@ -325,6 +346,13 @@ class Linear(nn.Module, OrthoSplitLayer):
         x_c = x.to(base.dtype) if x.dtype != base.dtype else x
         if self.layout[name] == "fused" and not train_values:
             y = F.linear(x_c, self._fused(name), bias)
+        elif streams["module"] is None and alpha != 0 and not train_values:
+            # One pass in the transposed layout: y^T = B x^T + bias, then y^T += alpha O x^T in place (sparse.addmm),
+            # so the sparse product needs no transposed temporary (measured 1.15 -> 1.01x dense on 4096x1024).
+            x2 = x_c.reshape(-1, self.in_features)
+            y_t = torch.addmm(bias[:, None], base, x2.T) if bias is not None else base @ x2.T
+            y_t = torch.sparse.addmm(y_t, self._csr(name, x2.dtype), x2.T, alpha=alpha)
+            y = y_t.T.contiguous().reshape(*x.shape[:-1], self.out_features)
         else:
             if streams["module"] is not None:
                 y = streams["module"](x_c).to(base.dtype)

@@ -49,13 +49,15 @@ def split_weight(
     k = round(density * numel) entries form the mask M; the base stream is B = Q(W with M set to W_ref) and the
     values are (W - B)[M], so B + O equals W on M.
     """
+    dtype = w.dtype
     w = w.detach().contiguous()
+    w = w if w.dtype == torch.float64 else w.float()  # residuals and scores in float32 whatever the weight's dtype
     kind = config.base_kind
     if inputs.reference is not None:
         d = w - inputs.reference.to(w.device, w.dtype)
     else:
-        _, qw = base_stream(w, kind)
-        d = w - qw
+        _, qw = base_stream(w, kind, dtype)
+        d = w - qw.to(w.dtype)
     scores = entry_scores(
         config.selector, d, w,
         hinv_diag=inputs.hinv_diag, fisher=inputs.fisher, forget=inputs.forget, retain=inputs.retain,
@@ -65,12 +67,12 @@ def split_weight(
     anchor = None
     if inputs.reference is not None:
         anchor = inputs.reference.to(w.device).reshape(-1)[index].float()
-        target = w.clone()
-        target.view(-1)[index] = anchor.to(w.dtype)
-        _, base = base_stream(target, kind)
+        target = w.to(dtype).to(w.dtype).clone()  # the weight as stored (what the layer rebuilds from); a copy
+        target.view(-1)[index] = anchor.to(dtype).to(w.dtype)
+        _, base = base_stream(target, kind, dtype)
     else:
         base = qw
-    values = (w - base).reshape(-1)[index].to(VALUE_DTYPES[config.values_dtype])
+    values = (w - base.to(w.dtype)).reshape(-1)[index].to(VALUE_DTYPES[config.values_dtype])
     return index.to(index_dtype(w.numel())), anchor, values
 
 
