@@ -1,6 +1,7 @@
 """The benchmark scripts still run and print their ratios (tiny workloads; the figures come from full runs)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,24 @@ def test_lorax_speed_benchmark_runs(tmp_path, minilm_path):
     assert "conversion exact / randomized" in out.stdout and "transferred energy" in out.stdout
     result = json.loads((tmp_path / "l.json").read_text())
     assert result["printed"].startswith("machine:") and result["printed"] in out.stdout
+
+
+def test_ortho_latency_benchmark_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ortho_latency.py"), "--quick", "--json", str(tmp_path / "o.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "target alpha=0 <= 1.05x base stream alone" in out.stdout and "(4) memory" in out.stdout
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert set(result) >= {"machine", "args", "results", "targets", "met", "printed"}
+    assert result["printed"].startswith("machine:") and result["printed"] in out.stdout
+    res = result["results"]
+    assert set(res) >= {"layers", "verdicts", "best", "model"} and len(res["verdicts"]) == 4
+    ratios = [v for g in res["layers"] for r in g["runs"] for k, v in r.items() if "/" in k]
+    ratios += [a["ratio_to_dense"] for g in res["layers"] for r in g["runs"] for a in r["alternatives"].values()]
+    ratios += [v for r in res["model"]["runs"] for k, v in r.items() if "/" in k]
+    assert len(ratios) > 20 and all(math.isfinite(v) and v > 0 for v in ratios)
+    assert all(a["rel_error"] < 1e-4 for g in res["layers"] for r in g["runs"] for a in r["alternatives"].values())
+    memory = res["layers"][0]["memory"]
+    assert memory["held_csr_bytes"] > memory["dense_bytes"] > memory["packed_total_bytes"] > 0
