@@ -52,6 +52,7 @@ from peft_ext import OrthoSplitConfig, entry_saliency, ortho_alpha, ortho_report
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SELECTORS = ("magnitude", "relative", "obs", "fisher", "contrastive", "random")
 BASE_KINDS = ("none", "fp16", "bf16", "int8", "int4", "nf4", "bnb_nf4", "bnb_int8")
+AT_VALUES: list[float] = []  # the --attribution-at values of the run (labels name `at` only when there are several)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,9 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--base-kinds", default="int8,none,int4", help=f"comma list of {BASE_KINDS}")
     p.add_argument("--selectors", default=",".join(SELECTORS), help=f"comma list of {SELECTORS}")
-    p.add_argument("--densities", default="0.01,0.05", help="comma list of ortho-stream densities in (0, 1)")
+    p.add_argument("--densities", default="0.01,0.02,0.05", help="comma list of ortho-stream densities in (0, 1)")
     p.add_argument("--alphas", default="0,0.25,0.5,1", help="comma list of alphas to evaluate")
-    p.add_argument("--contrastive-lambdas", default="1,4",
+    p.add_argument("--attribution-at", default="0.5",
+                   help="where on the fine-tuning path W_ref + at*(W - W_ref) the contrastive selector's gradients are "
+                        "taken (0.5: midpoint rule for removing the whole delta; 1: at the fine-tuned weights); one row "
+                        "per value")
+    p.add_argument("--contrastive-lambdas", default="1",
                    help="weights of the retain-set loss change in the contrastive score; one row per value")
     p.add_argument("--general-texts", type=int, default=48, help="held-out general-text chunks for the general PPL")
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.density_list = _floats(p, "--densities", args.densities, lo=0.0, hi=1.0, open_interval=True)
     args.alpha_list = _floats(p, "--alphas", args.alphas)
     args.lambda_list = _floats(p, "--contrastive-lambdas", args.contrastive_lambdas, lo=0.0)
+    args.at_list = _floats(p, "--attribution-at", args.attribution_at, lo=0.0, hi=1.0)
     if 0.0 not in args.alpha_list or 1.0 not in args.alpha_list:
         p.error(f"--alphas must include 0 and 1 (the targets are checked there), got {args.alphas!r}")
     if not 0 < args.forget_fraction < 1:
@@ -248,20 +254,24 @@ def configurations(args) -> list[dict]:
     for kind in args.base_kind_list:
         for selector in args.selector_list:
             for density in args.density_list:
-                for lam in (args.lambda_list if selector == "contrastive" else [None]):
-                    confs.append({"base_kind": kind, "selector": selector, "density": density, "reference": True,
-                                  "contrastive_lambda": lam})
+                contrastive = selector == "contrastive"
+                for at in (args.at_list if contrastive else [None]):
+                    for lam in (args.lambda_list if contrastive else [None]):
+                        confs.append({"base_kind": kind, "selector": selector, "density": density, "reference": True,
+                                      "contrastive_lambda": lam, "at": at})
     # the prior attempt's setup: no reference, the ortho stream holds quantisation residuals (alpha=0 = plain RTN)
     for kind in args.base_kind_list:
         if kind != "none":
             confs.append({"base_kind": kind, "selector": "magnitude", "density": args.density_list[0], "reference": False,
-                          "contrastive_lambda": None})
+                          "contrastive_lambda": None, "at": None})
     return confs
 
 
 def label(c: dict) -> str:
     ref = "" if c["reference"] else " (no ref: RTN residual)"
     lam = f" λ={c['contrastive_lambda']:g}" if c["contrastive_lambda"] is not None else ""
+    if c["at"] is not None and len(AT_VALUES) > 1:
+        lam += f" at={c['at']:g}"
     return f"{c['base_kind']} / {c['selector']}{lam} / {c['density']:.2%}{ref}"
 
 
@@ -283,6 +293,7 @@ def verdicts(row: dict, ref: dict) -> dict:
 
 
 def run(args) -> dict:
+    AT_VALUES[:] = args.at_list
     base, tok, path = load_base(args)
     task = build_task(args)
     if not task.forget:
@@ -317,10 +328,11 @@ def run(args) -> dict:
     if "fisher" in need:
         inputs["fisher"] = {"fisher": entry_saliency(finetuned, forget_batches, probe, kind="fisher")}
     if "contrastive" in need:
-        inputs["contrastive"] = {
-            "forget": entry_saliency(finetuned, forget_batches, probe, kind="attribution", reference=base),
-            "retain": entry_saliency(finetuned, retain_batches, probe, kind="attribution", reference=base),
-        }
+        for at in args.at_list:
+            inputs[("contrastive", at)] = {
+                "forget": entry_saliency(finetuned, forget_batches, probe, kind="attribution", reference=base, at=at),
+                "retain": entry_saliency(finetuned, retain_batches, probe, kind="attribution", reference=base, at=at),
+            }
     saliency_seconds = time.perf_counter() - t
 
     rows = []
@@ -332,7 +344,7 @@ def run(args) -> dict:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*holds only zeros.*")
             split = orthosplit(copy.deepcopy(finetuned), cfg, reference=base if c["reference"] else None,
-                               **inputs.get(c["selector"], {}))
+                               **inputs.get((c["selector"], c["at"]) if c["at"] is not None else c["selector"], {}))
         split_seconds = time.perf_counter() - t
         row = {**c, "label": label(c), "split_seconds": split_seconds, "alphas": {}}
         for a in args.alpha_list:

@@ -56,6 +56,9 @@ BLOCKS = {
     "bench-monitor": lambda: printed_block("monitor_overhead.json"),
     "bench-lorax": lambda: printed_block("lorax_speed.json"),
     "lorax-transfer": lambda: recipe_markdown("lorax_transfer"),
+    "ortho-unlearn": lambda: recipe_markdown("ortho_unlearn"),
+    "bench-ortho": lambda: printed_block("ortho_latency.json"),
+    "bench-ortho-cuda": lambda: printed_block("ortho_cuda.json"),
 }
 
 

@@ -350,8 +350,10 @@ class Linear(nn.Module, OrthoSplitLayer):
             # One pass in the transposed layout: y^T = B x^T + bias, then y^T += alpha O x^T in place (sparse.addmm),
             # so the sparse product needs no transposed temporary (measured 1.15 -> 1.01x dense on 4096x1024).
             x2 = x_c.reshape(-1, self.in_features)
-            y_t = torch.addmm(bias[:, None], base, x2.T) if bias is not None else base @ x2.T
-            y_t = torch.sparse.addmm(y_t, self._csr(name, x2.dtype), x2.T, alpha=alpha)
+            # cuSPARSE is ~12x faster with a contiguous x^T (H100, 4096x4096 at 1%: 25x -> 2x a dense matmul)
+            xt = x2.T.contiguous() if x2.is_cuda else x2.T
+            y_t = torch.addmm(bias[:, None], base, xt) if bias is not None else base @ xt
+            y_t = torch.sparse.addmm(y_t, self._csr(name, x2.dtype), xt, alpha=alpha)
             y = y_t.T.contiguous().reshape(*x.shape[:-1], self.out_features)
         else:
             if streams["module"] is not None:
@@ -372,7 +374,8 @@ class Linear(nn.Module, OrthoSplitLayer):
             contrib = x2[:, cols] * self.ortho_values[name].to(x2.dtype)
             y2 = torch.zeros(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device).index_add(1, rows, contrib)
         else:
-            y2 = torch.sparse.mm(self._csr(name, x2.dtype), x2.T).T
+            xt = x2.T.contiguous() if x2.is_cuda else x2.T  # see _split_forward
+            y2 = torch.sparse.mm(self._csr(name, x2.dtype), xt).T
         return y2.reshape(*x.shape[:-1], self.out_features)
 
     def __repr__(self) -> str:

@@ -49,7 +49,8 @@ def nf4_blockwise(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     absmax = blocks.abs().amax(dim=1, keepdim=True)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
-    idx = torch.bucketize(blocks / safe, (code[1:] + code[:-1]) / 2)  # nearest code value
+    # multiply by the reciprocal as bitsandbytes' kernels do (a division rounds differently next to a threshold)
+    idx = torch.bucketize(blocks * (1.0 / safe), (code[1:] + code[:-1]) / 2)  # nearest code value
     out = (code[idx] * safe).view(-1)[: flat.numel()]
     return out.view_as(w).to(w.dtype)
 
