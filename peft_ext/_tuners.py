@@ -122,6 +122,16 @@ def init_layer_shapes(layer: BaseTunerLayer, method: str, kwargs: dict) -> None:
     layer.kwargs = kwargs
 
 
+def install_layer(tuner: BaseTuner, parent: nn.Module, target_name: str, new_module: nn.Module, target: nn.Module,
+                  adapter_name: str) -> None:
+    """The end of every peft-ext tuner's `_create_and_replace`: freeze a layer whose adapter is not active, give it the
+    replaced module's train/eval mode (a fresh nn.Module is in train mode even inside an eval model), swap it in."""
+    if adapter_name not in tuner.active_adapters:
+        new_module.requires_grad_(False)
+    new_module.train(target.training)
+    tuner._replace_module(parent, target_name, new_module, target)
+
+
 class CheckTargetsFirst:
     """Mixin for BaseTuner subclasses: run `self._check_targets(model, config)` before inject_adapter replaces any
     layer, on every path. get_peft_model goes through `_pre_injection_hook`; PeftModel.add_adapter / load_adapter

@@ -5,7 +5,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import CheckTargetsFirst, planned_targets
+from .._tuners import CheckTargetsFirst, install_layer, planned_targets
 from .config import NullSpaceLoraConfig
 from .layer import Linear, NullSpaceLoraLayer
 
@@ -78,7 +78,4 @@ class NullSpaceLoraModel(CheckTargetsFirst, BaseTuner):
             fan_in_fan_out=fan_in_fan_out,
             name=current_key,
         )
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        new_module.train(target.training)  # a fresh nn.Module is in train mode even inside an eval model
-        self._replace_module(parent, target_name, new_module, target)
+        install_layer(self, parent, target_name, new_module, target, adapter_name)

@@ -11,7 +11,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import CheckTargetsFirst, planned_targets
+from .._tuners import CheckTargetsFirst, install_layer, planned_targets
 from .config import OrthoSplitConfig
 from .layer import VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
 from .quant import BITSANDBYTES
@@ -148,10 +148,7 @@ class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
             target.update_layer(adapter_name, split=split, **kwargs)
             return
         new_module = Linear(target, adapter_name, fan_in_fan_out=fan_in_fan_out, split=split, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        new_module.train(target.training)  # a fresh nn.Module is in train mode even inside an eval model
-        self._replace_module(parent, target_name, new_module, target)
+        install_layer(self, parent, target_name, new_module, target, adapter_name)
 
     @staticmethod
     def _split_for(config: OrthoSplitConfig, key: str, base: nn.Module, fan_in_fan_out: bool):

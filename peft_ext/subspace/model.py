@@ -5,7 +5,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import CheckTargetsFirst, planned_targets
+from .._tuners import CheckTargetsFirst, install_layer, planned_targets
 from .config import SubspaceLoraConfig
 from .layer import Linear, SubspaceLoraLayer
 
@@ -87,7 +87,4 @@ class SubspaceLoraModel(CheckTargetsFirst, BaseTuner):
             raise TypeError(f"SubspaceLoRA cannot adapt {current_key!r}: {reason}. Narrow target_modules.")
         # One config may cover Conv1D and Linear layers: the weight layout is a property of each layer.
         new_module = Linear(target, adapter_name, fan_in_fan_out=isinstance(base, Conv1D), name=current_key, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        new_module.train(target.training)  # a fresh nn.Module is in train mode even inside an eval model
-        self._replace_module(parent, target_name, new_module, target)
+        install_layer(self, parent, target_name, new_module, target, adapter_name)
