@@ -420,6 +420,9 @@ def test_fused_layout_matches_csr_and_follows_alpha():
                     outs[layout].append(model(x))
     for a, b in zip(outs["csr"], outs["fused"]):
         assert torch.allclose(a, b, atol=1e-5)
+    # the fused layout keeps W and the fused weight only: its copy of B goes once the fused weight exists
+    cache = model.base_model.model.q._ortho_cache["default"]
+    assert "fused" in cache and "base" not in cache
 
 
 def test_bitsandbytes_nf4_base_stream_on_cpu():
