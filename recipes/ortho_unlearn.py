@@ -91,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke configuration")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="rebuild results.md and the plot from a results.json of an earlier run (no training)")
     args = p.parse_args(argv)
     if args.quick:
         args.people, args.ft_steps, args.canaries, args.candidates, args.general_texts = 10, 30, 2, 19, 8
@@ -422,6 +424,18 @@ def markdown(results: dict, args) -> str:
               f"fine-tuned model's)." + f" Highest forget/retain PPL ratio at alpha=0: {best['label']} "
               f"({_fmt(best['alphas']['0.0']['forget_ppl'])} / {_fmt(best['alphas']['0.0']['retain_ppl'])}; oracle "
               f"{_fmt(ref['oracle']['forget_ppl'])} / {_fmt(ref['oracle']['retain_ppl'])})."]
+    targets = {"forget_ppl>=0.5*oracle": ("forget PPL / oracle's", ">= 0.5"),
+               "retain_ppl<=1.5*finetuned": ("retain PPL / fine-tuned's", "<= 1.5"),
+               "general_ppl<=1.1*base": ("general PPL / pre-trained's", "<= 1.1"),
+               "alpha1_forget_ppl<=1.1*finetuned": ("alpha=1 forget PPL / fine-tuned's", "<= 1.1"),
+               "exposure<=oracle+1": ("forget exposure - oracle's", "<= 1 bit"),
+               "alpha1_exposure>=finetuned-1": ("alpha=1 exposure - fine-tuned's", ">= -1 bit")}
+    closest = max(results["rows"], key=lambda r: (sum(x["met"] for x in r["verdicts"].values()),
+                                                   r["verdicts"]["forget_ppl>=0.5*oracle"]["value"]
+                                                   / max(r["verdicts"]["retain_ppl<=1.5*finetuned"]["value"], 1e-9)))
+    lines.append(f"Closest configuration ({closest['label']}), measured (required): " + "; ".join(
+        f"{targets[k][0]} {v['value']:.2f} ({targets[k][1]}) {'met' if v['met'] else 'MISSED'}"
+        for k, v in closest["verdicts"].items()) + ".")
     over = [r["label"] for r in results["rows"] if r["alphas"]["0.0"]["forget_ppl"] > 5 * ref["oracle"]["forget_ppl"]]
     if over:
         lines.append(f"Over-forgetting (forget PPL above 5x the oracle's at alpha=0): {', '.join(over)}.")
@@ -469,12 +483,19 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            results = run(args)
-        results["seconds"] = time.perf_counter() - start
-        results["machine"] = machine()
-        results["args"] = {k: v for k, v in vars(args).items()}
+        if args.from_json:
+            with open(args.from_json) as f:
+                results = json.load(f)
+            saved = results["args"]
+            for k in ("candidates", "alpha_list"):
+                setattr(args, k, saved[k])
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                results = run(args)
+            results["seconds"] = time.perf_counter() - start
+            results["machine"] = machine()
+            results["args"] = {k: v for k, v in vars(args).items()}
         results["markdown"] = markdown(results, args)
         parent = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(parent, exist_ok=True)

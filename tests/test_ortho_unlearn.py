@@ -42,6 +42,11 @@ def test_quick_run_writes_table_json_and_plot(tmp_path, cache_dir):
     # no reference: at alpha=0 the model is the plain RTN copy, i.e. the ortho stream held only rounding residuals
     no_ref = saved["rows"][-1]
     assert no_ref["sparse_bytes"] < saved["rows"][0]["sparse_bytes"]  # no anchors stored
+    assert "Closest configuration" in results["markdown"]
+    # the report rebuilds from the JSON alone, identically
+    again = ortho_unlearn.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path / "again"), "--no-plots"])
+    assert again["markdown"] == results["markdown"]
+    assert (tmp_path / "again" / "results.md").read_text() == (out / "results.md").read_text()
 
 
 def test_tofu_shaped_local_files(tmp_path, cache_dir):
