@@ -38,6 +38,13 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[di
     """The LoRA tensors (PEFT checkpoint keys) and LoraConfig kwargs equivalent to a peft-ext adapter."""
     layers = _lora_layers(model, adapter_name)
     if not layers:
+        from .ortho.layer import OrthoSplitLayer
+
+        if any(isinstance(m, OrthoSplitLayer) for m in model.modules()):
+            raise ValueError(
+                "OrthoSplit adapters are a sparse stream plus a quantised base, not a low-rank update, so no LoRA "
+                "reproduces them: use peft_ext.set_ortho_alpha(model, a) then model.merge_and_unload() for plain weights"
+            )
         raise ValueError(f"model has no peft-ext layers with adapter {adapter_name!r} to export")
     config = model.peft_config[adapter_name]
     tensors: dict[str, torch.Tensor] = {}

@@ -510,6 +510,13 @@ def test_empty_forget_set_is_refused():
         entry_saliency(ft, _lm_batches(1, 0), cfg, kind="attribution")
 
 
+def test_export_to_lora_is_refused_with_advice(tmp_path):
+    model = get_peft_model(Toy(), OrthoSplitConfig(target_modules=["q"]))
+    with pytest.raises(ValueError, match=r"not a low-rank update.*merge_and_unload"):
+        peft_ext.export_to_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
 def test_data_hungry_selector_without_data_refuses_to_run_until_loaded(tmp_path):
     _, ft = _finetuned()
     model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], selector="obs"))
