@@ -18,7 +18,7 @@ Targets (the issue, from TOFU's reference numbers), checked per configuration at
 oracle's forget PPL; retain PPL <= 1.5x the fine-tuned model's; general PPL <= 1.1x the pre-trained model's; forget
 exposure within 1 bit of the oracle's (which never saw the canaries); and at alpha=1 the fine-tuned behaviour back
 (forget PPL <= 1.1x fine-tuned, forget exposure within 1 bit of the fine-tuned model's). Verdicts are computed.
-Writes results.json, results.md and alpha_sweep.png into --out.
+Writes results.json, results.md, alpha_sweep.png and tradeoff.png into --out.
 """
 
 from __future__ import annotations
@@ -473,6 +473,44 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_tradeoff(results: dict, path: str) -> None:
+    """Forget vs retain answer PPL at alpha=0 for every configuration, with the fine-tuned model and the oracle:
+    selective forgetting is up and to the left (towards the oracle), plain damage is along the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    markers = {"none": "o", "int8": "s", "int4": "^", "nf4": "v", "fp16": "D", "bf16": "d", "bnb_nf4": "P", "bnb_int8": "X"}
+    selectors = sorted({r["selector"] for r in results["rows"]})
+    colors = {s: plt.cm.tab10(i) for i, s in enumerate(selectors)}
+    for r in results["rows"]:
+        a0 = r["alphas"]["0.0"]
+        ax.scatter(a0["retain_ppl"], a0["forget_ppl"], marker=markers.get(r["base_kind"], "o"),
+                   color=colors[r["selector"]], alpha=0.8 if r["reference"] else 0.3, s=20 + 600 * r["density"])
+    ref = results["reference"]
+    for name, style in (("finetuned", "k*"), ("oracle", "r*")):
+        ax.plot(ref[name]["retain_ppl"], ref[name]["forget_ppl"], style, markersize=14, label=name)
+    lo = min(ref["finetuned"]["retain_ppl"], ref["oracle"]["retain_ppl"])
+    ax.axhline(0.5 * ref["oracle"]["forget_ppl"], color="r", linestyle=":", label="forget target (half the oracle's)")
+    ax.axvline(1.5 * ref["finetuned"]["retain_ppl"], color="k", linestyle=":", label="retain target (1.5x fine-tuned)")
+    hi = 2 * max(r["alphas"]["0.0"]["retain_ppl"] for r in results["rows"])
+    slope = ref["finetuned"]["forget_ppl"] / ref["finetuned"]["retain_ppl"]  # both PPLs scaled alike: no selectivity
+    ax.plot([lo, hi], [lo * slope, hi * slope], color="gray", lw=0.5)
+    for s in selectors:
+        ax.scatter([], [], color=colors[s], label=s)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("retain answer PPL at alpha=0")
+    ax.set_ylabel("forget answer PPL at alpha=0")
+    ax.set_title("selectivity at alpha=0 (marker: base kind; size: density)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -507,6 +545,7 @@ def main(argv=None) -> dict:
                 f.write(results["markdown"] + "\n")
             if not args.no_plots:
                 plot(results, os.path.join(tmp, "alpha_sweep.png"))
+                plot_tradeoff(results, os.path.join(tmp, "tradeoff.png"))
             if os.path.isdir(args.out):
                 shutil.rmtree(args.out)
             os.replace(tmp, args.out)
@@ -515,7 +554,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         print("\n" + results["markdown"])
-        print(f"\nwrote {args.out}/results.json, results.md" + ("" if args.no_plots else ", alpha_sweep.png"))
+        print(f"\nwrote {args.out}/results.json, results.md" + ("" if args.no_plots else ", alpha_sweep.png, tradeoff.png"))
     finally:
         torch.set_num_threads(threads)
     return results

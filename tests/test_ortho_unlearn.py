@@ -23,7 +23,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path, cache_dir):
     out = tmp_path / "out"
     results = ortho_unlearn.main(["--quick", "--cache-dir", cache_dir, "--out", str(out),
                                   "--selectors", "magnitude,contrastive,random,obs,fisher,relative"])
-    assert sorted(os.listdir(out)) == ["alpha_sweep.png", "results.json", "results.md"]
+    assert sorted(os.listdir(out)) == ["alpha_sweep.png", "results.json", "results.md", "tradeoff.png"]
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["reference"]) == {"base", "finetuned", "oracle"}
     labels = [r["label"] for r in saved["rows"]]
