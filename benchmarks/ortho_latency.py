@@ -582,8 +582,8 @@ def report(res: dict, args: argparse.Namespace, machine: str) -> None:
     print("(4) memory, MB (float32 weights). stored = ortho_report: packed base stream (int codes + scales, what a "
           "deployment would hold) + sparse stream (float16 values + indices). held = what the split layer holds at run "
           "time after an alpha=1 forward: the original W that PEFT keeps in base_layer + the DEQUANTISED float32 base "
-          "(the simulated base is not packed in memory) + the csr cache (int64 crow/col, float32 values) or the fused "
-          "dense copy + the stored values/indices + bias")
+          "(the simulated base is not packed in memory) + the csr cache (int32 crow/col, float32 values), or instead "
+          "of base and cache the fused dense B + alpha*O + the stored values/indices + bias")
     print(f"  {'out x in':<10} {'dens':>5} {'dense':>7} {'packed base':>12} {'sparse':>7} {'stored/':>8} "
           f"{'held csr':>9} {'/dense':>7} {'held fused':>11} {'/dense':>7} {'fused switch':>13}")
     for g in groups:
