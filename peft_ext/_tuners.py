@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
 from peft.tuners._buffer_dict import BufferDict
+from peft.utils import resolve_quantization_backend
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def planned_targets(tuner: BaseTuner, model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
@@ -120,6 +122,21 @@ def init_layer_shapes(layer: BaseTunerLayer, method: str, kwargs: dict) -> None:
     layer.in_features = in_features
     layer.out_features = out_features
     layer.kwargs = kwargs
+
+
+def unsupported_linear_reason(layer: nn.Module, what_needs_the_weight: str) -> Optional[str]:
+    """Why a tuner that reads the (dequantised) weight cannot adapt `layer`, or None if it can: nn.Linear, transformers'
+    Conv1D and bitsandbytes linear layers qualify; forward-only quantisation backends (GPTQ, ...) do not."""
+    backend = resolve_quantization_backend(layer)
+    if isinstance(layer, (nn.Linear, Conv1D)) and backend is None:
+        return None
+    if backend is None or backend.layer_type != "linear":
+        return (f"only nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt are supported, "
+                f"not {type(layer).__name__}")
+    if not backend.supports_merge:
+        name = backend.backend_name or type(layer).__name__
+        return f"{what_needs_the_weight} needs the dequantised weight, which {name} layers cannot give"
+    return None
 
 
 def install_layer(tuner: BaseTuner, parent: nn.Module, target_name: str, new_module: nn.Module, target: nn.Module,

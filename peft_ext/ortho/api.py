@@ -138,7 +138,7 @@ def orthosplit(
     if not targets:
         raise ValueError(f"OrthoSplitConfig.target_modules={config.target_modules!r} matches no module of the model")
     for key, base in targets.items():
-        reason = unsupported_reason(base, config)
+        reason = unsupported_reason(base)
         if reason is not None:
             raise TypeError(f"OrthoSplit cannot split {key!r}: {reason}. Narrow target_modules.")
     shapes = {k: tuple(_dense_weight(b, isinstance(b, Conv1D)).shape) for k, b in targets.items()}

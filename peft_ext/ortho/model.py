@@ -11,7 +11,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import CheckTargetsFirst, install_layer, planned_targets
+from .._tuners import CheckTargetsFirst, install_layer, planned_targets, unsupported_linear_reason
 from .config import OrthoSplitConfig
 from .layer import VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
 from .quant import BITSANDBYTES
@@ -76,17 +76,9 @@ def split_weight(
     return index.to(index_dtype(w.numel())), anchor, values
 
 
-def unsupported_reason(layer: nn.Module, config: OrthoSplitConfig) -> Optional[str]:
+def unsupported_reason(layer: nn.Module) -> Optional[str]:
     """Why OrthoSplit cannot split `layer`, or None if it can."""
-    if isinstance(layer, (nn.Linear, Conv1D)) and resolve_quantization_backend(layer) is None:
-        return None
-    backend = resolve_quantization_backend(layer)
-    if backend is None or backend.layer_type != "linear":
-        return (f"only nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt are supported, "
-                f"not {type(layer).__name__}")
-    if not backend.supports_merge:
-        return f"the split needs the dequantised weight, which {backend.backend_name or type(layer).__name__} cannot give"
-    return None
+    return unsupported_linear_reason(layer, "the split")
 
 
 class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
@@ -108,7 +100,7 @@ class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
     def _check_targets(self, model: nn.Module, config: OrthoSplitConfig) -> None:
         unsupported = []
         for key, base in planned_targets(self, model, config):
-            reason = unsupported_reason(base, config)
+            reason = unsupported_reason(base)
             if reason is not None:
                 unsupported.append(f"{key!r}: {reason}")
         if unsupported:
@@ -163,8 +155,6 @@ class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
             inputs = LayerInputs()
         else:
             return None
-        if isinstance(base, BaseTunerLayer):
-            base = base.get_base_layer()
         w = _dense_weight(base, fan_in_fan_out)
         generator = torch.Generator().manual_seed(config.seed + _stable_hash(key))
         return split_weight(w, config, inputs, generator)

@@ -1,26 +1,18 @@
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import CheckTargetsFirst, install_layer, planned_targets
+from .._tuners import CheckTargetsFirst, install_layer, planned_targets, unsupported_linear_reason
 from .config import SubspaceLoraConfig
 from .layer import Linear, SubspaceLoraLayer
 
 
 def _unsupported_reason(layer: nn.Module) -> str | None:
     """Why SubspaceLoRA cannot adapt `layer`, or None if it can."""
-    if isinstance(layer, (nn.Linear, Conv1D)) and resolve_quantization_backend(layer) is None:
-        return None
-    backend = resolve_quantization_backend(layer)
-    if backend is None or backend.layer_type != "linear":
-        return (f"only nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt are supported, "
-                f"not {type(layer).__name__}")
-    if not backend.supports_merge:
-        return f"its SVD needs the dequantised weight, which {backend.backend_name or type(layer).__name__} layers cannot give"
-    return None
+    return unsupported_linear_reason(layer, "its SVD")
 
 
 class SubspaceLoraModel(CheckTargetsFirst, BaseTuner):
