@@ -522,3 +522,22 @@ def test_data_hungry_selector_without_data_refuses_to_run_until_loaded(tmp_path)
     model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], selector="obs"))
     with pytest.raises(RuntimeError, match=r"has no split yet.*peft_ext.orthosplit"):
         model(_x())
+
+
+def test_reference_split_of_a_bitsandbytes_4bit_model(tmp_path):
+    """The reference shape check reads (out, in) from the layer, not from its packed 4-bit weight."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BertModel, BitsAndBytesConfig
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = BertModel.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu").eval()
+    batch = {"input_ids": torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        y_q = model(**batch).last_hidden_state
+    split = orthosplit(model, OrthoSplitConfig(target_modules=["query"], base_kind="none", density=0.1),
+                       reference=tiny_bert())
+    layer = split.base_model.model.encoder.layer[0].attention.self.query
+    assert type(layer.get_base_layer()).__name__ == "Linear4bit" and layer.ortho_anchor["default"].numel() > 0
+    with torch.no_grad():  # full-precision base: alpha=1 is the 4-bit model's (dequantised) weight on and off the mask
+        assert torch.allclose(split(**batch).last_hidden_state, y_q, atol=1e-3)

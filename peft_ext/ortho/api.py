@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -27,6 +27,12 @@ Reference = Union[nn.Module, Mapping[str, torch.Tensor]]
 
 def _strip(key: str) -> str:
     return canonical_name(key)
+
+
+def _out_in(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer without reading its weight (a bitsandbytes weight is packed)."""
+    in_features, out_features = _get_in_out_features(layer)
+    return out_features, in_features
 
 
 def reference_weights(reference: Reference, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -57,8 +63,7 @@ def reference_weights(reference: Reference, modules: Mapping[str, nn.Module]) ->
                 missing.append(name)
                 continue
             w_ref = t.detach().T if conv else t.detach()
-        shape = (base.weight.shape[::-1] if conv else base.weight.shape) if base.weight.dim() == 2 else None
-        w_shape = tuple(_dense_weight(base, conv).shape) if shape is None else tuple(shape)
+        w_shape = _out_in(base)
         if tuple(w_ref.shape) != w_shape:
             raise ValueError(
                 f"reference weight for layer {name!r} has shape (out, in) = {tuple(w_ref.shape)}, but the model's "
@@ -78,10 +83,10 @@ def _saliency_maps(what: str, sal: Optional[EntrySaliency], keys: list[str], sha
         return {}
     if not isinstance(sal, EntrySaliency):
         raise TypeError(f"{what} must be an EntrySaliency (from peft_ext.entry_saliency), got {type(sal).__name__}")
-    missing = [k for k in keys if _strip(k) not in {_strip(m) for m in sal.maps}]
+    maps = {_strip(k): v for k, v in sal.maps.items()}
+    missing = [k for k in keys if _strip(k) not in maps]
     if missing:
         raise ValueError(f"{what} has no saliency map for target layer(s) {missing[:5]}: compute it with the same config")
-    maps = {_strip(k): v for k, v in sal.maps.items()}
     out = {}
     for k in keys:
         m = maps[_strip(k)]
@@ -141,7 +146,7 @@ def orthosplit(
         reason = unsupported_reason(base)
         if reason is not None:
             raise TypeError(f"OrthoSplit cannot split {key!r}: {reason}. Narrow target_modules.")
-    shapes = {k: tuple(_dense_weight(b, isinstance(b, Conv1D)).shape) for k, b in targets.items()}
+    shapes = {k: _out_in(b) for k, b in targets.items()}
     refs = reference_weights(reference, targets) if reference is not None else {}
     fisher_maps = _saliency_maps("fisher", fisher, list(targets), shapes)
     forget_maps = _saliency_maps("forget", forget, list(targets), shapes)
