@@ -18,3 +18,13 @@ def machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+
+
+def comma_choices(parser, flag: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    """The names of a comma list flag, each checked against `allowed` (duplicates dropped, order kept); a bad or
+    empty list ends the program through `parser.error` with the flag, what was given and the choices."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in allowed]
+    if bad or not names:
+        parser.error(f"{flag} got {bad or value!r}: unknown or missing name(s); choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))

@@ -80,7 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipe
 
 import data  # noqa: E402
 import tinyllama  # noqa: E402
-from common import machine  # noqa: E402
+from common import comma_choices, machine  # noqa: E402
 
 METHODS = ("lora", "pissa", "corda_kpm", "nullspace_v1", "nullspace_v2", "nullspace_split")
 TESTBEDS = ("encoder", "causal")
@@ -183,8 +183,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.testbed_list = _names(p, "--testbeds", args.testbeds, TESTBEDS)
-    args.method_list = _names(p, "--methods", args.methods, METHODS)
+    args.testbed_list = comma_choices(p, "--testbeds", args.testbeds, TESTBEDS)
+    args.method_list = comma_choices(p, "--methods", args.methods, METHODS)
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -227,14 +227,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--max_memory must look like '0:20GiB,cpu:60GiB', got {args.max_memory!r}")
     args.stats_dir = args.stats_dir or os.path.join(args.cache_dir, "stats")
     return args
-
-
-def _names(p, flag_name: str, value: str, allowed: tuple[str, ...]) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in names if v not in allowed]
-    if bad or not names:
-        p.error(f"{flag_name}: unknown or missing name(s) {bad or value!r}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(names))
 
 
 # ------------------------------------------------------------------------------------------------ run context

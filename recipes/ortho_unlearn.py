@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 import tinyllama  # noqa: E402
 import tofu_data  # noqa: E402
-from common import machine  # noqa: E402
+from common import comma_choices, machine  # noqa: E402
 
 import peft_ext  # noqa: E402
 from peft_ext import OrthoSplitConfig, entry_saliency, ortho_alpha, ortho_report, orthosplit  # noqa: E402
@@ -97,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.people, args.ft_steps, args.canaries, args.candidates, args.general_texts = 10, 30, 2, 19, 8
         args.base_kinds, args.densities, args.alphas, args.contrastive_lambdas = "int8", "0.05", "0,1", "1"
-    args.base_kind_list = _choices(p, "--base-kinds", args.base_kinds, BASE_KINDS)
-    args.selector_list = _choices(p, "--selectors", args.selectors, SELECTORS)
+    args.base_kind_list = comma_choices(p, "--base-kinds", args.base_kinds, BASE_KINDS)
+    args.selector_list = comma_choices(p, "--selectors", args.selectors, SELECTORS)
     args.density_list = _floats(p, "--densities", args.densities, lo=0.0, hi=1.0, open_interval=True)
     args.alpha_list = _floats(p, "--alphas", args.alphas)
     args.lambda_list = _floats(p, "--contrastive-lambdas", args.contrastive_lambdas, lo=0.0)
@@ -110,14 +110,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dataset is None and args.people < 2:
         p.error(f"--people must be at least 2 (one to forget, one to retain), got {args.people}")
     return args
-
-
-def _choices(p, flag: str, value: str, allowed: tuple[str, ...]) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        p.error(f"{flag} got {bad or value!r}; choose from {', '.join(allowed)}")
-    return items
 
 
 def _floats(p, flag: str, value: str, lo=None, hi=None, open_interval=False) -> list[float]:
