@@ -102,11 +102,9 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         self.base_layer = base_layer
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
         self.base_kind: dict[str, str] = {}
-        self.density: dict[str, float] = {}
         self.layout: dict[str, str] = {}
         self.ortho_alpha: dict[str, float] = {}
         self.ready: dict[str, bool] = {}
-        self.train_ortho: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}  # always 1: alpha is OrthoSplit's knob (kept for PEFT's generic code)
         self.ortho_values = nn.ParameterDict({})
         self.ortho_index = BufferDict({}, persistent=True)
@@ -139,7 +137,6 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
             index, anchor, values = split
             anchor = torch.zeros(0, dtype=torch.float32, device=device) if anchor is None else anchor
         self.base_kind[adapter_name] = base_kind
-        self.density[adapter_name] = density
         self.layout[adapter_name] = layout
         self.ortho_alpha.setdefault(adapter_name, 1.0)
         self.ready[adapter_name] = split is not None
@@ -148,7 +145,6 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         self.ortho_anchor[adapter_name] = anchor
         self.ortho_values[adapter_name] = nn.Parameter(values, requires_grad=train_ortho)
         self._ortho_cache.pop(adapter_name, None)
-        self.train_ortho[adapter_name] = train_ortho
         # PEFT's own switch for adapter weights that must stay frozen through set_adapter / enable_adapters:
         # the ortho values train only with train_ortho.
         self.frozen_peft_weight_names = dict(self.frozen_peft_weight_names)
@@ -164,8 +160,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for attr in (self.base_kind, self.density, self.layout, self.ortho_alpha, self.ready, self.train_ortho,
-                     self.scaling, self._ortho_cache):
+        for attr in (self.base_kind, self.layout, self.ortho_alpha, self.ready, self.scaling, self._ortho_cache):
             attr.pop(adapter_name, None)
 
     # ---------------------------------------------------------------- alpha
