@@ -225,10 +225,9 @@ def set_ortho_alpha(
         hits = [v for k, v in values.items() if k == "" or _matches(name, k)]
         if hits:
             plan.append((name, layer, adapters, hits[-1]))
-    for name, layer, adapters, value in plan:  # validate (merged layers refuse) before changing anything
+    for name, layer, adapters, value in plan:  # merged layers refuse: check all before changing any
         for a in adapters:
-            if layer.merged and a in layer.merged_adapters and value != layer.ortho_alpha[a]:
-                layer.set_alpha(a, value)  # raises with the advice
+            layer.check_alpha_change(a, value)
     for name, layer, adapters, value in plan:
         for a in adapters:
             previous[name if adapter_name is not None or len(adapters) == 1 else f"{name}:{a}"] = layer.ortho_alpha[a]

@@ -164,13 +164,17 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
             attr.pop(adapter_name, None)
 
     # ---------------------------------------------------------------- alpha
-    def set_alpha(self, adapter_name: str, alpha: float) -> None:
-        alpha = check_alpha(alpha)
+    def check_alpha_change(self, adapter_name: str, alpha: float) -> None:
+        """Refuse to change the alpha of an adapter that is merged into the weights."""
         if self.merged and adapter_name in self.merged_adapters and alpha != self.ortho_alpha[adapter_name]:
             raise ValueError(
                 f"OrthoSplit adapter {adapter_name!r} is merged into the weights at alpha={self.ortho_alpha[adapter_name]}; "
                 "call model.unmerge_adapter() before changing alpha (or merge again afterwards)"
             )
+
+    def set_alpha(self, adapter_name: str, alpha: float) -> None:
+        alpha = check_alpha(alpha)
+        self.check_alpha_change(adapter_name, alpha)
         self.ortho_alpha[adapter_name] = alpha
 
     # ---------------------------------------------------------------- streams
