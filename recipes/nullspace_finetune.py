@@ -1030,11 +1030,9 @@ def setup(args) -> Ctx:
 
 
 def write_outputs(results: dict, args) -> None:
-    out_dir = args.output_dir
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".nullspace_finetune-")
-    try:
+    from peft_ext.files import atomic_directory
+
+    with atomic_directory(args.output_dir, overwrite=True, field="--output-dir") as tmp:
         with open(os.path.join(tmp, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=float)
         with open(os.path.join(tmp, "results.md"), "w") as f:
@@ -1045,12 +1043,6 @@ def write_outputs(results: dict, args) -> None:
                     f.write(bed_out["nullspace_report_text"] + "\n")
         if not args.no_plots and not args.stats_only:
             plot(results, os.path.join(tmp, "tradeoff.png"))
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv=None) -> dict:

@@ -30,9 +30,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any
@@ -48,6 +46,7 @@ from common import comma_choices, machine  # noqa: E402
 
 import peft_ext  # noqa: E402
 from peft_ext import OrthoSplitConfig, entry_saliency, ortho_alpha, ortho_report, orthosplit  # noqa: E402
+from peft_ext.files import atomic_directory  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SELECTORS = ("magnitude", "relative", "obs", "fisher", "contrastive", "random")
@@ -537,10 +536,7 @@ def main(argv=None) -> dict:
             results["machine"] = machine()
             results["args"] = {k: v for k, v in vars(args).items()}
         results["markdown"] = markdown(results, args)
-        parent = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".ortho_unlearn-")
-        try:
+        with atomic_directory(args.out, overwrite=True, field="--out") as tmp:
             with open(os.path.join(tmp, "results.json"), "w") as f:
                 json.dump(results, f, indent=1, default=float)
             with open(os.path.join(tmp, "results.md"), "w") as f:
@@ -548,13 +544,6 @@ def main(argv=None) -> dict:
             if not args.no_plots:
                 plot(results, os.path.join(tmp, "alpha_sweep.png"))
                 plot_tradeoff(results, os.path.join(tmp, "tradeoff.png"))
-            if os.path.isdir(args.out):
-                shutil.rmtree(args.out)
-            os.replace(tmp, args.out)
-            os.chmod(args.out, 0o755)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         print("\n" + results["markdown"])
         print(f"\nwrote {args.out}/results.json, results.md" + ("" if args.no_plots else ", alpha_sweep.png, tradeoff.png"))
     finally:
