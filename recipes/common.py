@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 
@@ -28,3 +29,19 @@ def comma_choices(parser, flag: str, value: str, allowed: tuple[str, ...]) -> li
     if bad or not names:
         parser.error(f"{flag} got {bad or value!r}: unknown or missing name(s); choose from {', '.join(allowed)}")
     return list(dict.fromkeys(names))
+
+
+@contextlib.contextmanager
+def recipe_runtime(threads: int):
+    """What a recipe's main() runs inside: transformers' logging quiet (errors only, no progress bars) and `threads`
+    torch threads, the previous count restored afterwards (main() may run inside another program, e.g. the tests)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

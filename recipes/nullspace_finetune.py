@@ -80,7 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipe
 
 import data  # noqa: E402
 import tinyllama  # noqa: E402
-from common import comma_choices, machine  # noqa: E402
+from common import comma_choices, machine, recipe_runtime  # noqa: E402
 
 METHODS = ("lora", "pissa", "corda_kpm", "nullspace_v1", "nullspace_v2", "nullspace_split")
 TESTBEDS = ("encoder", "causal")
@@ -1047,42 +1047,36 @@ def write_outputs(results: dict, args) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    ctx = setup(args)
-    start = time.perf_counter()
-    results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "machine": machine(), "world_size": ctx.world,
-                               "testbeds": {}}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(LOAD REPORT|were newly initialized|corda_config).*")
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            for name in args.testbed_list:
-                bed = (encoder_bed if name == "encoder" else causal_bed)(args, ctx)
-                results["testbeds"][name] = run_bed(bed, args, ctx)
-        results["seconds"] = time.perf_counter() - start
-        if not args.stats_only:
-            results["markdown"] = markdown(results, args)
-            for name, bed_out in results["testbeds"].items():
-                bed_out["verdicts"] = verdicts(name, bed_out)
-        else:
-            results["markdown"] = "\n".join(
-                f"{n}: statistics {'cache hit' if b['stats_cache']['hit'] else 'computed'} ({b['stats_cache']['reason']}): "
-                f"{b['stats_cache']['path']}" for n, b in results["testbeds"].items())
-        if ctx.rank == 0:
-            write_outputs(results, args)
-            ctx.log("\n" + results["markdown"])
-            ctx.log(f"\nwrote {args.output_dir}/results.json, results.md"
-                    + ("" if args.no_plots or args.stats_only else ", tradeoff.png"))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-    finally:
-        shutil.rmtree(ctx.work, ignore_errors=True)
-        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
+    with recipe_runtime(args.threads):
+        ctx = setup(args)
+        start = time.perf_counter()
+        results: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "machine": machine(), "world_size": ctx.world,
+                                   "testbeds": {}}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*(LOAD REPORT|were newly initialized|corda_config).*")
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                for name in args.testbed_list:
+                    bed = (encoder_bed if name == "encoder" else causal_bed)(args, ctx)
+                    results["testbeds"][name] = run_bed(bed, args, ctx)
+            results["seconds"] = time.perf_counter() - start
+            if not args.stats_only:
+                results["markdown"] = markdown(results, args)
+                for name, bed_out in results["testbeds"].items():
+                    bed_out["verdicts"] = verdicts(name, bed_out)
+            else:
+                results["markdown"] = "\n".join(
+                    f"{n}: statistics {'cache hit' if b['stats_cache']['hit'] else 'computed'} ({b['stats_cache']['reason']}): "
+                    f"{b['stats_cache']['path']}" for n, b in results["testbeds"].items())
+            if ctx.rank == 0:
+                write_outputs(results, args)
+                ctx.log("\n" + results["markdown"])
+                ctx.log(f"\nwrote {args.output_dir}/results.json, results.md"
+                        + ("" if args.no_plots or args.stats_only else ", tradeoff.png"))
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+        finally:
+            shutil.rmtree(ctx.work, ignore_errors=True)
     return results
 
 

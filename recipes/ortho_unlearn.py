@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 import tinyllama  # noqa: E402
 import tofu_data  # noqa: E402
-from common import comma_choices, machine  # noqa: E402
+from common import comma_choices, machine, recipe_runtime  # noqa: E402
 
 import peft_ext  # noqa: E402
 from peft_ext import OrthoSplitConfig, entry_saliency, ortho_alpha, ortho_report, orthosplit  # noqa: E402
@@ -514,14 +514,8 @@ def plot_tradeoff(results: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    try:
+    with recipe_runtime(args.threads):
         if args.from_json:
             with open(args.from_json) as f:
                 results = json.load(f)
@@ -546,8 +540,6 @@ def main(argv=None) -> dict:
                 plot_tradeoff(results, os.path.join(tmp, "tradeoff.png"))
         print("\n" + results["markdown"])
         print(f"\nwrote {args.out}/results.json, results.md" + ("" if args.no_plots else ", alpha_sweep.png, tradeoff.png"))
-    finally:
-        torch.set_num_threads(threads)
     return results
 
 
