@@ -4,6 +4,7 @@ Importing this package registers its PEFT types with `peft` (idempotently), so `
 `PeftModel.from_pretrained` work with them.
 """
 
+from .bnb_cpu import disable_bnb_cpu_repack
 from .export import export_to_lora, lora_state_dict
 from .nullspace.config import NullSpaceLoraConfig
 from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
@@ -47,6 +48,7 @@ __all__ = [
     "cached_stats",
     "collect_stats",
     "data_fingerprint",
+    "disable_bnb_cpu_repack",
     "entry_saliency",
     "export_to_lora",
     "initialize_nullspace_lora",

@@ -14,20 +14,26 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb_cpu import check_4bit_dequantize, disable_bnb_cpu_repack, keep_4bit_layout
+
 
 def planned_targets(tuner: BaseTuner, model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
     """(name, base layer) of every module `inject_adapter` is about to adapt, before it changes anything.
 
     Tuners validate these in `_pre_injection_hook` and again in `_prepare_model`, because PeftModel.add_adapter /
     load_adapter call inject_adapter without the hook; 'all-linear' is expanded on a copy, as inject_adapter
-    expands it only after the hook. Modules inside existing adapter layers are skipped.
+    expands it only after the hook. Modules inside existing adapter layers are skipped. A bitsandbytes 4-bit layer
+    whose CPU dequantisation is wrong on this machine is refused here (`bnb_cpu.check_4bit_dequantize`), for every
+    tuner, before anything is replaced.
     """
     config = _maybe_include_all_linear_layers(copy.copy(config), model)
     inside_adapters = tuple(f"{key}." for key, m in model.named_modules() if key and isinstance(m, BaseTunerLayer))
     for key, module in model.named_modules():
         if not key or key.startswith(inside_adapters) or not tuner._check_target_module_exists(config, key):
             continue
-        yield key, (module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        check_4bit_dequantize(base, key)
+        yield key, base
 
 
 class DeltaMergeMixin:
@@ -122,6 +128,9 @@ def init_layer_shapes(layer: BaseTunerLayer, method: str, kwargs: dict) -> None:
     layer.in_features = in_features
     layer.out_features = out_features
     layer.kwargs = kwargs
+    # bitsandbytes would otherwise repack a 4-bit base in place on its first eval forward on an AVX-512-BF16 CPU
+    # (bfloat16 block scales, no input gradients afterwards): the base must stay what was loaded (bnb_cpu.py)
+    keep_4bit_layout(layer.get_base_layer())
 
 
 def unsupported_linear_reason(layer: nn.Module, what_needs_the_weight: str) -> Optional[str]:
@@ -152,13 +161,17 @@ def install_layer(tuner: BaseTuner, parent: nn.Module, target_name: str, new_mod
 class CheckTargetsFirst:
     """Mixin for BaseTuner subclasses: run `self._check_targets(model, config)` before inject_adapter replaces any
     layer, on every path. get_peft_model goes through `_pre_injection_hook`; PeftModel.add_adapter / load_adapter
-    skip that hook but still call `_prepare_model` first. A bad config therefore leaves the model unchanged."""
+    skip that hook but still call `_prepare_model` first. A bad config therefore leaves the model unchanged. A good
+    one then turns bitsandbytes' in-place CPU repack off on the model's 4-bit layers (bnb_cpu.py)."""
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self._check_targets(model, config)
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
         self._check_targets(model, peft_config)
+        # Every bitsandbytes 4-bit layer of the model, not only the adapted ones: a repacked layer that is not
+        # adapted still drops the input gradient, so the adapters below it would train on wrong gradients.
+        disable_bnb_cpu_repack(model)
 
 
 class KeepAdapterDtype:

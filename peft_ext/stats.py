@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .bnb_cpu import bnb_cpu_repack_disabled
+
 FORMAT = "peft_ext.activation_stats"
 FORMAT_VERSION = "1"
 
@@ -289,7 +291,9 @@ def collect_stats(
         total = max_batches if total is None else min(total, max_batches)
     n_heldout = 0
     try:
-        with StatsRecorder(model, target_modules, dtype=dtype, share_inputs=share_inputs) as calib, \
+        # bnb_cpu_repack_disabled: a forward without gradients must not repack (and round) a user's 4-bit weights
+        with bnb_cpu_repack_disabled(model), \
+                StatsRecorder(model, target_modules, dtype=dtype, share_inputs=share_inputs) as calib, \
                 StatsRecorder(model, target_modules, dtype=dtype, share_inputs=share_inputs) as held:
             bar = tqdm(dataloader, total=total, desc="activation statistics", disable=not progress, unit="batch")
             for i, batch in enumerate(bar):

@@ -26,6 +26,7 @@ from torch import nn
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from .._tuners import KeepAdapterDtype, init_layer_shapes
+from ..bnb_cpu import check_4bit_dequantize, keep_4bit_layout
 from .quant import BITSANDBYTES, quantize
 from .select import entry_count
 
@@ -56,6 +57,9 @@ def bnb_base(target: torch.Tensor, kind: str, compute_dtype: torch.dtype) -> tup
         module = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
         module.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
         module = module.to(device)
+        # the module must compute with exactly `deq` on every CPU: no bfloat16 repack, no wrongly dequantised shapes
+        keep_4bit_layout(module)
+        check_4bit_dequantize(module, f"OrthoSplit base stream ({out_f}x{in_f})")
         deq = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
     elif kind == "bnb_int8":
         module = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False)
