@@ -48,8 +48,17 @@ def recipe_markdown(name: str) -> str | None:
     return re.sub(r"^(#{1,5}) ", r"#\1 ", text, flags=re.M)
 
 
+def results_printed(filename: str) -> str | None:
+    """The report a script printed, from its JSON committed under results/."""
+    path = ROOT / "results" / filename
+    if not path.exists():
+        return None
+    return "```\n" + json.loads(path.read_text())["printed"].rstrip() + "\n```"
+
+
 BLOCKS = {
     "tour": tour_block,
+    "bnb-cpu": lambda: results_printed("bnb_cpu_paths.json"),
     "directional": lambda: recipe_markdown("directional_lr"),
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
     "bench-calibration": lambda: printed_block("calibration.json"),
