@@ -263,3 +263,204 @@ def test_spectral_trainer_builds_the_directional_optimizer_from_arguments(tmp_pa
     delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
     bound = 0.7 / layer.in_features**0.5
     assert float(torch.linalg.matrix_norm(delta.detach().double(), 2)) <= bound * (1 + 1e-4)
+
+
+# ---------------------------------------------------------------------------------------- logging next to the Trainer
+LLAMA_SPEC = ("spec/model.layers.0.mlp.gate_proj/sigma_max", "spec/model.layers.0.mlp.up_proj/sigma_max")
+
+
+def _tiny_llama():
+    """A 1-layer Llama over a 17-word WordLevel tokenizer built in memory (nothing from the Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + "the cat sat on a mat and dog ran to big red house".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+                      bos_token_id=2, eos_token_id=3)
+    return LlamaForCausalLM(cfg), tok
+
+
+def _token_rows(with_labels: bool, n: int = 64, length: int = 10):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 17, (n, length), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids} if with_labels else {"input_ids": ids})
+
+
+class LogRecorder(TrainerCallback):
+    """What a report_to integration receives: every on_log call, with its step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.seen.append({**logs, "step": state.global_step})
+
+
+@pytest.mark.parametrize("every, logging_steps", [(2, 2), (2, 4), (3, 2)],
+                         ids=["every=logging", "logging-a-multiple-like-the-defaults", "neither-divides"])
+@pytest.mark.parametrize("kind", ["Trainer", "SpectralTrainer", "SFTTrainer"])
+# TRL 1.16's SFTConfig turns activation checkpointing on through its deprecated name; kept, as users get it
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_loss_and_spectral_values_are_both_logged_at_their_steps(tmp_path, kind, every, logging_steps):
+    model, tok = _tiny_llama()
+    rec = LogRecorder()
+    common = _args(tmp_path, max_steps=6, logging_steps=logging_steps, learning_rate=5e-3)
+    monitor = dict(targets=["mlp.fc1"], every=every, topk=2, plots=False)
+    if kind == "Trainer":
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=_token_rows(True), callbacks=[rec])
+        SpectralMonitorCallback(**monitor).attach(trainer)
+    elif kind == "SpectralTrainer":
+        args = SpectralTrainingArguments(**common, spec_monitor=True, spec_every=every, spec_topk=2, spec_targets="mlp.fc1")
+        trainer = SpectralTrainer(model=model, args=args, train_dataset=_token_rows(True), callbacks=[rec])
+    else:
+        from trl import SFTConfig, SFTTrainer  # the dev extra installs trl
+
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=16), train_dataset=_token_rows(False),
+                             processing_class=tok, callbacks=[rec])
+        SpectralMonitorCallback(**monitor).attach(trainer)
+    trainer.train()
+
+    history = trainer.state.log_history
+    train_logs = [e for e in history if "loss" in e]
+    spec_logs = [e for e in history if any(k.startswith("spec/") for k in e)]
+    assert [e["step"] for e in train_logs] == [s for s in range(1, 7) if s % logging_steps == 0]
+    assert [e["step"] for e in spec_logs] == [s for s in range(1, 7) if s % every == 0]
+    for e in train_logs:
+        assert all(math.isfinite(e[k]) for k in ("loss", "grad_norm", "learning_rate"))
+        assert not any(k.startswith("spec/") for k in e)  # our values never ride on the Trainer's entry
+    for e in spec_logs:
+        assert all(math.isfinite(e[k]) for k in LLAMA_SPEC)
+        assert not {"loss", "grad_norm", "learning_rate"} & e.keys()
+    if kind == "SFTTrainer":  # TRL's own averaged metrics stay with its log, not spent on ours
+        assert all({"mean_token_accuracy", "entropy", "num_tokens"} <= e.keys() for e in train_logs)
+        assert not any("mean_token_accuracy" in e for e in spec_logs)
+    assert rec.seen == history  # the integrations see exactly what log_history holds, both kinds of entries
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False], ids=["PrinterCallback", "ProgressCallback"])
+def test_console_gets_one_short_line_per_check(tmp_path, capsys, disable_tqdm):
+    trainer = Trainer(model=TinyViT(), args=TrainingArguments(**_args(tmp_path, max_steps=4, logging_steps=2,
+                                                                      disable_tqdm=disable_tqdm)), train_dataset=Data())
+    monitor = SpectralMonitorCallback(every=2, topk=3, plots=False).attach(trainer)  # 8 matrices
+    trainer.train()
+    out = capsys.readouterr()
+    console = out.out + out.err
+    lines = [line for line in console.splitlines() if "spectral check" in line]
+    assert len(lines) == 2 and all(len(line) < 120 for line in lines)
+    assert len(str(monitor.records[-1])) > 3000  # what used to be printed per check
+    assert "spec/" not in console
+    for line, record in zip(lines, monitor.records):
+        sigma = [v for k, v in record.items() if k.endswith("/sigma_max")]
+        assert f"step {record['step']}: 8/8 matrices, sigma_max {min(sigma):.4g}..{max(sigma):.4g}" in line
+    cos_u = [v for k, v in monitor.records[1].items() if k.endswith("/cos_u_mean")]
+    assert "mean cos" not in lines[0] and f"mean cos u {sum(cos_u) / len(cos_u):.3f}" in lines[1]
+    assert console.count("'loss'") == 2  # the Trainer's own log lines are still printed, at steps 2 and 4
+
+
+# ---------------------------------------------------------------------------------------------- non-finite values
+class NaNLossAt(TinyViT):
+    """A TinyViT whose loss is NaN at its `bad`-th training forward: that step's gradients, and after its update
+    every weight, are NaN (AdamW spreads the NaN gradient norm through clipping into every parameter)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.bad:
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def _spectral_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "trainer_ext.callbacks" and r.levelname == "WARNING"]
+
+
+def test_nan_loss_does_not_end_training_and_nothing_false_is_logged(tmp_path, caplog):
+    trainer = Trainer(model=NaNLossAt(3), args=TrainingArguments(**_args(tmp_path, logging_steps=1)),
+                      train_dataset=Data())
+    monitor = SpectralMonitorCallback(targets=["mlp.fc1", "attn.qkv"], every=1, topk=2, plots=False).attach(trainer)
+    with caplog.at_level("WARNING", logger="trainer_ext.callbacks"):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    spec = [e for e in trainer.state.log_history if any(k.startswith("spec/") for k in e)]
+    assert [e["step"] for e in spec] == [r["step"] for r in monitor.records] == [1, 2]  # from step 3 on: not finite
+    assert all(math.isfinite(v) for e in spec for k, v in e.items() if k.startswith("spec/"))
+    names = [t.name for t in monitor.targets]
+    warnings = _spectral_warnings(caplog)
+    assert len(warnings) == 4  # one per check at steps 3..6, each naming every matrix once
+    for step, (msg, what) in enumerate(zip(warnings, ["gradient", "weight and gradient", "weight and gradient",
+                                                      "weight and gradient"]), start=3):
+        assert f"step {step}: skipped 4 of 4 matrices" in msg
+        assert all(msg.count(f"{n} ({what})") == 1 for n in names), msg
+
+
+class PoisonOnce(TrainerCallback):
+    """A NaN in `name`'s weight (or its Adam moment) during the monitor's check at update `step` only, restored
+    right after, so training itself never sees it. Registered before the monitor, so its hooks run first."""
+
+    def __init__(self, model, name, step, where):
+        self.w = dict(model.named_parameters())[name + ".weight"]
+        self.step, self.where, self.saved = step, where, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        if state.global_step + 1 == self.step and self.where == "weight":
+            self.saved = self.w.detach().clone()
+            self.w.data[0, 0] = float("nan")
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        if state.global_step + 1 != self.step:
+            return
+        if self.where == "weight":
+            self.w.data.copy_(self.saved)  # the weight before this update: the matrix just skips one step
+        else:
+            moment = optimizer.state[self.w]["exp_avg"]
+            self.saved = moment.clone()
+            moment[0, 0] = float("nan")
+
+    def on_step_end(self, args, state, control, optimizer=None, **kw):
+        if state.global_step == self.step and self.where == "moment":
+            optimizer.state[self.w]["exp_avg"].copy_(self.saved)  # the monitor has read it by now
+
+
+@pytest.mark.parametrize("where", ["weight", "moment"])
+def test_a_skipped_matrix_leaves_its_tracker_at_the_last_logged_check(tmp_path, caplog, where):
+    model = TinyViT()
+    name = "blocks.0.mlp.fc1"
+    rec = Recorder(name, 1)
+    trainer = Trainer(model=model, args=TrainingArguments(**_args(tmp_path, max_steps=4, lr_scheduler_type="constant")),
+                      train_dataset=Data(), callbacks=[rec, PoisonOnce(model, name, 2, where)])
+    monitor = SpectralMonitorCallback(targets=["mlp.fc1"], every=1, topk=2, plots=False).attach(trainer)
+    with caplog.at_level("WARNING", logger="trainer_ext.callbacks"):
+        trainer.train()
+    by_step = {r["step"]: r for r in monitor.records}
+    assert sorted(by_step) == [1, 2, 3, 4]
+    assert not any(k.startswith(f"spec/{name}/") for k in by_step[2])  # skipped, nothing logged for it ...
+    assert "spec/blocks.1.mlp.fc1/momentum_energy" in by_step[2]  # ... while the other matrix is checked as usual
+    what = "weight" if where == "weight" else "optimizer moment"
+    assert _spectral_warnings(caplog) == [
+        f"spectral monitor, step 2: skipped 1 of 2 matrices whose values are not finite (nothing logged for them at "
+        f"this check; their next finite check compares against their last logged one): {name} ({what})"
+    ]
+    # the next finite check compares against step 1 (the last logged), exactly; the warm start was not poisoned
+    u1, s1, _ = torch.linalg.svd(rec.seen[1]["w"].double())
+    u3, s3, _ = torch.linalg.svd(rec.seen[3]["w"].double())
+    cos = torch.linalg.svdvals(u1[:, :2].T @ u3[:, :2]).clamp(0, 1)
+    assert by_step[3][f"spec/{name}/cos_u1"] == pytest.approx(float(cos[0]), abs=1e-5)
+    assert by_step[3][f"spec/{name}/cos_u2"] == pytest.approx(float(cos[1]), abs=1e-5)
+    assert by_step[3][f"spec/{name}/delta_sv_rel"] == pytest.approx(
+        float(torch.linalg.norm(s3[:2] - s1[:2]) / torch.linalg.norm(s1[:2])), rel=1e-4)
+    assert monitor.trackers[name].num_checks == 3 and monitor.trackers["blocks.1.mlp.fc1"].num_checks == 4
+    assert all(math.isfinite(v) for r in monitor.records for v in r.values())

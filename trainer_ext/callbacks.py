@@ -12,8 +12,16 @@ and, for dense weights, how much of the gradient and of the optimizer's momentum
 
 Where the numbers come from is dictated by the Trainer: gradients exist only in `on_pre_optimizer_step`
 (before the step; they are zeroed right after it) and Adam's moments are updated in `on_optimizer_step`. The values
-are emitted with `trainer.log(...)` from `on_step_end`, so every `report_to` backend and `state.log_history` get
-them at the step they describe. The callback only observes: it never changes the model, the optimizer or the loop.
+are emitted from `on_step_end` as their own entry of `state.log_history` and through the `on_log` of every other
+callback (the `report_to` integrations among them), at the step they describe, but not through `trainer.log`:
+that would reset `control.should_log` and the Trainer would skip its own loss/grad_norm/learning_rate log at that
+step, and trainers that override `log` (TRL's) would fold their pending metrics into ours. The console gets one short
+line per check instead of the full dict. The callback only observes: it never changes the model, the optimizer or the
+loop.
+
+A matrix whose weight, gradient or optimizer moment holds NaN/Inf at a check is skipped for that check (one warning
+per check names every skipped matrix): nothing is logged for it and its tracker stays as it was after its last
+logged check, so the next finite check compares against that one. Training goes on, as it would without the monitor.
 
 Distributed (DDP): the matrices are identical on every rank, so the targets are split round-robin across ranks,
 each rank computes its share, and the results are all-gathered: every rank logs the same numbers, each matrix is
@@ -26,13 +34,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from .spectral import SubspaceTracker, chance_energy, projection_energy
 from .targets import Target, find_targets
@@ -41,6 +50,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 STATE_FILE = "spectral_monitor_rank{rank}.safetensors"
+
+
+def _finite(x) -> bool:
+    """True when a tensor (or each tensor of a LoRA pair) holds no NaN/Inf."""
+    if isinstance(x, tuple):
+        return all(_finite(t) for t in x)
+    return bool(torch.isfinite(x).all())
 
 
 def _dist() -> tuple[int, int]:
@@ -52,10 +68,14 @@ def _dist() -> tuple[int, int]:
 class SpectralMonitorCallback(TrainerCallback):
     """Log spectral metrics of chosen matrices every `every` optimizer updates (see the module docstring).
 
-    With a plain `Trainer`, bind it so its values reach the `report_to` backends:
-    `SpectralMonitorCallback(...).attach(trainer)`. Unbound, it still records to `state.log_history`, the standard
-    log and its own files. `SpectralTrainer` binds it for you.
+    With a plain `Trainer`, bind it so its values reach the `report_to` backends (every callback's `on_log`):
+    `SpectralMonitorCallback(...).attach(trainer)`. Unbound, it still records to `state.log_history`, this module's
+    logger (one line per check) and its own files. `SpectralTrainer` binds it for you.
     """
+
+    # The Trainer's console printers: they would print every value of a check (kilobytes), so they get one summary
+    # line per check instead (`_print`). Add a class here if your own console callback should be skipped as well.
+    console_callbacks: tuple[type, ...] = (ProgressCallback, PrinterCallback)
 
     def __init__(
         self,
@@ -86,11 +106,13 @@ class SpectralMonitorCallback(TrainerCallback):
         self.targets: list[Target] = []
         self.trackers: dict[str, SubspaceTracker] = {}
         self.records: list[dict[str, float]] = []
-        self._pending: dict[str, float] = {}
+        self._pending: dict[str, dict[str, float]] = {}  # this check's values, per matrix, until on_step_end
+        self._skipped: dict[str, str] = {}  # matrices skipped at this check -> what was not finite
+        self._before: dict[str, dict] = {}  # tracker states before this check's update, to roll a skip back
         self._mine: list[Target] = []
 
     def attach(self, trainer) -> "SpectralMonitorCallback":
-        """Bind to `trainer` (adding the callback if it is not there yet) so values go through `trainer.log`."""
+        """Bind to `trainer` (adding the callback if it is not there yet) so values reach its callbacks' `on_log`."""
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         self.trainer = trainer
@@ -135,16 +157,27 @@ class SpectralMonitorCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if not self._due(state):
             return
-        self._pending = {}
+        self._pending, self._skipped, self._before = {}, {}, {}
         for t in self._mine:
-            tracker = self.trackers[t.name]
             m = t.matrix()
+            grad = t.param.grad if t.param is not None and "grad" in self.track else None
+            bad = [what for what, x in (("weight", m), ("gradient", grad)) if x is not None and not _finite(x)]
+            if bad:
+                self._skipped[t.name] = " and ".join(bad)
+                continue
+            tracker = self.trackers[t.name]
+            # taken before the update so that a check skipped later (a non-finite moment, or non-finite metrics from
+            # finite inputs) leaves the tracker exactly as after its last logged check: cosines stay "vs the last
+            # logged check", and the warm start is never a NaN basis. A copy of u, s, v (k columns): cheap next to
+            # the SVD itself
+            self._before[t.name] = tracker.state_dict()
             metrics = tracker.update(m if isinstance(m, tuple) else m.float())
-            out = {f"spec/{t.name}/{k}": v for k, v in metrics.items()}
-            grad = t.param.grad if t.param is not None else None
-            if "grad" in self.track and grad is not None:
-                out.update(self._energy(t, "grad", grad, tracker))
-            self._pending.update(out)
+            if not all(map(math.isfinite, metrics.values())):
+                self._skip(t.name, "decomposition")
+                continue
+            self._pending[t.name] = {f"spec/{t.name}/{k}": v for k, v in metrics.items()}
+            if grad is not None:
+                self._pending[t.name].update(self._energy(t, "grad", grad, tracker))
 
     @torch.no_grad()
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -152,11 +185,21 @@ class SpectralMonitorCallback(TrainerCallback):
             return
         opt_state = getattr(optimizer, "state", {})
         for t in self._mine:
-            if t.param is None:
+            if t.param is None or t.name not in self._pending:
                 continue
             moment = opt_state.get(t.param, {}).get("exp_avg", opt_state.get(t.param, {}).get("momentum_buffer"))
-            if moment is not None:
-                self._pending.update(self._energy(t, "momentum", moment, self.trackers[t.name]))
+            if moment is None:
+                continue
+            if not _finite(moment):
+                self._skip(t.name, "optimizer moment")
+                continue
+            self._pending[t.name].update(self._energy(t, "momentum", moment, self.trackers[t.name]))
+
+    def _skip(self, name: str, what: str) -> None:
+        """Drop `name` from this check and roll its tracker back to the state before this check's update."""
+        self._pending.pop(name, None)
+        self.trackers[name].load_state_dict(self._before.pop(name))
+        self._skipped[name] = what
 
     def _energy(self, t: Target, kind: str, g: torch.Tensor, tracker: SubspaceTracker) -> dict[str, float]:
         g = (g.T if t.transposed else g).float()
@@ -167,28 +210,96 @@ class SpectralMonitorCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every != 0:
             return
-        values = self._gather(self._pending)
-        self._pending = {}
-        if not values:
+        values, skipped = self._gather({k: v for part in self._pending.values() for k, v in part.items()}, self._skipped)
+        self._pending, self._skipped, self._before = {}, {}, {}
+        if not values and not skipped:  # no measurement this step (e.g. the first step after a resume)
             return
-        self.records.append({"step": state.global_step, **values})
-        if self.trainer is not None:
-            self.trainer.log(dict(values))
-        else:
-            state.log_history.append({**values, "step": state.global_step})
-            logger.info("step %d: %s", state.global_step, {k: round(v, 6) for k, v in values.items()})
+        rank, _ = _dist()
+        if skipped and rank == 0:
+            logger.warning(
+                "spectral monitor, step %d: skipped %d of %d matrices whose values are not finite (nothing logged for "
+                "them at this check; their next finite check compares against their last logged one): %s",
+                state.global_step, len(skipped), len(self.targets), ", ".join(f"{n} ({w})" for n, w in skipped.items()),
+            )
+        if values:
+            self.records.append({"step": state.global_step, **values})
+            control = self._emit(args, state, control, values)
+        self._print(state, self._summary(state.global_step, values, skipped))
+        return control
 
-    def _gather(self, values: dict[str, float]) -> dict[str, float]:
-        """Merge every rank's share, in target order, so all ranks log identical dicts."""
+    def _emit(self, args, state, control, values: dict[str, float]):
+        """Record `values` as the Trainer's `log` would (a `log_history` entry, then every callback's `on_log`), except
+        that `control.should_log` is left alone and the console printers are skipped (see `_print`).
+
+        Calling `trainer.log` here was the bug this avoids: the callback handler's `on_log` resets `should_log`, which
+        DefaultFlowCallback had just set for this step, so the Trainer skipped its own loss/grad_norm/learning_rate
+        log whenever a check fell on a logging step (always, with spec_every dividing logging_steps). Going around
+        `trainer.log` also keeps trainers that override it (TRL's fold their averaged metrics into whatever is logged
+        and reset them) from spending their metrics on our entry. A separate entry at the same step, rather than merging
+        into the Trainer's dict, works whether or not the Trainer logs at this step, and needs no override of `log`."""
+        logs = dict(values)
+        if state.epoch is not None:
+            logs["epoch"] = state.epoch
+        state.log_history.append({**logs, "step": state.global_step})
+        if self.trainer is None:
+            return control
+        handler = self.trainer.callback_handler
+        should_log = control.should_log
+        for callback in handler.callbacks:
+            if callback is self or isinstance(callback, self.console_callbacks):
+                continue
+            # the same arguments as CallbackHandler.call_event passes, so integrations see what they expect
+            result = callback.on_log(
+                args, state, control, logs=logs, model=handler.model, processing_class=handler.processing_class,
+                optimizer=handler.optimizer, lr_scheduler=handler.lr_scheduler,
+                train_dataloader=handler.train_dataloader, eval_dataloader=handler.eval_dataloader,
+            )
+            if result is not None:
+                control = result
+        control.should_log = should_log  # a callback's on_log may reset it, as the handler does; the Trainer's log is due
+        return control
+
+    def _summary(self, step: int, values: dict[str, float], skipped: dict[str, str]) -> str:
+        """One console line per check; the full set goes to the trackers, log_history and spectral.json/csv."""
+        def pick(suffix: str) -> list[float]:
+            return [v for k, v in values.items() if k.endswith(suffix)]
+
+        sigma, cos_u, cos_v = pick("/sigma_max"), pick("/cos_u_mean"), pick("/cos_v_mean")
+        parts = [f"spectral check, step {step}: {len(sigma)}/{len(self.targets)} matrices"]
+        if sigma:
+            parts.append(f"sigma_max {min(sigma):.4g}..{max(sigma):.4g}")
+        if cos_u:  # absent at a matrix's first check: there is nothing to compare with yet
+            parts.append(f"mean cos u {sum(cos_u) / len(cos_u):.3f} v {sum(cos_v) / len(cos_v):.3f}")
+        if skipped:
+            parts.append(f"{len(skipped)} skipped (not finite)")
+        return ", ".join(parts)
+
+    def _print(self, state, line: str) -> None:
+        """Where the Trainer prints its own logs: through the tqdm bar (ProgressCallback), with print (PrinterCallback,
+        when disable_tqdm), or, when neither is registered (unbound, or the user removed them), to this logger."""
+        if not state.is_world_process_zero:
+            return
+        callbacks = self.trainer.callback_handler.callbacks if self.trainer is not None else []
+        bars = [c.training_bar for c in callbacks if isinstance(c, ProgressCallback) and c.training_bar is not None]
+        if bars:
+            bars[0].write(line)  # tqdm.write keeps the progress bar intact
+        elif any(isinstance(c, PrinterCallback) for c in callbacks):
+            print(line)
+        else:
+            logger.info(line)
+
+    def _gather(self, values: dict[str, float], skipped: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
+        """Merge every rank's share, in target order, so all ranks log identical dicts (and rank 0 warns for all)."""
         rank, world = _dist()
         if world > 1:
             parts: list[Any] = [None] * world
-            torch.distributed.all_gather_object(parts, values)
-            merged = {k: v for part in parts for k, v in part.items()}
-        else:
-            merged = values
+            torch.distributed.all_gather_object(parts, (values, skipped))
+            values = {k: v for part, _ in parts for k, v in part.items()}
+            skipped = {k: v for _, part in parts for k, v in part.items()}
         order = {t.name: i for i, t in enumerate(self.targets)}
-        return dict(sorted(merged.items(), key=lambda kv: order.get(kv[0].split("/")[1], 0)))  # stable: keeps key order
+        values = dict(sorted(values.items(), key=lambda kv: order.get(kv[0].split("/")[1], 0)))  # stable: keeps key order
+        skipped = dict(sorted(skipped.items(), key=lambda kv: order.get(kv[0], 0)))
+        return values, skipped
 
     # ------------------------------------------------------------------ checkpoint / resume
     def on_save(self, args, state, control, **kwargs):
