@@ -57,7 +57,10 @@ class OrthoSplitConfig(PeftConfig):
                   "dense matmul with B + alpha * O cached for the current alpha (fastest, one extra dense copy)."},
     )
     values_dtype: Literal["float16", "bfloat16", "float32"] = field(
-        default="float16", metadata={"help": "dtype of the stored ortho values."}
+        default="float16",
+        metadata={"help": "dtype of the ortho values in a saved adapter (the split rounds them to it, so saving is "
+                  "exact; trained values are saved as they trained). At run time they follow PEFT's rule for adapter "
+                  "weights: float32 with autocast_adapter_dtype (PEFT's default), the model's dtype without."},
     )
     train_ortho: bool = field(
         default=False,

@@ -1,12 +1,20 @@
 """OrthoSplit layers: a dense base stream B and a sparse ortho stream O with a run-time knob alpha.
 
 ``y = B x + alpha * O x + bias``. What is saved per adapter (prefix ``ortho_``): `ortho_index` (flat row-major indices
-of the mask in the (out, in) layout, sorted, int32 when they fit), `ortho_values` (O on the mask, float16 by default)
-and, when reference weights defined the residual, `ortho_anchor` (the reference values on the mask, float32). The
-base stream itself is not saved: it is rebuilt deterministically from the base layer's weight, ``B = Q(W with the
-mask set to the anchor)``, so a saved adapter is as small as its sparse stream. The original weight W stays in the
-base layer (PEFT's contract: disabling the adapter or `unload()` gives the original model back); `merge_and_unload()`
-at alpha=0 bakes the base stream into the weights and drops everything the ortho stream held.
+of the mask in the (out, in) layout, sorted, int32 when they fit), `ortho_values` (O on the mask, saved in
+`values_dtype`, float16 by default) and, when reference weights defined the residual, `ortho_anchor` (the reference
+values on the mask, float32). The base stream itself is not saved: it is rebuilt deterministically from the base
+layer's weight, ``B = Q(W with the mask set to the anchor)``, so a saved adapter is as small as its sparse stream. The
+original weight W stays in the base layer (PEFT's contract: disabling the adapter or `unload()` gives the original
+model back); `merge_and_unload()` at alpha=0 bakes the base stream into the weights and drops everything the ortho
+stream held.
+
+At run time the values follow PEFT's rule for adapter weights: float32 with `autocast_adapter_dtype=True` (PEFT's
+default) on float32 and half-precision models alike, the model's dtype with `autocast_adapter_dtype=False`. FSDP1
+flattens a module's parameters into one buffer and refuses mixed dtypes, and the values sit beside the weights: a
+float32 model shards as it is, a half-precision one with `autocast_adapter_dtype=False` (as for LoRA). The tuner casts
+frozen values to `values_dtype` only when PEFT saves the adapter (`OrthoSplitModel._get_adapter_state_dict`), so a
+saved adapter stays small and a float32 model loads it back to the bit.
 """
 
 from __future__ import annotations
@@ -96,6 +104,21 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+MERGE_ONE_PER_LAYER = (
+    "each OrthoSplit adapter replaces the layer's whole weight, so only one can be merged into a layer; merge adapters "
+    "that sit on different layers (adapter_names=[...]), or call unmerge_adapter() first"
+)
+
+
+def _sparse_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the sparse product for input `x`: x's own, but float32 for float16/bfloat16 inputs off CUDA. CPU's
+    sparse CSR kernels have no half-precision versions ("addmm_out_sparse_csr_impl_mkl not implemented for 'BFloat16'"),
+    and the index_add of the trainable path would sum many entries per output in half precision."""
+    if x.dtype in (torch.float16, torch.bfloat16) and not x.is_cuda:
+        return torch.float32
+    return x.dtype
+
+
 class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
     """Holds the saved sparse stream per adapter and caches what is rebuilt from it (base stream, CSR, fused weight)."""
 
@@ -133,13 +156,15 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         numel = self.out_features * self.in_features
         k = entry_count(density, numel)
         device = self._weight_device()
+        held = self.held_dtype(VALUE_DTYPES[values_dtype])
         if split is None:
             index = torch.zeros(k, dtype=index_dtype(numel), device=device)
             anchor = torch.zeros(k if uses_reference else 0, dtype=torch.float32, device=device)
-            values = torch.zeros(k, dtype=VALUE_DTYPES[values_dtype], device=device)
+            values = torch.zeros(k, dtype=held, device=device)
         else:
             index, anchor, values = split
             anchor = torch.zeros(0, dtype=torch.float32, device=device) if anchor is None else anchor
+            values = values.to(held)  # exact: `held` holds every value of the saved dtype
         self.base_kind[adapter_name] = base_kind
         self.layout[adapter_name] = layout
         self.ortho_alpha.setdefault(adapter_name, 1.0)
@@ -161,6 +186,21 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
     def _weight_device(self) -> torch.device:
         weight = getattr(self.get_base_layer(), "weight", None)
         return weight.device if weight is not None else torch.device("cpu")
+
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in (a quantised weight's storage dtype says nothing about that)."""
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if self.quantization_backend is not None or weight is None or not weight.is_floating_point():
+            compute = getattr(base, "compute_dtype", None)
+            return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else torch.float32
+        return weight.dtype
+
+    def held_dtype(self, saved_dtype: torch.dtype) -> torch.dtype:
+        """The dtype new values are created in: the smallest one that holds both the saved values exactly and the
+        model's dtype (the model's own for float32 models). PEFT's autocast then upcasts half precision to float32;
+        without it the tuner casts them to the model's dtype (OrthoSplitModel._cast_adapter_dtype)."""
+        return torch.promote_types(self.model_dtype(), saved_dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -295,24 +335,32 @@ class Linear(nn.Module, OrthoSplitLayer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Here, not on OrthoSplitLayer: nn.Module precedes it in the bases. A loaded split is ready to run.
         loaded = [n for n in self.ortho_index if f"{prefix}ortho_index.{n}" in state_dict]
+        # Saved values come in values_dtype; bring them to the dtype they are held in before the ParameterDict loads
+        # them (torch reads its entries from this dict after this call). A plain load would cast them anyway, but
+        # load_state_dict(assign=True), PEFT's low_cpu_mem_usage path, would install them in the saved dtype.
+        for n, held in self.ortho_values.items():
+            key = f"{prefix}ortho_values.{n}"
+            if key in state_dict and state_dict[key].dtype != held.dtype:
+                state_dict[key] = state_dict[key].to(held.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for n in loaded:
             self.ready[n] = True
             self._ortho_cache.pop(n, None)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write B + alpha * O into the base layer's weight (the original is kept aside for `unmerge`)."""
+        """Write B + alpha * O into the base layer's weight (the original is kept aside for `unmerge`).
+
+        PEFT passes every layer the same `adapter_names`; this layer merges those it holds and skips the others."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
+        names = [n for n in adapter_names if n in self.ortho_values]
+        if not names:
             return
-        if len(adapter_names) > 1 or self.merged:
-            raise ValueError(
-                f"OrthoSplit adapters replace the whole weight, so only one can be merged at a time; got "
-                f"{adapter_names} with {self.merged_adapters} already merged"
-            )
+        conflict = self.merge_conflict(names)
+        if conflict:
+            raise ValueError(f"this OrthoSplit layer would take adapters {conflict}: {MERGE_ONE_PER_LAYER}")
         if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
             raise TypeError(f"cannot merge into a {self.quantization_backend.backend_name} base layer")
-        name = adapter_names[0]
+        name = names[0]
         weight = self.get_base_weight()
         new = transpose(self.effective_weight(name).detach(), self.fan_in_fan_out).to(weight.dtype)
         if safe_merge and not torch.isfinite(new).all():
@@ -320,6 +368,14 @@ class Linear(nn.Module, OrthoSplitLayer):
         self._unmerged = weight.detach().clone()
         self.set_base_weight(new)
         self.merged_adapters.append(name)
+
+    def merge_conflict(self, adapter_names: list[str]) -> list[str]:
+        """The adapters this layer would hold merged after merging `adapter_names`, when that is more than one (a
+        refused merge), else []. Each OrthoSplit adapter replaces the layer's whole weight, so a layer takes one;
+        several adapters on disjoint layers merge together."""
+        new = [n for n in adapter_names if n in self.ortho_values and n not in self.merged_adapters]
+        after = list(self.merged_adapters) + new
+        return after if new and len(after) > 1 else []
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -358,7 +414,7 @@ class Linear(nn.Module, OrthoSplitLayer):
         streams = self._streams(name)
         base = streams["base"]
         x_c = x.to(base.dtype) if x.dtype != base.dtype else x
-        if streams["module"] is None and alpha != 0 and not train_values:
+        if streams["module"] is None and alpha != 0 and not train_values and _sparse_dtype(x_c) == x_c.dtype:
             # One pass in the transposed layout: y^T = B x^T + bias, then y^T += alpha O x^T in place (sparse.addmm),
             # so the sparse product needs no transposed temporary (measured 1.15 -> 1.01x dense on 4096x1024).
             x2 = x_c.reshape(-1, self.in_features)
@@ -374,12 +430,15 @@ class Linear(nn.Module, OrthoSplitLayer):
             else:
                 y = F.linear(x_c, base, bias)
             if alpha != 0:
-                y = y + alpha * self._ortho_output(name, x_c, train_values)
+                o = self._ortho_output(name, x_c, train_values)  # float32 for half inputs off CUDA
+                y = y.to(o.dtype) + alpha * o  # summed in o's dtype, rounded to x's dtype once below
         return y.to(x.dtype) if y.dtype != x.dtype else y
 
     def _ortho_output(self, name: str, x: torch.Tensor, train_values: bool) -> torch.Tensor:
-        """x @ O^T without forming O densely: CSR matmul, or a gather/index_add that autograd can differentiate."""
+        """x @ O^T without forming O densely: CSR matmul, or a gather/index_add that autograd can differentiate.
+        Computed in `_sparse_dtype(x)`, which is float32 for float16/bfloat16 inputs off CUDA."""
         x2 = x.reshape(-1, self.in_features)
+        x2 = x2.to(_sparse_dtype(x2))
         if train_values:
             index = self.ortho_index[name].long()
             rows, cols = index // self.in_features, index % self.in_features

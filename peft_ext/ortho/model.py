@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._tuners import CheckTargetsFirst, install_layer, planned_targets, unsupported_linear_reason
 from .config import OrthoSplitConfig
-from .layer import VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
+from .layer import MERGE_ONE_PER_LAYER, VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
 from .quant import BITSANDBYTES
 from .select import entry_count, entry_scores, top_k_indices
 
@@ -91,11 +91,77 @@ class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # PEFT upcasts float16/bfloat16 adapter parameters to float32 (and re-wraps them as trainable). The ortho values
-        # are stored in values_dtype on purpose and cast per forward; only values that are trained get the float32
-        # master copy an optimiser needs.
-        if self.peft_config[adapter_name].train_ortho:
-            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        # PEFT's rule for adapter weights, applied to the values: float32 with autocast_adapter_dtype (its default),
+        # the model's dtype without (a float32 model thus holds float32 values either way, one dtype for FSDP). PEFT's
+        # cast re-wraps each upcast tensor as a new Parameter, trainable whatever the old one was: that unfroze the
+        # values of an inactive adapter after add_adapter and of an adapter loaded with is_trainable=False. Keep the
+        # cast, restore requires_grad.
+        held = [(m, m.ortho_values[adapter_name].requires_grad) for m in self.model.modules()
+                if isinstance(m, OrthoSplitLayer) and adapter_name in m.ortho_values]
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for layer, requires_grad in held:
+            values = layer.ortho_values[adapter_name]
+            dtype = values.dtype if autocast_adapter_dtype else layer.model_dtype()
+            if values.dtype != dtype:  # created in a dtype that holds values_dtype exactly, e.g. float32 on bfloat16
+                layer.ortho_values[adapter_name] = nn.Parameter(values.detach().to(dtype), requires_grad=requires_grad)
+            else:
+                values.requires_grad_(requires_grad)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # PEFT's hook for what a saved adapter holds: frozen values go to disk in values_dtype (float16 by default,
+        # half the bytes of the float32 they are held in under PEFT's autocast), exactly, as the split rounded them to
+        # it. Trained values (train_ortho) are saved as they trained, so saving does not round the training away. The
+        # model's own state_dict() keeps the live tensors, so torch.distributed.checkpoint can load into them in place.
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.train_ortho:
+            return to_return
+        saved_dtype = VALUE_DTYPES[config.values_dtype]
+        suffix = f".ortho_values.{adapter_name}"
+        return {k: (v.to(saved_dtype) if k.endswith(suffix) and v.is_floating_point() else v)
+                for k, v in to_return.items()}
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_merge(adapter_names, safe_merge)  # before any layer merges: a refusal leaves the model as it was
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        if merge:
+            self._check_merge(adapter_names, safe_merge)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+    def _check_merge(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
+        """Refuse, naming the layers, a merge that would put two OrthoSplit adapters into one layer or (safe_merge)
+        a non-finite weight into any layer. Checked on all layers first: PEFT merges layer by layer, so a refusal
+        from the tenth layer would leave nine merged (or, in merge_and_unload, already unloaded)."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, got the string {adapter_names!r}; "
+                            f"pass adapter_names=[{adapter_names!r}]")
+        conflicts, broken = [], []
+        for key, module in self.model.named_modules():
+            if not isinstance(module, OrthoSplitLayer):
+                continue
+            requested = list(module.active_adapters if adapter_names is None else adapter_names)
+            after = module.merge_conflict(requested)
+            if after:
+                conflicts.append(f"layer {key!r} would take {after}")
+            elif safe_merge:
+                new = [n for n in requested if n in module.ortho_values and n not in module.merged_adapters]
+                with torch.no_grad():
+                    if new and not torch.isfinite(module.effective_weight(new[0])).all():
+                        broken.append(f"{key!r} (adapter {new[0]!r})")
+        if broken:
+            raise ValueError(
+                f"safe_merge: NaNs/Infs in the merged weight of layer(s) {', '.join(broken[:5])}: their ortho values "
+                "or base weights are not finite; nothing was merged"
+            )
+        if conflicts:
+            raise ValueError(
+                f"cannot merge adapter_names={adapter_names!r}: {'; '.join(conflicts[:3])}"
+                f"{' ...' if len(conflicts) > 3 else ''}. {MERGE_ONE_PER_LAYER[0].upper()}{MERGE_ONE_PER_LAYER[1:]}"
+            )
 
     def _check_targets(self, model: nn.Module, config: OrthoSplitConfig) -> None:
         unsupported = []
