@@ -78,3 +78,29 @@ def test_ortho_latency_benchmark_runs(tmp_path):
     assert all(a["rel_error"] < 1e-4 for g in res["layers"] for r in g["runs"] for a in r["alternatives"].values())
     memory = res["layers"][0]["memory"]
     assert memory["held_csr_bytes"] > memory["dense_bytes"] > memory["packed_total_bytes"] > 0
+
+
+@pytest.mark.parametrize("model", ["minilm", "llama-tiny"])
+def test_nullspace_step_benchmark_runs(tmp_path, request, model):
+    if model == "minilm":
+        request.getfixturevalue("minilm_path")  # skips where the embedded MiniLM package is missing
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "nullspace_step.py"), "--model", model, "--rounds", "2",
+         "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--rank", "4", "--json", str(tmp_path / "n.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nullspace / lora " in out.stdout and "target <= 1.02x" in out.stdout
+    result = json.loads((tmp_path / "n.json").read_text())
+    assert set(result) >= {"machine", "args", "results", "target", "printed"}
+    assert result["printed"].startswith("machine:") and result["printed"] in out.stdout
+    res = result["results"]
+    assert set(res["summary"]["variants"]) == {"lora", "nullspace", "lora-a-frozen", "lora-twin"}
+    assert all(len(v["times_ms"]) == 2 and v["median_ms"] > 0 for v in res["summary"]["variants"].values())
+    assert all(math.isfinite(r["median"]) and r["median"] > 0 for r in res["summary"]["ratios"].values())
+    # same rank, same targets: v2 trains B only, i.e. what LoRA trains minus its A (= lora-a-frozen)
+    trainable = res["trainable"]
+    assert trainable["nullspace"] == trainable["lora-a-frozen"] and 0 < trainable["nullspace"] < trainable["lora"]
+    # the training forward of an initialised NullSpaceLoRA reads no tensor value back to Python (a CUDA sync each)
+    assert res["host_reads_per_forward"]["nullspace"] == res["host_reads_per_forward"]["lora"]
+    assert res["syncs_per_step"]["nullspace"] is None  # counted on CUDA only

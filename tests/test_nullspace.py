@@ -295,3 +295,146 @@ def test_bad_targets_are_refused_before_any_change_also_for_add_adapter_and_all_
     with pytest.raises(ValueError, match=r"r=9 is larger.*k \(in_features=8\)"):
         model.add_adapter("second", NullSpaceLoraConfig(r=9, target_modules=["k"]))
     assert isinstance(model.base_model.model.k, nn.Linear)  # nothing injected
+
+
+# ------------------------------------------------------------------ the "initialised" flag (no sync in the forward)
+def _layers(model):
+    from peft_ext.nullspace.layer import NullSpaceLoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, NullSpaceLoraLayer)}
+
+
+def _flags(model, adapter="default"):
+    return {n: m.is_initialized(adapter) for n, m in _layers(model).items() if adapter in m.nullspace_A}
+
+
+def _train_step(model, x):
+    """A training-mode forward (where the refusal lives), and a backward when anything is trainable."""
+    model.train()
+    loss = model(x).pow(2).mean()
+    if loss.requires_grad:
+        loss.backward()
+
+
+def test_initialised_flag_set_by_init_per_adapter_and_dropped_by_delete():
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k"]))
+    assert set(_flags(model).values()) == {False}
+    initialize_nullspace_lora(model, batches, progress=False)
+    assert set(_flags(model).values()) == {True}
+    model.add_adapter("second", NullSpaceLoraConfig(r=2, target_modules=["q", "k"], mode="v1"))
+    assert set(_flags(model, "second").values()) == {False} and set(_flags(model).values()) == {True}
+    model.set_adapter("second")
+    with pytest.raises(RuntimeError, match=r"'second' is not initialised: call peft_ext.initialize_nullspace_lora"):
+        _train_step(model, batches[0])
+    model.set_adapter("default")
+    _train_step(model, batches[0])  # the first adapter still trains
+    model.delete_adapter("second")
+    assert all("second" not in m.nullspace_initialized for m in _layers(model).values())
+    # a name created again starts from zero factors, so it is not initialised either
+    model.add_adapter("second", NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    assert _flags(model, "second") == {"base_model.model.q": False}
+
+
+@pytest.mark.parametrize("mode", ["v2", "split"])
+@pytest.mark.parametrize("how", ["from_pretrained", "trainable", "low_cpu_mem_usage", "load_adapter"])
+def test_initialised_flag_restored_on_load(tmp_path, mode, how):
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=3, target_modules=["q", "k"], mode=mode))
+    initialize_nullspace_lora(model, batches, progress=False)
+    model.save_pretrained(tmp_path / "ad")
+    if how == "load_adapter":  # next to a fresh, never-initialised adapter of the same shape
+        loaded = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=3, target_modules=["q", "k"], mode=mode))
+        loaded.load_adapter(tmp_path / "ad", adapter_name="loaded", is_trainable=True)
+        assert set(_flags(loaded, "loaded").values()) == {True} and set(_flags(loaded).values()) == {False}
+        loaded.set_adapter("loaded")
+    else:
+        kwargs = {"trainable": {"is_trainable": True}, "low_cpu_mem_usage": {"low_cpu_mem_usage": True}}.get(how, {})
+        loaded = PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path / "ad", **kwargs)
+        assert set(_flags(loaded).values()) == {True}
+    _train_step(loaded, batches[0])  # trains (or at least runs a training forward) without the refusal
+
+
+def test_adapter_saved_before_the_flag_existed_loads_as_initialised(tmp_path):
+    """The flag adds nothing to the saved file: an adapter saved by the previous version has exactly these keys (a
+    new key would break loading them), and loading one restores the flag from its A."""
+    from safetensors.torch import load_file
+
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=3, target_modules=["q", "k"]))
+    initialize_nullspace_lora(model, batches, progress=False)
+    model.save_pretrained(tmp_path / "ad")
+    saved = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert set(saved) == {f"base_model.model.{m}.nullspace_{f}.weight" for m in ("q", "k") for f in ("A", "B")}
+    loaded = PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path / "ad", is_trainable=True)
+    assert set(_flags(loaded).values()) == {True}
+
+
+def test_saved_uninitialised_adapter_still_refuses_to_train(tmp_path):
+    toy = Toy()
+    model = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    model.save_pretrained(tmp_path / "ad")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path / "ad", is_trainable=True)
+    assert _flags(loaded) == {"base_model.model.q": False}
+    with pytest.raises(RuntimeError, match="is not initialised"):
+        _train_step(loaded, torch.randn(2, 8))
+    loaded.eval()
+    with torch.no_grad():
+        loaded(torch.randn(2, 8))  # inference of a zero adapter stays allowed, as before
+
+
+def test_initialised_flag_follows_a_state_dict_loaded_by_hand():
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    toy, batches, _, _ = _planted_toy()
+    cfg = NullSpaceLoraConfig(r=3, target_modules=["q", "k"])
+    model = get_peft_model(copy.deepcopy(toy), cfg)
+    initialize_nullspace_lora(model, batches, progress=False)
+    by_peft = get_peft_model(copy.deepcopy(toy), cfg)
+    set_peft_model_state_dict(by_peft, get_peft_model_state_dict(model))
+    assert set(_flags(by_peft).values()) == {True}
+    by_torch = get_peft_model(copy.deepcopy(toy), cfg)
+    by_torch.load_state_dict(model.state_dict())
+    assert set(_flags(by_torch).values()) == {True}
+    # a state dict with A for one layer only touches that layer; a zero A makes it uninitialised again
+    zero_q = {"base_model.model.q.nullspace_A.default.weight": torch.zeros(3, 8)}
+    model.load_state_dict(zero_q, strict=False)
+    assert _flags(model) == {"base_model.model.q": False, "base_model.model.k": True}
+
+
+def test_training_forward_reads_no_tensor_value_back_to_python():
+    """The check runs in every training forward of every layer: it must not look at the weights (on CUDA each
+    bool(tensor) / .item() is a device sync, under torch.compile a graph break)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    toy, batches, _, _ = _planted_toy()
+    for mode in ("v2", "split"):
+        model = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=3, target_modules=["q", "k"], mode=mode))
+        initialize_nullspace_lora(model, batches, progress=False)
+        model.train()
+        with Calls() as calls:
+            model(batches[0]).pow(2).mean().backward()
+            assert bool(torch.ones(1) > 0)  # the probe does see a value read
+        host_reads = [n for n in calls.names if n in ("__bool__", "item", "tolist", "__float__", "__int__")]
+        assert host_reads == ["__bool__"], (mode, host_reads)
+        assert "amax" not in calls.names and "abs" not in calls.names
+
+
+def test_compiled_training_forward_has_no_graph_break():
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k"]))
+    initialize_nullspace_lora(model, batches, progress=False)
+    model.train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(batches[0])
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    assert explained.graph_count == 1
