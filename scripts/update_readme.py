@@ -59,6 +59,7 @@ def results_printed(filename: str) -> str | None:
 BLOCKS = {
     "tour": tour_block,
     "bnb-cpu": lambda: results_printed("bnb_cpu_paths.json"),
+    "bench-nullspace-step": lambda: results_printed("nullspace_step.json"),
     "directional": lambda: recipe_markdown("directional_lr"),
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
     "bench-calibration": lambda: printed_block("calibration.json"),
