@@ -6,6 +6,7 @@ Importing this package registers its PEFT types with `peft` (idempotently), so `
 
 from .bnb_cpu import disable_bnb_cpu_repack
 from .export import export_to_lora, lora_state_dict
+from .files import save_adapter_atomic
 from .nullspace.config import NullSpaceLoraConfig
 from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
 from .nullspace.layer import NullSpaceLoraLayer
@@ -58,5 +59,6 @@ __all__ = [
     "ortho_alpha",
     "ortho_report",
     "orthosplit",
+    "save_adapter_atomic",
     "set_ortho_alpha",
 ]

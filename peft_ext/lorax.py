@@ -20,13 +20,11 @@ formed, and the result is re-factorised exactly into a plain LoRA that vanilla P
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -37,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import atomic_directory
+from .files import atomic_directory, atomic_file
 from .linalg import top_k_svd
 from .stats import canonical_name
 
@@ -722,20 +720,14 @@ class SvdCache:
         return usv
 
     def _write(self, path: str, usv: tuple[Tensor, Tensor, Tensor], key: str) -> None:
-        tmp = None
         try:
-            os.makedirs(self.dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
-            save_file({"U": usv[0].contiguous(), "S": usv[1].contiguous(), "V": usv[2].contiguous()}, tmp,
-                      metadata={"key": key})
-            os.replace(tmp, path)
+            # atomic_file: fsynced, umask permissions (mkstemp's were owner-only), killed writers' temporaries removed
+            with atomic_file(path, field="cache_dir") as tmp:
+                save_file({"U": usv[0].contiguous(), "S": usv[1].contiguous(), "V": usv[2].contiguous()}, tmp,
+                          metadata={"key": key})
         except OSError as e:  # a read-only cache slows the next run down; it must not fail this one
             warnings.warn(f"could not write the LoRA-X SVD cache in {self.dir!r} ({e}); continuing without it "
                           "(set cache_dir / --cache-dir to a writable directory)", stacklevel=3)
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
 
 
 # ================================================================================================ one layer

@@ -14,14 +14,11 @@ linear warm-up then cosine decay, gradient clipping at 1; seeded (data order and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -30,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data  # noqa: E402
+from peft_ext.files import atomic_directory  # noqa: E402
 
 RECIPE_VERSION = "1"  # bump when the pre-training code changes what it builds
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
@@ -162,18 +160,11 @@ def tiny_llama(cache_dir: str = "runs/cache", spec: TinyLlamaSpec = TinyLlamaSpe
         if ready and not rebuild:
             log(f"tiny Llama: reusing {path}")
         else:
-            os.makedirs(cache_dir, exist_ok=True)
             log(f"tiny Llama: pre-training {spec} on {len(texts)} paragraphs -> {path}")
-            tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tinyllama-")
-            try:
+            # swapped in whole (a rebuild never leaves the cache entry missing or half-written); temporaries of a
+            # killed build are removed by the next one
+            with atomic_directory(path, overwrite=True, field="cache_dir") as tmp:
                 report = pretrain(spec, texts, tmp, progress=progress)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(tmp)
-                raise
             log(f"tiny Llama: {report['params']:,} parameters, loss {report['first_loss']:.2f} -> "
                 f"{report['final_loss']:.2f} on {report['train_tokens']:,} tokens in {report['seconds']} s")
     if distributed:

@@ -40,6 +40,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import peft_ext  # noqa: E402
+from peft_ext.files import atomic_file  # noqa: E402
 from trainer_ext import SpectralTrainer, SpectralTrainingArguments  # noqa: E402
 
 
@@ -188,9 +189,10 @@ def main(argv=None) -> dict:
             results["export_check"] = save_and_export(model, fresh, tok, heldout, args.output_dir)
 
     summary = summarise(results, args)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+    # atomic_file: a run killed while writing leaves the previous results, not a truncated JSON
+    with atomic_file(os.path.join(args.output_dir, "results.json")) as tmp, open(tmp, "w") as f:
         json.dump({"args": vars(args), "machine": machine(), "results": results, "summary": summary}, f, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+    with atomic_file(os.path.join(args.output_dir, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(summary["table"] + "\n\n" + summary["verdict"] + "\n")
     print("\n" + summary["table"] + "\n\n" + summary["verdict"])
     return {"results": results, "summary": summary}
@@ -203,7 +205,7 @@ def save_and_export(model, fresh, tok, texts, out_dir) -> dict:
     with torch.no_grad():
         expected = model(**b).logits
     ours, plain = os.path.join(out_dir, "nullspace_adapter"), os.path.join(out_dir, "nullspace_as_lora")
-    model.save_pretrained(ours)
+    peft_ext.save_adapter_atomic(model, ours)  # a rerun killed while saving keeps the previous adapter loadable
     peft_ext.export_to_lora(model, plain, overwrite=True)
     with torch.no_grad():
         reloaded = PeftModel.from_pretrained(fresh(), ours).eval()(**b).logits
