@@ -352,8 +352,10 @@ def cmd_card(args: argparse.Namespace) -> int:
     if args.out:  # e.g. the folder's own README.md (PEFT's or TRL's card) is replaced only when asked
         _check_output(args.out, args.overwrite, "--out")
     card = render_card(args.adapter_dir, repo_id=args.repo_id, **_card_kwargs(args))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+    if args.out:  # complete or absent: a kill mid-write must not truncate the folder's README.md
+        from .files import atomic_file
+
+        with atomic_file(args.out, field="--out") as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(str(card))
         print(f"wrote the model card to {args.out}")
     else:
