@@ -15,6 +15,12 @@ gated repos, discussions/PR endpoints beyond creating `refs/pr/N` through `creat
 runtime endpoints, redirects/CDN. Unknown routes answer 501 and are recorded in `HubServer.unhandled`; handler
 exceptions answer 400 (never 5xx, which the client would retry with back-off) and are recorded in
 `HubServer.errors`. The `hub_server` fixture fails a test that left either list non-empty.
+
+Faults, for the tests of what a client does when the network or the server misbehaves: `HubServer.inject(action,
+method, path)` makes requests whose method matches and whose URL path matches the regex answer with a 500, stall
+(never answer, until the server stops or `release_stalls()`), stall half-way through the body, send a shortened
+body, or answer late; see `Fault`. Each fault counts its `hits`, so a test can wait until a client is in the middle
+of a download.
 """
 
 from __future__ import annotations
@@ -90,6 +96,37 @@ class Repo:
         return commit
 
 
+FAULT_ACTIONS = ("500", "stall", "stall_body", "short", "delay")
+
+
+@dataclass
+class Fault:
+    """One injected misbehaviour. `action`:
+
+    - "500": answer 500 without doing anything (the client may retry it);
+    - "stall": read nothing, answer nothing, until `release_stalls()`/`stop()` or `seconds` pass, then drop the
+      connection (a server that accepted the connection and hung);
+    - "stall_body": do the request, send the headers and the first half of the body, then stall as above (a
+      download cut in the middle);
+    - "short": do the request, then send only the first half of the body with a matching Content-Length (a truncated
+      file served consistently: only checking the content can tell);
+    - "delay": wait `seconds`, then answer normally (a slow server; makes concurrent requests overlap).
+
+    It hits the first `times` matching requests (all of them when None); `hits` counts them.
+    """
+
+    action: str
+    method: str
+    path: re.Pattern[str]
+    times: int | None = None
+    seconds: float = 30.0
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.method in ("*", method) and self.path.search(path) is not None
+                and (self.times is None or self.hits < self.times))
+
+
 @dataclass
 class HubState:
     """Everything the server stores; guarded by `lock` (ThreadingHTTPServer answers requests concurrently)."""
@@ -102,6 +139,8 @@ class HubState:
     requests: list[tuple[str, str]] = field(default_factory=list)
     unhandled: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)  # set: stalled requests give up
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -405,10 +444,39 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the test output is for assertions
         pass
 
+    def _fault(self, path: str) -> Fault | None:
+        with self.state.lock:
+            for fault in self.state.faults:
+                if fault.matches(self.command, path):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def _stall(self, fault: Fault) -> None:
+        """Hold the connection open without a byte more, then drop it (the client sees a read timeout)."""
+        self.state.release.wait(fault.seconds)
+        self.close_connection = True
+
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
         with self.state.lock:
             self.state.requests.append((self.command, path))
+        fault = self._fault(path)
+        if fault is not None and fault.action == "stall":
+            return self._stall(fault)
+        if fault is not None and fault.action == "delay":
+            self.state.release.wait(fault.seconds)
+        if fault is not None and fault.action == "500":
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"error": "injected server error"}).encode()
+            self.send_response(500)
+            for key, value in {"Content-Type": "application/json", "X-Error-Message": "injected server error",
+                               "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return None
         status, headers, body = 501, {}, b""
         for method, pattern, route in ROUTES:
             match = pattern.match(path)
@@ -429,13 +497,24 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
             status, headers, body = _json({"error": f"not implemented by the test Hub server: {self.command} {path}"}, 501)
+        if fault is not None and fault.action == "short" and self.command != "HEAD":
+            body = body[: len(body) // 2]
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command == "HEAD":
+            return None
+        if fault is not None and fault.action == "stall_body":
+            try:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+            except OSError:  # the client went away (a killed process): nothing to stall for
+                pass
+            return self._stall(fault)
+        self.wfile.write(body)
+        return None
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
@@ -486,7 +565,30 @@ class HubServer:
         self._thread.start()
         return self
 
+    def inject(self, action: str, method: str, path: str, *, times: int | None = None,
+               seconds: float = 30.0) -> Fault:
+        """Make matching requests misbehave (see `Fault`); `path` is a regex searched in the URL path."""
+        if action not in FAULT_ACTIONS:
+            raise ValueError(f"action={action!r}: choose one of {FAULT_ACTIONS}")
+        fault = Fault(action, method.upper(), re.compile(path), times, seconds)
+        with self.state.lock:
+            self.state.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """Forget every injected fault and let stalled requests go."""
+        with self.state.lock:
+            self.state.faults.clear()
+        self.release_stalls()
+
+    def release_stalls(self) -> None:
+        """Let every request stalled so far go; faults injected later stall again."""
+        with self.state.lock:
+            released, self.state.release = self.state.release, threading.Event()
+        released.set()
+
     def stop(self) -> None:
+        self.state.release.set()  # stalled handler threads give up, so shutdown does not wait for them
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -260,8 +261,10 @@ def test_cli_card_and_push(hub_server, tmp_path, capsys):
     assert "tester/cli (exp)" in capsys.readouterr().out
     assert hub_server.history("tester/cli", "exp")[0].title == "from the CLI"
     assert "adapter_config.json" not in hub_server.files("tester/cli", "main")  # the branch got it, not main
-    with pytest.raises(SystemExit, match="peft-ext push: error: .*has no adapter_config.json"):
-        main(["push", str(tmp_path), "tester/cli"])
+    capsys.readouterr()
+    assert main(["push", str(tmp_path), "tester/cli"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"peft-ext: error: .*has no adapter_config.json.*\n", err), err
 
 
 @pytest.mark.skipif(not os.environ.get("HF_TOKEN_REAL_HUB"),
@@ -283,3 +286,416 @@ def test_real_hub_round_trip(tmp_path, monkeypatch):
         assert torch.allclose(_outputs(loaded), _outputs(model), atol=1e-6)
     finally:
         api.delete_repo(repo_id, missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ data safety and faults
+# Issue 13: nothing a user owns is lost, corrupted or leaked by a push or a pull, and every failure is one clear line.
+
+
+def _raw_repo(repo_id: str, files: dict[str, bytes]) -> str:
+    """A repo holding exactly `files`, committed with the plain client (no peft-ext validation); its head sha."""
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    return api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=p, path_or_fileobj=d) for p, d in files.items()],
+                             commit_message="raw").oid
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every non-hidden file under `folder` (relative POSIX name -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Hidden siblings a complete-or-absent write of `folder` may leave behind (its temp folders)."""
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def _resolve_gets(server) -> list[str]:
+    return [path for method, path in server.requests if method == "GET" and "/resolve/" in path]
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """Idempotent requests are still retried, with waits short enough for a test."""
+    import peft_ext.hub as hub
+
+    monkeypatch.setattr(hub, "RETRY_WAITS", (0.05, 0.05))
+
+
+def test_push_never_follows_a_link_out_of_the_folder(hub_server, tmp_path):
+    _, folder, _ = _nullspace(tmp_path)
+    outside = tmp_path / "home"
+    outside.mkdir()
+    (outside / "token").write_text("hf_secret_token_of_the_user")
+    (outside / "dir").mkdir()
+    (outside / "dir" / "x.json").write_text("{}")
+
+    leak = tmp_path / "leak"
+    shutil.copytree(folder, leak)
+    (leak / "notes.txt").symlink_to(outside / "token")
+    with pytest.raises(ValueError, match=r"'notes.txt' is a link to .*outside the folder.*copy the file in"):
+        push_adapter(leak, "tester/leak", base_model=BASE)
+    (leak / "notes.txt").unlink()
+    (leak / "extra").symlink_to(outside / "dir")
+    with pytest.raises(ValueError, match=r"'extra' is a link to a directory"):
+        push_adapter(leak, "tester/leak", base_model=BASE)
+    (leak / "extra").unlink()
+    (leak / "sub").mkdir()
+    (leak / "sub" / "weights.safetensors").symlink_to(folder / "adapter_model.safetensors")  # another folder
+    with pytest.raises(ValueError, match=r"'sub/weights.safetensors' is a link"):
+        push_adapter(leak, "tester/leak", base_model=BASE)
+    shutil.rmtree(leak / "sub")
+    (leak / "broken.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(ValueError, match=r"'broken.json' is a link to .*which does not exist"):
+        push_adapter(leak, "tester/leak", base_model=BASE)
+    (leak / "broken.json").unlink()
+    os.mkfifo(leak / "pipe.json")  # opening it for the upload would block forever
+    with pytest.raises(ValueError, match=r"'pipe.json' is not a regular file"):
+        push_adapter(leak, "tester/leak", base_model=BASE)
+    (leak / "pipe.json").unlink()
+    assert hub_server.requests == []
+
+    (leak / ".env").write_text("HF_TOKEN=hf_secret_token_of_the_user")
+    (leak / "env.json").symlink_to(".env")  # inside the folder, but hidden: not uploaded under another name either
+    with pytest.raises(ValueError, match=r"'env.json' is a link to the hidden '.env'"):
+        push_adapter(leak, "tester/leak", base_model=BASE)
+    (leak / "env.json").unlink()
+    assert hub_server.requests == []
+
+    # a link inside the folder to a file inside it is uploaded with the target's content; hidden entries never are
+    (leak / "config_copy.json").symlink_to("adapter_config.json")
+    (leak / ".token").symlink_to(outside / "token")
+    push_adapter(leak, "tester/leak", base_model=BASE)
+    files = hub_server.files("tester/leak")
+    assert files["config_copy.json"] == (folder / "adapter_config.json").read_bytes()
+    assert not any(b"hf_secret_token_of_the_user" in data for data in files.values())
+    assert ".token" not in files
+
+
+def _truncate_data(path: Path, drop: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-drop])
+
+
+def test_push_validates_the_whole_safetensors_file(hub_server, tmp_path):
+    _, folder, _ = _nullspace(tmp_path)
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    _truncate_data(cut / "adapter_model.safetensors", 7)  # the header is intact, the last tensor is short
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*truncated.*7 bytes short.*save_pretrained"):
+        push_adapter(cut, "tester/cut", base_model=BASE)
+    padded = tmp_path / "padded"
+    shutil.copytree(folder, padded)
+    with open(padded / "adapter_model.safetensors", "ab") as f:
+        f.write(b"\0" * 5)
+    with pytest.raises(ValueError, match=r"5 bytes after the last tensor"):
+        push_adapter(padded, "tester/padded", base_model=BASE)
+    from safetensors.torch import save_file
+
+    lying = tmp_path / "lying"  # a tensor whose offsets do not match its dtype and shape
+    shutil.copytree(folder, lying)
+    save_file({"w": torch.zeros(2, 3)}, str(lying / "adapter_model.safetensors"))
+    raw = (lying / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].replace(b'"shape":[2,3]', b'"shape":[3,3]')
+    (lying / "adapter_model.safetensors").write_bytes(raw[:8] + header + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"tensor 'w' \(F32, shape \[3, 3\]\) needs 36 bytes but its offsets span 24"):
+        push_adapter(lying, "tester/lying", base_model=BASE)
+    extra = tmp_path / "extra"  # every safetensors file of the upload is checked, not only the adapter weights
+    shutil.copytree(folder, extra)
+    (extra / "other").mkdir()
+    shutil.copy(cut / "adapter_model.safetensors", extra / "other" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"other/adapter_model.safetensors.*truncated"):
+        push_adapter(extra, "tester/extra", base_model=BASE)
+    (extra / "other" / "adapter_model.safetensors").unlink()
+    (extra / "other" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"other/adapter_config.json is not valid JSON"):
+        push_adapter(extra, "tester/extra", base_model=BASE)
+    assert hub_server.requests == []
+
+
+def test_push_and_card_arguments_are_checked(hub_server, tmp_path):
+    _, folder, report = _nullspace(tmp_path)
+    for kwargs, pattern in [
+        ({"timeout": 0}, r"timeout=0 .*positive number of seconds"),
+        ({"timeout": float("nan")}, r"timeout=nan"),
+        ({"timeout": None}, r"timeout=None"),
+        ({"timeout": "10"}, r"timeout='10'"),
+        ({"private": "no"}, r"private='no' .*True or False"),
+        ({"create_pr": 1}, r"create_pr=1 .*True or False"),
+        ({"license": "Apache 2.0"}, r"license='Apache 2.0' .*apache-2.0"),
+        ({"extra_tags": "nlp"}, r"extra_tags='nlp' .*list of tag strings"),
+        ({"extra_tags": ["ok", "two\nlines"]}, r"extra_tags\[1\]="),
+        ({"commit_message": ""}, r"commit_message='' "),
+        ({"calibration": 5}, r"calibration=5 .*one line"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=pattern):
+            push_adapter(folder, "tester/args", base_model=BASE, **kwargs)
+    (tmp_path / "bad_report.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad_report.json is not valid JSON .*report.save_json"):
+        render_card(folder, base_model=BASE, report=tmp_path / "bad_report.json")
+    data = report.to_dict()
+    data["layers"][0]["eig_ratio"] = "small"
+    with pytest.raises(ValueError, match=r"layers\[0\]\['eig_ratio'\]='small' .*number"):
+        render_card(folder, base_model=BASE, report=data)
+    data = report.to_dict()
+    data["layers"][1] = "encoder.layer.0"
+    with pytest.raises(ValueError, match=r"layers\[1\] is 'encoder.layer.0', not an object"):
+        render_card(folder, base_model=BASE, report=data)
+    (folder / "adapter_config.json").write_bytes(b'{"peft_type": "\xff"}')
+    with pytest.raises(ValueError, match=r"adapter_config.json is not UTF-8"):
+        render_card(folder, base_model=BASE)
+    assert hub_server.requests == []
+
+
+def test_pull_validates_the_whole_set_before_anything_reaches_local_dir(hub_server, tmp_path):
+    _, folder, _ = _nullspace(tmp_path)
+    push_adapter(folder, "tester/good", base_model=BASE)
+    copy = tmp_path / "copy"
+    pull_adapter("tester/good", local_dir=copy)
+    before = _snapshot(copy)
+    assert before == _snapshot(folder) | {"README.md": hub_server.files("tester/good")["README.md"]}
+
+    config = (folder / "adapter_config.json").read_bytes()
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    bad = {
+        "no-config": ({"README.md": b"# x", "adapter_model.safetensors": weights}, r"has no adapter_config.json"),
+        "no-weights": ({"README.md": b"# x", "adapter_config.json": config}, r"has adapter_config.json but no "
+                       r"adapter_model.safetensors"),
+        "pickle-only": ({"adapter_config.json": config, "adapter_model.bin": b"pickle"},
+                        r"only pickle weights \['adapter_model.bin'\].*never downloads"),
+        "truncated": ({"adapter_config.json": config, "adapter_model.safetensors": weights[:-9]},
+                      r"adapter_model.safetensors.*truncated"),
+        "bad-config": ({"adapter_config.json": b'{"peft_type": "LORA", "layers_pattern": "layers"}',
+                        "adapter_model.safetensors": weights}, r"does not load as LoraConfig: When `layers_pattern`"),
+        "unknown-type": ({"adapter_config.json": b'{"peft_type": "NULLSPACE_FOO"}',
+                          "adapter_model.safetensors": weights}, r"peft_type='NULLSPACE_FOO', which PEFT cannot load"),
+        "bad-json": ({"adapter_config.json": config, "adapter_model.safetensors": weights,
+                      "nullspace_report.json": b"{cut"}, r"nullspace_report.json is not valid JSON"),
+    }
+    for name, (files, pattern) in bad.items():
+        _raw_repo(f"tester/{name}", files)
+        gets = len(_resolve_gets(hub_server))
+        with pytest.raises(ValueError, match=f"tester/{name}.*{pattern}"):
+            pull_adapter(f"tester/{name}", local_dir=copy)
+        assert _snapshot(copy) == before and _leftovers(copy) == [], name
+        with pytest.raises(ValueError, match=pattern):
+            pull_adapter(f"tester/{name}", local_dir=tmp_path / f"new-{name}")
+        assert not (tmp_path / f"new-{name}").exists() and _leftovers(tmp_path / f"new-{name}") == []
+        if name in ("no-config", "no-weights", "pickle-only"):  # refused from the file list: nothing downloaded
+            assert len(_resolve_gets(hub_server)) == gets, name
+
+
+def test_pull_refuses_a_local_dir_it_would_destroy(hub_server, tmp_path):
+    _, folder, _ = _nullspace(tmp_path)
+    push_adapter(folder, "tester/good", base_model=BASE)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("my project")
+    (project / "train.py").write_text("print('hi')")
+    with pytest.raises(ValueError, match=r"local_dir=.*project.* holds \['train.py'\].*new or empty folder"):
+        pull_adapter("tester/good", local_dir=project)
+    (project / "train.py").unlink()
+    with pytest.raises(ValueError, match=r"local_dir=.*project.* is not an adapter copy \(no adapter_config.json\)"):
+        pull_adapter("tester/good", local_dir=project)
+    (project / ".git").mkdir()
+    shutil.copy(folder / "adapter_config.json", project)
+    with pytest.raises(ValueError, match=r"holds \['.git'\]"):
+        pull_adapter("tester/good", local_dir=project)
+    with pytest.raises(ValueError, match=r"local_dir=.*README.md.* is a file"):
+        pull_adapter("tester/good", local_dir=project / "README.md")
+    assert sorted(p.name for p in project.iterdir()) == [".git", "README.md", "adapter_config.json"]
+    assert _resolve_gets(hub_server) == []
+
+    # a symlinked local_dir keeps its link; the folder it points to is what gets replaced
+    real = tmp_path / "real"
+    pull_adapter("tester/good", local_dir=real)
+    (tmp_path / "link").symlink_to(real)
+    assert pull_adapter("tester/good", local_dir=tmp_path / "link") == str(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and _snapshot(tmp_path / "link") == _snapshot(real)
+
+
+def test_pull_faults_leave_the_previous_copy(hub_server, tmp_path, fast_retries):
+    old, folder, _ = _nullspace(tmp_path, "v1", seed=0)
+    push_adapter(folder, "tester/faulty", base_model=BASE)
+    copy = tmp_path / "copy"
+    pull_adapter("tester/faulty", local_dir=copy)
+    before = _snapshot(copy)
+    new, folder2, _ = _nullspace(tmp_path, "v2", seed=5)
+    push_adapter(folder2, "tester/faulty", base_model=BASE)
+    weights = r"/resolve/[0-9a-f]{40}/adapter_model.safetensors$"
+
+    hub_server.inject("500", "GET", weights)
+    with pytest.raises(OSError, match=rf"{hub_server.url} answered 500 to GET .*adapter_model.safetensors \(3 tries\)"
+                                      r".*nothing was written to local_dir"):
+        pull_adapter("tester/faulty", local_dir=copy)
+    assert _snapshot(copy) == before and _leftovers(copy) == []
+    hub_server.clear_faults()
+    hub_server.inject("short", "GET", weights)
+    with pytest.raises(OSError, match=r"downloading adapter_model.safetensors from .* failed: Consistency check "
+                                      r"failed.*nothing was written to local_dir"):
+        pull_adapter("tester/faulty", local_dir=copy)
+    assert _snapshot(copy) == before and _leftovers(copy) == []
+    hub_server.clear_faults()
+    hub_server.inject("stall", "GET", r"^/api/models/tester/faulty$")
+    with pytest.raises(TimeoutError, match=rf"{hub_server.url} did not answer GET /api/models/tester/faulty within "
+                                           r"timeout=0.3 s \(3 tries\).*pass a larger timeout="):
+        pull_adapter("tester/faulty", local_dir=copy, timeout=0.3)
+    assert _snapshot(copy) == before
+
+    hub_server.clear_faults()
+    once = hub_server.inject("500", "GET", weights, times=1)  # a transient 500 is retried
+    pull_adapter("tester/faulty", local_dir=copy)
+    assert once.hits == 1 and _snapshot(copy)["adapter_model.safetensors"] == (
+        folder2 / "adapter_model.safetensors").read_bytes()
+    loaded = PeftModel.from_pretrained(tiny_bert(), copy)
+    assert torch.allclose(_outputs(loaded), _outputs(new), atol=1e-6)
+
+
+def test_pull_killed_mid_download_keeps_the_previous_copy(hub_server, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    old, folder, _ = _nullspace(tmp_path, "v1", seed=0)
+    push_adapter(folder, "tester/killed", base_model=BASE)
+    copy = tmp_path / "copy"
+    pull_adapter("tester/killed", local_dir=copy)
+    before = _snapshot(copy)
+    _, folder2, _ = _nullspace(tmp_path, "v2", seed=5)
+    push_adapter(folder2, "tester/killed", base_model=BASE)
+    # the child gets half of the new weights, then the server holds the connection: it is mid-download when killed
+    fault = hub_server.inject("stall_body", "GET", r"/resolve/[0-9a-f]{40}/adapter_model.safetensors$", seconds=60)
+    code = f"from peft_ext.hub import pull_adapter\npull_adapter('tester/killed', local_dir={str(copy)!r})\n"
+    log = tmp_path / "child.log"  # a file, not a pipe: a full pipe would block the child before the download
+    with open(log, "wb") as out:
+        child = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 120
+        while fault.hits == 0 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fault.hits == 1, f"the child never started the download: {log.read_text()[-2000:]}"
+        time.sleep(0.3)  # let the first half of the body land on disk
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -9
+    assert _snapshot(copy) == before  # the previous copy, byte for byte, in its place
+    loaded = PeftModel.from_pretrained(tiny_bert(), copy)  # loads (peft_ext is imported by this module)
+    assert torch.allclose(_outputs(loaded), _outputs(old), atol=1e-6)
+    hub_server.clear_faults()  # the next pull completes, and removes what the killed one left beside the copy
+    pull_adapter("tester/killed", local_dir=copy)
+    assert _snapshot(copy)["adapter_model.safetensors"] == (folder2 / "adapter_model.safetensors").read_bytes()
+    assert _leftovers(copy) == []
+
+
+def test_push_timeouts_and_retries(hub_server, tmp_path, fast_retries):
+    import time
+
+    _, folder, _ = _nullspace(tmp_path)
+    hub_server.inject("stall", "POST", r"^/api/repos/create$", seconds=5)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        push_adapter(folder, "tester/stalled", base_model=BASE, timeout=0.3)
+    assert time.monotonic() - start < 4  # three tries of 0.3 s, not the 5 s the server holds each one
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{hub_server.url} did not answer POST /api/repos/create within "
+                                                      "timeout=0.3 s (3 tries)")
+    assert "nothing was committed" in message and "pass a larger timeout=" in message
+    assert hub_server.repo_ids() == []
+
+    hub_server.clear_faults()
+    once = hub_server.inject("stall", "POST", r"^/api/repos/create$", times=1)
+    push_adapter(folder, "tester/stalled", base_model=BASE, timeout=0.3)  # the retry gets through
+    assert once.hits == 1 and "adapter_config.json" in hub_server.files("tester/stalled")
+
+    # the commit is not idempotent, so it is not retried; the error says whether anything landed
+    _, folder2, _ = _nullspace(tmp_path, "v2", seed=5)
+    head = hub_server.repo("tester/stalled").refs["main"]
+    hub_server.inject("stall", "POST", r"/commit/main$")
+    with pytest.raises(TimeoutError, match=r"did not answer POST /api/models/tester/stalled/commit/main within "
+                                           r"timeout=0.3 s \(1 try\); nothing was committed \(main is still at"):
+        push_adapter(folder2, "tester/stalled", base_model=BASE, timeout=0.3, commit_message="second")
+    assert hub_server.repo("tester/stalled").refs["main"] == head
+    hub_server.clear_faults()
+    push_adapter(folder2, "tester/stalled", base_model=BASE, commit_message="second")
+    assert hub_server.history("tester/stalled")[0].title == "second"
+
+
+def test_unreachable_server_is_one_line(hub_server, tmp_path, fast_retries, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    _, folder, _ = _nullspace(tmp_path)
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    with pytest.raises(OSError) as info:
+        push_adapter(folder, "tester/nowhere", base_model=BASE)
+    assert re.fullmatch(rf"could not talk to {closed} for POST /api/repos/create \(ConnectError: .*; 3 tries\); "
+                        r"nothing was committed; check the network and HF_ENDPOINT, then try again", str(info.value))
+    with pytest.raises(OSError, match=rf"could not talk to {closed} for GET /api/models/tester/nowhere .*nothing was "
+                                      r"written to local_dir"):
+        pull_adapter("tester/nowhere", local_dir=tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_push_server_errors_and_concurrent_pushes(hub_server, tmp_path, fast_retries):
+    import threading
+
+    _, folder, _ = _nullspace(tmp_path, "a", seed=0)
+    _, folder2, _ = _nullspace(tmp_path, "b", seed=5)
+    push_adapter(folder, "tester/busy", base_model=BASE)
+    head = hub_server.repo("tester/busy").refs["main"]
+    hub_server.inject("500", "POST", r"/commit/main$")
+    with pytest.raises(OSError, match=rf"{hub_server.url} answered 500 to POST .*/commit/main \(1 try\): injected "
+                                      r"server error; nothing was committed"):
+        push_adapter(folder2, "tester/busy", base_model=BASE)
+    assert hub_server.repo("tester/busy").refs["main"] == head
+    hub_server.clear_faults()
+    hub_server.inject("500", "POST", r"/preupload/main$", times=1)  # huggingface_hub retries its preupload itself
+    push_adapter(folder2, "tester/busy", base_model=BASE)
+    assert hub_server.files("tester/busy")["adapter_model.safetensors"] == (
+        folder2 / "adapter_model.safetensors").read_bytes()
+
+    # two pushes that read the same head: one lands, the other is refused whole (never a mix of the two)
+    _, folder3, _ = _nullspace(tmp_path, "c", seed=9)
+    hub_server.clear_faults()
+    # both read the head, then wait in their preupload long enough for the other to read the same head
+    hub_server.inject("delay", "POST", r"/preupload/main$", seconds=1.5)
+    results: dict[str, object] = {}
+
+    def push(name, source):
+        try:
+            results[name] = push_adapter(source, "tester/busy", base_model=BASE, commit_message=name)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            results[name] = e
+
+    threads = [threading.Thread(target=push, args=(n, f)) for n, f in (("a", folder), ("c", folder3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+    assert len(failed) == 1, results
+    (name, error), = failed.items()
+    assert isinstance(error, OSError) and re.search(r"main moved to [0-9a-f]{40} while pushing.*nothing was "
+                                                    r"committed.*push again", str(error)), error
+    winner = folder if name == "c" else folder3
+    assert hub_server.history("tester/busy")[0].title != name
+    files = hub_server.files("tester/busy")
+    assert files["adapter_model.safetensors"] == (winner / "adapter_model.safetensors").read_bytes()
+    assert files["adapter_config.json"] == (winner / "adapter_config.json").read_bytes()
+
+
+def test_a_pulled_cache_snapshot_can_be_pushed_again(hub_server, tmp_path):
+    model, folder, _ = _nullspace(tmp_path)
+    push_adapter(folder, "tester/source", base_model=BASE)
+    snapshot = Path(pull_adapter("tester/source"))  # the hf cache: every file is a link into ../../blobs
+    assert (snapshot / "adapter_model.safetensors").is_symlink()
+    push_adapter(snapshot, "tester/copy", base_model=BASE)
+    loaded = PeftModel.from_pretrained(tiny_bert(), "tester/copy")
+    assert torch.allclose(_outputs(loaded), _outputs(model), atol=1e-6)
