@@ -451,6 +451,32 @@ def test_config_errors_name_field_value_and_fix():
         OrthoSplitConfig()
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("contrastive_lambda", float("inf"), r"contrastive_lambda must be a number >= 0, got contrastive_lambda=inf"),
+        ("contrastive_lambda", "1", r"contrastive_lambda must be a number >= 0, got contrastive_lambda='1' \(str\)"),
+        ("obs_damp", float("nan"), r"obs_damp must be a number > 0, got obs_damp=nan"),
+        ("obs_damp", None, r"obs_damp must be a number > 0, got obs_damp=None"),
+        ("density", float("inf"), r"density must be a number strictly between 0 and 1 .*got density=inf"),
+        ("values_dtype", ["float16"], r"values_dtype must be one of .*got values_dtype=\['float16'\] \(list\)"),
+        ("train_ortho", 1, r"train_ortho must be True or False, got train_ortho=1"),
+        ("seed", "0", r"seed must be an integer, got seed='0' \(str\)"),
+        ("target_modules", 5, r"target_modules must be a list of module names or one regex string, got target_modules=5"),
+        ("modules_to_save", "lm_head", r"modules_to_save must be a list of module names, got "
+                                       r"modules_to_save='lm_head' \(str\); e\.g\. \['lm_head'\]"),
+        ("layers_to_transform", "1", r"layers_to_transform must be a layer index >= 0 or a list of them"),
+        ("inference_mode", "true", r"inference_mode must be True or False, got inference_mode='true' \(str\)"),
+        ("base_model_name_or_path", 1.5, r"base_model_name_or_path must be a string or None"),
+    ],
+)
+def test_every_config_field_is_type_checked_by_name(field, value, message):
+    kwargs = dict(target_modules=["q"])
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=r"OrthoSplitConfig\." + message):
+        OrthoSplitConfig(**kwargs)
+
+
 def test_alpha_must_be_a_real_number():
     model = get_peft_model(Toy(), OrthoSplitConfig(target_modules=["q"]))
     for bad in ("0", None, float("nan"), float("inf"), True, [0.0]):

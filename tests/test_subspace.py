@@ -387,6 +387,30 @@ def test_config_errors_name_field_and_value():
         SubspaceLoraConfig(k=2, target_modules=["q"], train_residual="yes")
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("k", "8", r"k must be a positive integer, got k='8' \(str\)"),
+        ("core", None, r"core must be one of \('full', 'diag'\), got core=None"),
+        ("niter", 4.0, r"niter must be an integer >= 0, got niter=4\.0"),
+        ("seed", None, r"seed must be an integer, got seed=None"),
+        ("target_modules", 5, r"target_modules must be a list of module names or one regex string, got target_modules=5"),
+        ("exclude_modules", [None], r"exclude_modules must be a list .*got exclude_modules=\[None\] \(list\)"),
+        ("modules_to_save", "classifier", r"modules_to_save must be a list of module names, got "
+                                          r"modules_to_save='classifier' \(str\); e\.g\. \['classifier'\]"),
+        ("layers_to_transform", [0.5], r"layers_to_transform must be a layer index >= 0 or a list of them"),
+        ("layers_pattern", ["h", 1], r"layers_pattern must be the name of the layer list"),
+        ("inference_mode", None, r"inference_mode must be True or False, got inference_mode=None"),
+        ("revision", 3, r"revision must be a string or None, got revision=3"),
+    ],
+)
+def test_every_config_field_is_type_checked_by_name(field, value, message):
+    kwargs = dict(k=2, target_modules=["q"])
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=r"SubspaceLoraConfig\." + message):
+        SubspaceLoraConfig(**kwargs)
+
+
 def test_k_larger_than_a_target_is_refused_before_any_change():
     toy = Toy()
     before = state_of(toy)

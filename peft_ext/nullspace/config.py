@@ -5,6 +5,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .._config_fields import check_bool, check_shared_fields, is_real, shown
 from .._tuners import validate_target_fields
 from ..registry import ensure_peft_type
 
@@ -35,7 +36,7 @@ class NullSpaceLoraConfig(PeftConfig):
         metadata={"help": "'v2': A frozen at the null-space basis, B trained from 0; 'v1': both trained; "
                   "'split': adapter starts from W P and the base effectively keeps W - W P (released LoRA-Null)."},
     )
-    nullspace_alpha: float = field(
+    nullspace_alpha: Optional[float] = field(
         default=None,
         metadata={"help": "Scaling numerator: the adapter output is multiplied by nullspace_alpha / r "
                   "(default: nullspace_alpha = r, i.e. scaling 1)."},
@@ -69,23 +70,29 @@ class NullSpaceLoraConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("nullspace_lora")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"NullSpaceLoraConfig.r must be a positive integer, got r={self.r!r}")
+            raise ValueError(f"NullSpaceLoraConfig.r must be a positive integer, got r={shown(self.r)}; e.g. r=16")
         if self.mode not in MODES:
-            raise ValueError(f"NullSpaceLoraConfig.mode must be one of {MODES}, got mode={self.mode!r}")
+            raise ValueError(f"NullSpaceLoraConfig.mode must be one of {MODES}, got mode={shown(self.mode)}")
         if self.nullspace_alpha is None:
             self.nullspace_alpha = float(self.r)
-        if not isinstance(self.nullspace_alpha, (int, float)) or self.nullspace_alpha <= 0:
+        # finite as well as positive: a NaN or inf scaling passes `<= 0` and turns B into NaN a few steps later
+        if not is_real(self.nullspace_alpha) or self.nullspace_alpha <= 0:
             raise ValueError(
-                f"NullSpaceLoraConfig.nullspace_alpha must be a positive number, got {self.nullspace_alpha!r}"
+                f"NullSpaceLoraConfig.nullspace_alpha must be a finite number > 0 (the adapter output is scaled by "
+                f"nullspace_alpha / r), got nullspace_alpha={shown(self.nullspace_alpha)}; leave it unset for "
+                f"nullspace_alpha = r = {self.r}"
             )
-        if not 0.0 <= self.nullspace_dropout < 1.0:
+        if not is_real(self.nullspace_dropout) or not 0.0 <= self.nullspace_dropout < 1.0:
             raise ValueError(
-                f"NullSpaceLoraConfig.nullspace_dropout must be in [0, 1), got {self.nullspace_dropout!r}"
+                f"NullSpaceLoraConfig.nullspace_dropout must be a number in [0, 1), got "
+                f"nullspace_dropout={shown(self.nullspace_dropout)}; e.g. 0.1, or 0.0 for no dropout"
             )
+        check_bool(self, "NullSpaceLoraConfig", "fan_in_fan_out")
         if self.bias not in ("none", "all", "nullspace_only"):
             raise ValueError(
-                f"NullSpaceLoraConfig.bias must be 'none', 'all' or 'nullspace_only', got bias={self.bias!r}"
+                f"NullSpaceLoraConfig.bias must be 'none', 'all' or 'nullspace_only', got bias={shown(self.bias)}"
             )
+        check_shared_fields(self, "NullSpaceLoraConfig")
         validate_target_fields(self, "NullSpaceLoraConfig")
 
     @property

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .._config_fields import check_bool, check_shared_fields, is_real, shown
 from .._tuners import validate_target_fields
 from ..registry import ensure_peft_type
 from .quant import BASE_KINDS
@@ -96,36 +96,32 @@ class OrthoSplitConfig(PeftConfig):
         self.peft_type = ensure_peft_type("ortho_split")
         name = "OrthoSplitConfig"
         if self.base_kind not in BASE_KINDS:
-            raise ValueError(f"{name}.base_kind must be one of {BASE_KINDS}, got base_kind={self.base_kind!r}")
-        if not _is_real(self.density) or not 0 < self.density < 1:
+            raise ValueError(f"{name}.base_kind must be one of {BASE_KINDS}, got base_kind={shown(self.base_kind)}")
+        if not is_real(self.density) or not 0 < self.density < 1:
             raise ValueError(
                 f"{name}.density must be a number strictly between 0 and 1 (the fraction of entries in the ortho "
-                f"stream), got density={self.density!r}; e.g. density=0.01 for 1%"
+                f"stream), got density={shown(self.density)}; e.g. density=0.01 for 1%"
             )
         if self.selector not in SELECTORS:
-            raise ValueError(f"{name}.selector must be one of {SELECTORS}, got selector={self.selector!r}")
-        if not _is_real(self.contrastive_lambda) or self.contrastive_lambda < 0:
+            raise ValueError(f"{name}.selector must be one of {SELECTORS}, got selector={shown(self.selector)}")
+        if not is_real(self.contrastive_lambda) or self.contrastive_lambda < 0:
             raise ValueError(
-                f"{name}.contrastive_lambda must be a number >= 0, got contrastive_lambda={self.contrastive_lambda!r}"
+                f"{name}.contrastive_lambda must be a number >= 0, got contrastive_lambda={shown(self.contrastive_lambda)}"
             )
-        if not _is_real(self.obs_damp) or self.obs_damp <= 0:
-            raise ValueError(f"{name}.obs_damp must be a number > 0, got obs_damp={self.obs_damp!r}; the default is 0.01")
+        if not is_real(self.obs_damp) or self.obs_damp <= 0:
+            raise ValueError(f"{name}.obs_damp must be a number > 0, got obs_damp={shown(self.obs_damp)}; the default is 0.01")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"{name}.layout must be one of {LAYOUTS}, got layout={self.layout!r}")
+            raise ValueError(f"{name}.layout must be one of {LAYOUTS}, got layout={shown(self.layout)}")
         if self.values_dtype not in VALUE_DTYPES:
-            raise ValueError(f"{name}.values_dtype must be one of {VALUE_DTYPES}, got values_dtype={self.values_dtype!r}")
+            raise ValueError(f"{name}.values_dtype must be one of {VALUE_DTYPES}, got values_dtype={shown(self.values_dtype)}")
         for flag in ("train_ortho", "uses_reference"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{name}.{flag} must be True or False, got {flag}={getattr(self, flag)!r}")
+            check_bool(self, name, flag)
         if self.layout == "fused" and self.base_kind in ("bnb_nf4", "bnb_int8"):
             raise ValueError(
                 f"{name}.layout='fused' needs a dense base stream, but base_kind={self.base_kind!r} runs bitsandbytes' "
                 "quantised kernels; use layout='csr'"
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"{name}.seed must be an integer, got seed={self.seed!r}")
+            raise ValueError(f"{name}.seed must be an integer, got seed={shown(self.seed)}; e.g. seed=0")
+        check_shared_fields(self, name)
         validate_target_fields(self, name)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -5,6 +5,7 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .._config_fields import check_bool, check_shared_fields, shown
 from .._tuners import validate_target_fields
 from ..registry import ensure_peft_type
 
@@ -71,22 +72,22 @@ class SubspaceLoraConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = ensure_peft_type("subspace_lora")
         if not _is_int(self.k) or self.k < 1:
-            raise ValueError(f"SubspaceLoraConfig.k must be a positive integer, got k={self.k!r}; use e.g. k=8")
+            raise ValueError(f"SubspaceLoraConfig.k must be a positive integer, got k={shown(self.k)}; use e.g. k=8")
         if self.core not in CORES:
-            raise ValueError(f"SubspaceLoraConfig.core must be one of {CORES}, got core={self.core!r}")
-        if not isinstance(self.train_residual, bool):
-            raise ValueError(
-                f"SubspaceLoraConfig.train_residual must be True or False, got train_residual={self.train_residual!r}"
-            )
+            raise ValueError(f"SubspaceLoraConfig.core must be one of {CORES}, got core={shown(self.core)}")
+        check_bool(self, "SubspaceLoraConfig", "train_residual")
         if not _is_int(self.exact_max_dim) or self.exact_max_dim < 0:
             raise ValueError(
-                f"SubspaceLoraConfig.exact_max_dim must be an integer >= 0, got exact_max_dim={self.exact_max_dim!r}; "
+                f"SubspaceLoraConfig.exact_max_dim must be an integer >= 0, got exact_max_dim={shown(self.exact_max_dim)}; "
                 "use 0 to always use the randomized SVD"
             )
         if not _is_int(self.niter) or self.niter < 0:
-            raise ValueError(f"SubspaceLoraConfig.niter must be an integer >= 0, got niter={self.niter!r}; the default is 4")
+            raise ValueError(
+                f"SubspaceLoraConfig.niter must be an integer >= 0, got niter={shown(self.niter)}; the default is 4"
+            )
         if not _is_int(self.seed):
-            raise ValueError(f"SubspaceLoraConfig.seed must be an integer, got seed={self.seed!r}")
+            raise ValueError(f"SubspaceLoraConfig.seed must be an integer, got seed={shown(self.seed)}; e.g. seed=0")
+        check_shared_fields(self, "SubspaceLoraConfig")
         validate_target_fields(self, "SubspaceLoraConfig")
 
 
