@@ -10,7 +10,10 @@ Used by NullSpaceLoRA (its tail eigenvectors) and later by OrthoSplit (an OBS-st
 * a NaN/Inf input raises an error naming the layer and the batch;
 * under torch.distributed (e.g. `accelerate launch` with several processes) the sums are all-reduced, so N processes
   that each see 1/N of the data give the covariance one process gets from all of it;
-* `save`/`load` use safetensors with JSON metadata.
+* `save`/`load` use safetensors with JSON metadata; `load` checks the whole file (format version, every layer's
+  tensor, dtype, shape, finiteness and token count) and names what is wrong in one line;
+* collected statistics record the model they came from (`model_fingerprint` plus one digest per weight tensor), so
+  `initialize_nullspace_lora` can refuse statistics of another model that happens to have the same shapes.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import re
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -103,9 +107,18 @@ class ActivationStats:
         self.tokens = tokens
         self.aliases = dict(aliases or {})
         self.metadata = dict(metadata or {})
-        for alias, owner in self.aliases.items():
-            if owner not in self.sums:
-                raise ValueError(f"alias {alias!r} points at {owner!r}, which has no statistics")
+        problem = _stats_problem(self.sums, self.tokens, self.aliases)
+        if problem:
+            raise ValueError(f"invalid activation statistics: {problem}; collect them with ActivationStats.collect")
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first layer whose statistics cannot be a sum of x x^T over a token count:
+        a missing or non-integer or negative count, a tensor that is not a finite square float matrix with a
+        non-negative diagonal, an alias without an owner. The constructor and `load` run it; run it again after
+        editing `sums`/`tokens` by hand (`initialize_nullspace_lora` does, before it writes anything)."""
+        problem = _stats_problem(self.sums, self.tokens, self.aliases)
+        if problem:
+            raise ValueError(f"invalid activation statistics: {problem}; recollect them with ActivationStats.collect")
 
     # ---------------------------------------------------------------- reading
     @property
@@ -190,7 +203,11 @@ class ActivationStats:
 
     # ---------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
-        """Write a safetensors file (atomically: a temporary file renamed into place)."""
+        """Write a safetensors file, complete or not at all (`peft_ext.files.atomic_file`: a temporary beside `path`,
+        fsynced and renamed into place, with the permissions a plain `open` would give; temporaries of interrupted
+        writes are removed on failure and by the next write)."""
+        from .files import atomic_file
+
         meta = {**self.metadata, **(metadata or {})}
         tensors = {}
         for n, s in self.sums.items():
@@ -204,34 +221,107 @@ class ActivationStats:
             "metadata": json.dumps(meta, default=str),
         }
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stats-", suffix=".safetensors")
-        os.close(fd)
-        try:
+        _remove_old_temporaries(os.path.dirname(os.path.abspath(path)))
+        with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ActivationStats":
+        """Read a file written by `save`. Everything is checked before the statistics are returned: the format and
+        its version, the header fields, a tensor for every layer, every token count, and each tensor's dtype, shape
+        and values (finite, a non-negative diagonal). A problem raises one ValueError naming the file, the layer or
+        field, the value and the fix."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no activation statistics file at {path!r}")
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != FORMAT:
-                raise ValueError(
-                    f"{path!r} is not a peft_ext activation statistics file (format={header.get('format')!r}); "
-                    "create one with ActivationStats.save"
-                )
-            order = json.loads(header["order"])
-            sums = {n: f.get_tensor(f"sum::{n}") for n in order}
-        tokens = {n: int(c) for n, c in json.loads(header["tokens"]).items()}
-        return cls(sums, tokens, json.loads(header["aliases"]), json.loads(header.get("metadata", "{}")))
+        redo = "recollect the statistics with ActivationStats.collect(...).save(path)"
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != FORMAT:
+                    raise ValueError(
+                        f"{path!r} is not a peft_ext activation statistics file (format={header.get('format')!r}); "
+                        "create one with ActivationStats.save"
+                    )
+                version = header.get("format_version")
+                if version != FORMAT_VERSION:
+                    raise ValueError(
+                        f"{path!r} has format_version={version!r}, but this peft_ext reads format_version "
+                        f"{FORMAT_VERSION!r} only: {redo} with this version of peft_ext (or use the peft_ext that "
+                        "wrote it)"
+                    )
+                fields = {}
+                for key, kind in (("order", list), ("tokens", dict), ("aliases", dict), ("metadata", dict)):
+                    raw = header.get(key, "{}" if key == "metadata" else None)
+                    if raw is None:
+                        raise ValueError(f"{path!r} has no {key!r} field in its header: the file is damaged; {redo}")
+                    try:
+                        fields[key] = json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path!r}: header field {key!r} is not valid JSON ({e.msg}); {redo}") from None
+                    if not isinstance(fields[key], kind):
+                        raise ValueError(f"{path!r}: header field {key!r} holds a {type(fields[key]).__name__}, not "
+                                         f"a JSON {'list' if kind is list else 'object'}; {redo}")
+                order = fields["order"]
+                stored = set(f.keys())
+                sums = {}
+                for n in order:
+                    if not isinstance(n, str) or f"sum::{n}" not in stored:
+                        raise ValueError(f"{path!r} lists layer {n!r} in its header but holds no tensor "
+                                         f"'sum::{n}' for it: the file is damaged or was edited; {redo}")
+                    sums[n] = f.get_tensor(f"sum::{n}")
+        except SafetensorError as e:
+            # safe_open checks the header against the file's size, so a truncated file fails here, before any read
+            raise ValueError(f"{path!r} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                             f"{redo}") from None
+        problem = _stats_problem(sums, fields["tokens"], fields["aliases"])
+        if problem:
+            raise ValueError(f"{path!r}: {problem}; the file is damaged or was edited: {redo}")
+        return cls(sums, {n: c for n, c in fields["tokens"].items()}, fields["aliases"], fields["metadata"])
+
+    def model_check(self, model: nn.Module, ignore_modules: Iterable[str] = ()) -> tuple[bool | None, str]:
+        """Whether these statistics were collected on `model`: `(True, why)`, `(False, what differs)`, or
+        `(None, why it cannot tell)` for statistics that record no fingerprint (built by hand with StatsRecorder,
+        or written by an older peft_ext).
+
+        Compares the config and one digest per weight tensor (see `model_fingerprint`), so the answer can name the
+        tensors that differ. Tensors of modules named in `ignore_modules` (suffixes, matched as PEFT matches
+        `modules_to_save`) are left out: an adapter trains its own copy of those, e.g. a task head initialised per
+        seed, which no adapted layer reads.
+        """
+        stored_tensors = self.metadata.get("model_tensors")
+        stored_config = self.metadata.get("model_config")
+        whole = self.metadata.get("model_fingerprint") or (self.metadata.get("fingerprint") or {}).get("model")
+        if not isinstance(stored_tensors, dict) or not isinstance(stored_config, dict):
+            if not isinstance(whole, str):
+                return None, "the statistics record no model fingerprint (made by hand or by an older peft_ext): not checked"
+            if model_fingerprint(model) == whole:
+                return True, "same config and weights (whole-model fingerprint)"
+            return False, ("the model's config or weights differ (these statistics record one whole-model fingerprint, "
+                           "so the differing tensors cannot be named)")
+        whole_now, tensors, config = _fingerprint_parts(model)
+        if whole_now == whole:
+            return True, "same config and weights"
+        ignore = [m for m in ignore_modules if isinstance(m, str)]
+        skipped = {n for n in set(tensors) | set(stored_tensors) if _in_modules(n, ignore)}
+        differ = sorted(n for n in set(tensors) & set(stored_tensors) - skipped if tensors[n] != stored_tensors[n])
+        missing = sorted(set(stored_tensors) - set(tensors) - skipped)
+        extra = sorted(set(tensors) - set(stored_tensors) - skipped)
+        config_keys = sorted(k for k in set(config) | set(stored_config) if config.get(k) != stored_config.get(k))
+        why = []
+        if config_keys:
+            k = config_keys[0]
+            why.append(f"config differs in {len(config_keys)} key(s), e.g. {k}={stored_config.get(k)!r} in the "
+                       f"statistics' model vs {config.get(k)!r} here")
+        if differ:
+            why.append(f"{len(differ)} of {len(tensors)} weight tensors differ, e.g. {differ[:3]}")
+        if missing or extra:
+            why.append(f"the tensor names differ ({len(missing)} only in the statistics' model, e.g. {missing[:2]}; "
+                       f"{len(extra)} only here, e.g. {extra[:2]})")
+        if not why:
+            aside = sorted(n for n in skipped if tensors.get(n) != stored_tensors.get(n))
+            return True, f"same config and weights except {aside[:4]} in modules_to_save (the adapter's own)"
+        return False, "; ".join(why)
 
     # ---------------------------------------------------------------- collection
     @classmethod
@@ -436,6 +526,67 @@ class StatsRecorder:
         return x.reshape(-1, x.shape[-1])
 
 
+def _stats_problem(sums: Any, tokens: Any, aliases: Any) -> str | None:
+    """The first thing that makes (sums, tokens, aliases) impossible as statistics of x x^T, in words; None if fine.
+
+    Checked before anything reads them: a NaN sum would give a NaN covariance whose eigenvectors look like any
+    others, and a negative count passes every later `== 0` test, so both must stop here, naming the layer.
+    """
+    for what, value in (("sums", sums), ("tokens", tokens), ("aliases", aliases)):
+        if not isinstance(value, Mapping):
+            return f"{what} must be a dict keyed by layer name, got a {type(value).__name__}"
+    for name, s in sums.items():
+        if not isinstance(s, torch.Tensor):
+            return f"the sum for layer {name!r} is a {type(s).__name__}, not a tensor"
+        if s.dtype not in (torch.float32, torch.float64):
+            return f"the sum for layer {name!r} has dtype {s.dtype}; statistics are float32 or float64"
+        if s.dim() != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
+            return f"the sum for layer {name!r} has shape {tuple(s.shape)}, not the (d, d) of a sum of x x^T"
+        if name not in tokens:
+            shown_names = sorted(map(str, tokens))[:4]
+            return (f"the token table has no entry for layer {name!r} (it has {len(tokens)} entries, e.g. "
+                    f"{shown_names})")
+        count = tokens[name]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return f"the token count of layer {name!r} is {count!r}; a count is an integer >= 0"
+        if s.device.type != "meta":
+            bad = int((~torch.isfinite(s)).sum())
+            if bad:
+                return f"the sum for layer {name!r} holds {bad} non-finite (NaN/Inf) value(s) of {s.numel()}"
+            if bool((s.diagonal() < 0).any()):
+                return (f"the sum for layer {name!r} has a negative diagonal entry (a sum of squares), "
+                        f"min {float(s.diagonal().min()):.3g}")
+    for alias, owner in aliases.items():
+        if owner not in sums:
+            return f"alias {alias!r} points at {owner!r}, which has no statistics"
+    return None
+
+
+# mkstemp names of the stats writer before it went through files.atomic_file; they record no pid, so (as files.py
+# does for such names) one is removed only once it is older than any single write could take.
+_OLD_TEMPORARY = re.compile(r"\.stats-[A-Za-z0-9_]{8}\.safetensors")
+
+
+def _remove_old_temporaries(directory: str) -> None:
+    from .files import STALE_AFTER_S
+
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if _OLD_TEMPORARY.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - os.lstat(path).st_mtime > STALE_AFTER_S:
+                        os.unlink(path)
+
+
+def _in_modules(tensor_name: str, modules: Iterable[str]) -> bool:
+    """Whether a tensor (canonical name) lives in a module named, or ending with, one of `modules` (PEFT's rule for
+    modules_to_save), at any depth: 'classifier.dense.weight' is in 'classifier'."""
+    parts = tensor_name.split(".")[:-1]
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(p == m or p.endswith("." + m) for p in prefixes for m in modules)
+
+
 def _collective_device() -> torch.device:
     backend = torch.distributed.get_backend()
     if backend == "nccl":
@@ -472,9 +623,14 @@ def _model_metadata(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None and hasattr(model, "get_base_model"):
         cfg = getattr(model.get_base_model(), "config", None)
+    whole, tensors, config = _fingerprint_parts(model)
     return {
         "model_name_or_path": getattr(cfg, "_name_or_path", "") if cfg is not None else "",
         "model_type": getattr(cfg, "model_type", "") if cfg is not None else "",
+        # what the statistics were collected on, compared by ActivationStats.model_check before they are used
+        "model_fingerprint": whole,
+        "model_tensors": tensors,
+        "model_config": config,
     }
 
 
@@ -492,9 +648,18 @@ def model_fingerprint(model: nn.Module) -> str:
     sample sees it; a change confined to a few unsampled elements would not be seen). Tensors on the meta device
     (weights offloaded by accelerate's `device_map`) are read from accelerate's offload map, so an offloaded model
     fingerprints like the same model in memory; without one they contribute the model's `_name_or_path` and
-    `_commit_hash` instead of values. PEFT adapter weights and `modules_to_save` copies are skipped, so a model
-    fingerprints the same before and after `get_peft_model` (unless its initialisation rewrote base weights, as
-    PiSSA and CorDA do).
+    `_commit_hash` instead of values. PEFT adapter weights and `modules_to_save` copies are skipped, and the
+    original of a `modules_to_save` module counts under its own name, so a model fingerprints the same before and
+    after `get_peft_model` (unless its initialisation rewrote base weights, as PiSSA and CorDA do).
+    """
+    return _fingerprint_parts(model)[0]
+
+
+def _fingerprint_parts(model: nn.Module) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """(`model_fingerprint(model)`, {canonical tensor name: a digest of that tensor alone}, the config as hashed).
+
+    The per-tensor digests and the config (JSON-normalised, as it reads back from a file) let
+    `ActivationStats.model_check` say which tensors or config keys differ, not only that something does.
     """
     import hashlib
 
@@ -511,25 +676,34 @@ def model_fingerprint(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     if cfg is None and hasattr(model, "get_base_model"):
         cfg = getattr(model.get_base_model(), "config", None)
+    config: dict[str, Any] = {}
     if cfg is not None and hasattr(cfg, "to_dict"):  # where the model was loaded from is not part of it
         described = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "_commit_hash")}
-        h.update(json.dumps(described, sort_keys=True, default=str).encode())
+        text = json.dumps(described, sort_keys=True, default=str)
+        h.update(text.encode())
+        config = json.loads(text)
     modules = dict(model.named_modules())
     named = [*model.named_parameters(remove_duplicate=True), *model.named_buffers(remove_duplicate=True)]
-    named = sorted(((canonical_name(n), n, t) for n, t in named if id(t) not in skip and ".modules_to_save." not in n),
-                   key=lambda cnt: cnt[0])
+    # PEFT's ModulesToSaveWrapper keeps the base module as `<name>.original_module`: it is the model's own tensor
+    named = sorted(((canonical_name(n).replace(".original_module.", "."), n, t) for n, t in named
+                    if id(t) not in skip and ".modules_to_save." not in n), key=lambda cnt: cnt[0])
+    tensors: dict[str, str] = {}
     for name, raw_name, t in named:
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        described_tensor = f"{name}|{tuple(t.shape)}|{t.dtype}|".encode()
         if t.device.type == "meta":
             t = _offloaded_value(modules, raw_name)
             if t is None:
-                h.update(f"meta:{getattr(cfg, '_name_or_path', '')}@{getattr(cfg, '_commit_hash', '')}".encode())
+                values = f"meta:{getattr(cfg, '_name_or_path', '')}@{getattr(cfg, '_commit_hash', '')}".encode()
+                h.update(described_tensor + values)
+                tensors[name] = hashlib.sha256(described_tensor + values).hexdigest()[:16]
                 continue
         flat = t.detach().reshape(-1)
         if flat.numel() > CACHE_FULL_HASH_MAX:
             flat = flat[torch.linspace(0, flat.numel() - 1, CACHE_SAMPLE, device=flat.device).long()]
-        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        values = flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        h.update(described_tensor + values)
+        tensors[name] = hashlib.sha256(described_tensor + values).hexdigest()[:16]
+    return h.hexdigest(), tensors, config
 
 
 def _offloaded_value(modules: dict[str, nn.Module], raw_name: str) -> torch.Tensor | None:
@@ -611,9 +785,13 @@ def cached_stats(
     if distributed:
         torch.distributed.broadcast_object_list(decision, src=0)
     hit, reason = decision[0]
+    stats = None
     if hit:
-        stats = ActivationStats.load(path)
-    else:
+        try:
+            stats = ActivationStats.load(path)
+        except ValueError as e:  # a damaged cache is recomputed, not an error: the data to recompute it is here
+            hit, reason = False, f"the cached file is invalid ({e})"
+    if stats is None:
         stats = ActivationStats.collect(model, dataloader, target_modules, dtype=dtype, share_inputs=share_inputs,
                                         max_batches=max_batches, progress=progress)
         if rank == 0:
@@ -630,9 +808,14 @@ def _cache_verdict(path: str, wanted: dict[str, str]) -> tuple[bool, str]:
         return False, "no cached statistics yet"
     try:
         with safe_open(path, framework="pt") as f:
-            stored = json.loads((f.metadata() or {}).get("metadata", "{}")).get("fingerprint") or {}
+            meta = json.loads((f.metadata() or {}).get("metadata", "{}"))
+            stored = meta.get("fingerprint") or {}
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file is simply recomputed
         return False, f"cache file unreadable ({type(e).__name__}: {e})"
+    if not isinstance(meta.get("model_tensors"), dict):
+        # without per-tensor digests initialize_nullspace_lora cannot tell a task head re-initialised per seed (which
+        # it ignores as modules_to_save) from another model, and would refuse the statistics
+        return False, "the cached file was written by an older peft_ext (no per-tensor model fingerprint)"
     why = []
     if stored.get("model") != wanted["model"]:
         why.append("the model's config or weights changed")

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft_ext import ActivationStats, NullSpaceLoraConfig, export_to_lora, initialize_nullspace_lora
+from peft_ext import ActivationStats, NullSpaceLoraConfig, export_to_lora, initialize_nullspace_lora, save_adapter_atomic
 
 from .conftest import (
     Toy,
@@ -67,6 +67,7 @@ def test_heldout_batches_are_kept_out_of_the_statistics():
     report = initialize_nullspace_lora(model, batches, heldout_every=4, progress=False)
     assert report.layers[0].tokens == 300  # 2 of the 8 batches of 50 held out
     assert report.heldout == "every 4th calibration batch"
+    assert report.model_check == "collected on this model by this call"
 
 
 def test_trainability_v2_keeps_A_frozen_through_peft_machinery(tmp_path):
@@ -163,7 +164,7 @@ def test_export_to_lora_loads_in_vanilla_peft_with_identical_outputs(tmp_path, m
         NullSpaceLoraConfig(r=4, target_modules=["query", "value", "dense"], mode=mode, nullspace_alpha=8,
                             modules_to_save=["classifier"], task_type="SEQ_CLS"),
     )
-    initialize_nullspace_lora(model, token_batches(), progress=False)
+    initialize_nullspace_lora(model, token_batches(), progress=False, warn=False)  # the 2-D pooler sees 12 rows < 32
     perturb_trainables(model)
     model.eval()
     batch = token_batches(n_batches=1, seed=5)[0]
@@ -196,7 +197,7 @@ def test_config_errors_name_field_and_value():
         NullSpaceLoraConfig(r=0, target_modules=["q"])
     with pytest.raises(ValueError, match="target_modules is required"):
         NullSpaceLoraConfig(r=2)
-    with pytest.raises(ValueError, match="nullspace_dropout must be in"):
+    with pytest.raises(ValueError, match=r"nullspace_dropout must be a number in \[0, 1\), got nullspace_dropout=1.0"):
         NullSpaceLoraConfig(r=2, target_modules=["q"], nullspace_dropout=1.0)
 
 
@@ -220,8 +221,11 @@ def test_stats_from_another_model_is_an_error_and_nothing_is_written():
     stats = ActivationStats.collect(other, token_batches(), ["query", "key", "value"], progress=False)
     model = get_peft_model(tiny_bert(), NullSpaceLoraConfig(r=2, target_modules=["query"]))
     before = state_of(model)
-    with pytest.raises(ValueError, match=r"input dimension 16, but the layer takes 32: they come from"):
+    with pytest.raises(ValueError, match=r"collected on another model .*config differs in 2 key\(s\), e\.g\. hidden_size=16"):
         initialize_nullspace_lora(model, stats=stats, progress=False)
+    # the override lets another model's statistics through, not statistics that cannot fit the layer
+    with pytest.raises(ValueError, match=r"input dimension 16, but the layer takes 32: they come from"):
+        initialize_nullspace_lora(model, stats=stats, progress=False, allow_other_model=True)
     assert same_state(state_of(model), before)
     with pytest.raises(ValueError, match="either dataloader or stats"):
         initialize_nullspace_lora(model, token_batches(), stats=stats, progress=False)
@@ -371,9 +375,16 @@ def test_adapter_saved_before_the_flag_existed_loads_as_initialised(tmp_path):
 
 
 def test_saved_uninitialised_adapter_still_refuses_to_train(tmp_path):
-    toy = Toy()
+    """save_pretrained now refuses a never-initialised adapter, but files with a zero A exist (saved by earlier
+    versions): one loads as uninitialised and still refuses to train."""
+    from safetensors.torch import load_file, save_file
+
+    toy, batches, _, _ = _planted_toy()
     model = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    initialize_nullspace_lora(model, batches, progress=False)
     model.save_pretrained(tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(weights).items()}, weights)
     loaded = PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path / "ad", is_trainable=True)
     assert _flags(loaded) == {"base_model.model.q": False}
     with pytest.raises(RuntimeError, match="is not initialised"):
@@ -438,3 +449,314 @@ def test_compiled_training_forward_has_no_graph_break():
     explained = torch._dynamo.explain(model)(batches[0])
     assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+# ------------------------------------------------------------------ data safety and bad input (issue 13)
+def _trained(mode="v2"):
+    """An initialised NullSpaceLoRA model on the planted toy whose B has moved (one SGD step), and its batches."""
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k"], mode=mode))
+    initialize_nullspace_lora(model, batches, progress=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _train_step(model, batches[0])
+    opt.step()
+    model.eval()
+    return model, batches
+
+
+@pytest.mark.parametrize("mode", ["v2", "split"])
+def test_initialising_a_trained_adapter_again_is_refused_unless_reinitialize(mode):
+    model, batches = _trained(mode)
+    layer = model.base_model.model.q
+    moved = layer.nullspace_B["default"].weight - (layer.nullspace_B0["default"] if mode == "split" else 0)
+    assert float(moved.detach().norm()) > 0
+    before = state_of(model)
+    update = r"\|\|B - B0\|\|" if mode == "split" else r"\|\|B\|\|"
+    with pytest.raises(ValueError, match=rf"adapter 'default' is already initialised \(2 of 2 layers.*resets B, so its "
+                                         rf"trained update \({update} = [0-9.e-]+ over 2 layer\(s\)\) would be lost\. "
+                                         r"Pass reinitialize=True"):
+        initialize_nullspace_lora(model, batches, progress=False)
+    assert same_state(state_of(model), before)
+    initialize_nullspace_lora(model, batches, progress=False, reinitialize=True)
+    moved = layer.nullspace_B["default"].weight - (layer.nullspace_B0["default"] if mode == "split" else 0)
+    assert float(moved.detach().norm()) == 0
+
+
+def test_initialising_an_untrained_initialised_adapter_names_what_is_replaced():
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]))
+    initialize_nullspace_lora(model, batches, progress=False)
+    with pytest.raises(ValueError, match=r"its current basis in A would be replaced \(B is still at its initial value\)"):
+        initialize_nullspace_lora(model, batches, progress=False)
+
+
+def test_negative_token_count_is_refused_before_anything_is_written(tmp_path):
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q", "k"]))
+    stats = ActivationStats.collect(model, batches, progress=False)
+    before = state_of(model)
+    stats.tokens["q"] = -400  # edited after collection: init re-validates
+    with pytest.raises(ValueError, match=r"the token count of layer 'q' is -400; a count is an integer >= 0"):
+        initialize_nullspace_lora(model, stats=stats, progress=False)
+    assert same_state(state_of(model), before) and set(_flags(model).values()) == {False}
+    with pytest.raises(ValueError, match=r"token count of layer 'q' is -400"):
+        ActivationStats(stats.sums, stats.tokens, stats.aliases)
+
+
+def test_all_zero_inputs_are_refused_before_anything_is_written():
+    model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"inputs of layer 'q' are all zero over 8 tokens.*exclude the layer"):
+        initialize_nullspace_lora(model, [torch.zeros(4, 8), torch.zeros(4, 8)], progress=False)
+    assert same_state(state_of(model), before)
+
+
+@pytest.mark.parametrize("mode", ["v2", "split"])
+def test_a_failure_after_writing_puts_every_layer_back(monkeypatch, mode):
+    """The safety net behind validate-then-write: whatever fails after the first layer is written (a bug, Ctrl-C)
+    restores what the layers held, weights, split buffers and flags."""
+    from peft_ext.nullspace import initialize as init_module
+
+    model, batches = _trained(mode)
+    before, flags = state_of(model), _flags(model)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(init_module, "_verify", boom)
+    with pytest.raises(KeyboardInterrupt):
+        initialize_nullspace_lora(model, batches, progress=False, reinitialize=True)
+    assert same_state(state_of(model), before) and _flags(model) == flags
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 0, -1.0, True, "8"])
+def test_nullspace_alpha_must_be_a_finite_positive_number(value):
+    with pytest.raises(ValueError, match=r"nullspace_alpha must be a finite number > 0 .*got nullspace_alpha="):
+        NullSpaceLoraConfig(r=2, target_modules=["q"], nullspace_alpha=value)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_non_finite_alpha_in_adapter_config_json_is_refused_on_load(tmp_path, value):
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=3, target_modules=["q"]))
+    initialize_nullspace_lora(model, batches, progress=False)
+    model.save_pretrained(tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    text = path.read_text()
+    assert '"nullspace_alpha": 3.0' in text
+    path.write_text(text.replace('"nullspace_alpha": 3.0', f'"nullspace_alpha": {value}'))
+    with pytest.raises(ValueError, match=r"nullspace_alpha must be a finite number > 0 .*got nullspace_alpha=(nan|inf)"):
+        PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path / "ad")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("nullspace_dropout", "0.1", r"nullspace_dropout must be a number in \[0, 1\), got nullspace_dropout='0.1' \(str\); e\.g\. 0\.1"),
+        ("nullspace_dropout", None, r"nullspace_dropout must be a number in \[0, 1\), got nullspace_dropout=None"),
+        ("nullspace_dropout", float("nan"), r"nullspace_dropout must be a number in \[0, 1\), got nullspace_dropout=nan"),
+        ("r", "4", r"r must be a positive integer, got r='4' \(str\)"),
+        ("r", 4.0, r"r must be a positive integer, got r=4\.0"),
+        ("mode", None, r"mode must be one of .*got mode=None"),
+        ("fan_in_fan_out", "false", r"fan_in_fan_out must be True or False, got fan_in_fan_out='false' \(str\)"),
+        ("bias", None, r"bias must be 'none', 'all' or 'nullspace_only', got bias=None"),
+        ("target_modules", 5, r"target_modules must be a list of module names or one regex string, got target_modules=5"),
+        ("target_modules", ["q", 1], r"target_modules must be a list .*got target_modules=\['q', 1\] \(list\)"),
+        ("exclude_modules", {"q": 1}, r"exclude_modules must be a list .*got exclude_modules=\{'q': 1\} \(dict\)"),
+        ("modules_to_save", "classifier", r"modules_to_save must be a list of module names, got "
+                                          r"modules_to_save='classifier' \(str\); e\.g\. \['classifier'\] \(a string"),
+        ("layers_to_transform", "0", r"layers_to_transform must be a layer index >= 0 or a list of them, got "
+                                     r"layers_to_transform='0' \(str\)"),
+        ("layers_to_transform", [0, -1], r"layers_to_transform must be .*got layers_to_transform=\[0, -1\]"),
+        ("layers_pattern", 3, r"layers_pattern must be the name of the layer list .*got layers_pattern=3"),
+        ("inference_mode", "yes", r"inference_mode must be True or False, got inference_mode='yes' \(str\)"),
+        ("base_model_name_or_path", 7, r"base_model_name_or_path must be a string or None, got base_model_name_or_path=7"),
+        ("revision", ["main"], r"revision must be a string or None, got revision=\['main'\] \(list\)"),
+    ],
+)
+def test_every_config_field_is_type_checked_by_name(field, value, message):
+    kwargs = dict(r=2, target_modules=["q"], layers_to_transform=[0], layers_pattern="layers")
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=r"NullSpaceLoraConfig\." + message):
+        NullSpaceLoraConfig(**kwargs)
+
+
+def test_report_flags_non_finite_numbers():
+    from peft_ext.nullspace.initialize import LayerReport
+
+    nan = float("nan")
+    rep = LayerReport(layer="q", in_features=8, r=2, tokens=400, lambda_min=nan, lambda_max=nan, eig_ratio=nan,
+                      tail_energy=nan, heldout_ratio=nan, init_output_ratio=nan)
+    rep.check()
+    kinds = [f.split(":")[0] for f in rep.flags]
+    assert kinds == ["nonfinite", "ratio", "init", "eig"], rep.flags
+    assert "heldout_ratio=nan" in rep.flags[0]
+    ok = LayerReport(layer="q", in_features=8, r=2, tokens=400, lambda_min=0.0, lambda_max=1.0, eig_ratio=0.0,
+                     tail_energy=0.0, heldout_ratio=0.01, init_output_ratio=0.0)
+    ok.check()
+    assert ok.flags == []
+
+
+def test_nan_statistics_are_refused_before_decomposing():
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]))
+    stats = ActivationStats.collect(model, batches, progress=False)
+    before = state_of(model)
+    stats.sums["q"][2, 5] = float("nan")  # edited after collection
+    with pytest.raises(ValueError, match=r"the sum for layer 'q' holds 1 non-finite \(NaN/Inf\) value\(s\) of 64"):
+        initialize_nullspace_lora(model, stats=stats, progress=False)
+    assert same_state(state_of(model), before)
+
+
+def test_fewer_tokens_than_input_dimensions_is_flagged_per_layer():
+    model = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q", "out"]))
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match=r"q: tokens: 1 calibration tokens < 8 input dimensions") as caught:
+        report = initialize_nullspace_lora(model, [torch.randn(1, 8, generator=g)], progress=False)
+    assert caught[0].filename == __file__  # the warning points at the caller, not at torch.no_grad's wrapper
+    by_layer = {lr.layer: lr for lr in report.layers}
+    assert any(f.startswith("tokens: 1 calibration tokens < 8") for f in by_layer["q"].flags)
+    assert any(f.startswith("tokens: 1 calibration tokens < 12") for f in by_layer["out"].flags)
+    assert '"tokens: 1 calibration tokens' in report.to_json() and "2 flagged" in str(report)
+    enough = get_peft_model(Toy(), NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    report = initialize_nullspace_lora(enough, [torch.randn(8, 8, generator=g)], progress=False, warn=False)
+    assert not any(f.startswith("tokens") for f in report.layers[0].flags)
+
+
+def test_saving_or_exporting_a_never_initialised_adapter_is_refused(tmp_path):
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]))
+    call = r"Call peft_ext\.initialize_nullspace_lora\(model, calib_dataloader, adapter_name='default'\)"
+    with pytest.raises(ValueError, match=r"adapter 'default' was never initialised \(1 layer\(s\), e\.g\. 'q'\).*" + call):
+        export_to_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    with pytest.raises(ValueError, match=r"NullSpaceLoRA adapter 'default' was never initialised .*would change "
+                                         r"nothing\. " + call):
+        model.save_pretrained(tmp_path / "ad")
+    assert not (tmp_path / "ad" / "adapter_model.safetensors").exists()  # (PEFT writes its README.md before)
+    with pytest.raises(ValueError, match=r"adapter 'default' was never initialised"):
+        save_adapter_atomic(model, tmp_path / "atomic")
+    assert not [p for p in os.listdir(tmp_path) if "atomic" in p]  # the complete-or-absent save leaves nothing
+    # an initialised adapter saves, and an uninitialised one beside it can be left out by name
+    initialize_nullspace_lora(model, batches, progress=False)
+    model.add_adapter("second", NullSpaceLoraConfig(r=2, target_modules=["q"]))
+    with pytest.raises(ValueError, match=r"adapter 'second' was never initialised.*selected_adapters"):
+        model.save_pretrained(tmp_path / "both")
+    model.save_pretrained(tmp_path / "first", selected_adapters=["default"])
+    assert (tmp_path / "first" / "adapter_model.safetensors").exists()
+
+
+def _seeded_head_classifier(seed):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=48,
+                                                     max_position_embeddings=64, num_labels=2))
+    torch.manual_seed(seed)
+    model.classifier.reset_parameters()  # the head differs by seed, the encoder does not
+    return model.eval()
+
+
+def test_statistics_of_another_model_with_the_same_shapes_are_refused_unless_allowed():
+    stats = ActivationStats.collect(tiny_bert(seed=1), token_batches(), ["query"], progress=False)
+    model = get_peft_model(tiny_bert(seed=0), NullSpaceLoraConfig(r=2, target_modules=["query"]))
+    before = state_of(model)
+    with pytest.raises(ValueError, match=r"collected on another model .*: \d+ of \d+ weight tensors differ, e\.g\. "
+                                         r"\['embeddings\..*pass allow_other_model=True"):
+        initialize_nullspace_lora(model, stats=stats, progress=False, warn=False)
+    assert same_state(state_of(model), before)
+    report = initialize_nullspace_lora(model, stats=stats, progress=False, warn=False, allow_other_model=True)
+    assert report.model_check.startswith("other model, allowed by allow_other_model=True")
+    assert "allow_other_model" in str(report)
+
+
+def test_statistics_of_this_model_pass_the_check_also_through_a_file_and_a_seeded_head(tmp_path):
+    base = _seeded_head_classifier(seed=0)
+    path = tmp_path / "stats.safetensors"
+    ActivationStats.collect(base, token_batches(), ["query", "key"], progress=False).save(path)
+    stats = ActivationStats.load(path)
+    cfg = dict(r=2, target_modules=["query", "key"], task_type="SEQ_CLS")
+    same = get_peft_model(copy.deepcopy(base), NullSpaceLoraConfig(**cfg, modules_to_save=["classifier"]))
+    assert initialize_nullspace_lora(same, stats=stats, progress=False, warn=False).model_check == "same config and weights"
+    # another seed's head is the adapter's own (modules_to_save), and no adapted layer reads it
+    other_head = get_peft_model(_seeded_head_classifier(seed=1), NullSpaceLoraConfig(**cfg, modules_to_save=["classifier"]))
+    report = initialize_nullspace_lora(other_head, stats=stats, progress=False, warn=False)
+    assert report.model_check == ("same config and weights except ['classifier.bias', 'classifier.weight'] in "
+                                  "modules_to_save (the adapter's own)")
+    # ...but not when the head is part of the base model (no task_type: PEFT adds the head for SEQ_CLS)
+    frozen_head = get_peft_model(_seeded_head_classifier(seed=1), NullSpaceLoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"2 of 27 weight tensors differ, e\.g\. \['classifier\.bias', 'classifier\.weight'\]"):
+        initialize_nullspace_lora(frozen_head, stats=stats, progress=False, warn=False)
+
+
+def test_hand_made_statistics_say_they_were_not_checked():
+    from peft_ext import StatsRecorder
+
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(toy, NullSpaceLoraConfig(r=3, target_modules=["q"]))
+    model.eval()  # a training forward of an uninitialised adapter is refused
+    with StatsRecorder(model, ["q"]) as rec:
+        for b in batches:
+            with rec.batch():
+                model(b)
+    report = initialize_nullspace_lora(model, stats=rec.result(), progress=False)
+    assert "record no model fingerprint" in report.model_check and "not checked" in report.model_check
+
+
+# ------------------------------------------------------------------ a saved adapter that does not fit: one line, nothing loaded
+def _saved(tmp_path, mode="v2"):
+    toy, batches, _, _ = _planted_toy()
+    model = get_peft_model(copy.deepcopy(toy), NullSpaceLoraConfig(r=3, target_modules=["q", "k"], mode=mode))
+    initialize_nullspace_lora(model, batches, progress=False)
+    model.save_pretrained(tmp_path / "ad")
+    return toy, tmp_path / "ad"
+
+
+def _edit_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop("base_model.model.k.nullspace_B.weight"),
+         r"has no tensor 'base_model\.model\.k\.nullspace_B\.weight', which adapter_config\.json's target_modules/r/mode "
+         r"call for"),
+        (lambda t: t.update({"base_model.model.q.nullspace_A.weight": torch.ones(3, 8, dtype=torch.int64)}),
+         r"'base_model\.model\.q\.nullspace_A\.weight' has dtype torch\.int64, but NullSpaceLoRA factors are floating point"),
+        (lambda t: t.update({"base_model.model.q.nullspace_A.weight": torch.ones(4, 8)}),
+         r"'base_model\.model\.q\.nullspace_A\.weight' has shape \(4, 8\), but adapter_config\.json on this base model "
+         r"makes it \(3, 8\)"),
+        (lambda t: t["base_model.model.k.nullspace_B.weight"].__setitem__((0, 0), float("nan")),
+         r"'base_model\.model\.k\.nullspace_B\.weight' holds 1 NaN/Inf value\(s\)"),
+        (lambda t: t.update({"base_model.model.out.nullspace_A.weight": torch.ones(3, 12)}),
+         r"holds 'base_model\.model\.out\.nullspace_A\.weight', which no NullSpaceLoRA layer of this model takes"),
+    ],
+    ids=["missing", "dtype", "shape", "nan", "unexpected"],
+)
+def test_a_saved_adapter_that_does_not_fit_is_refused_by_name_before_loading(tmp_path, edit, message):
+    toy, folder = _saved(tmp_path)
+    _edit_weights(folder, edit)
+    with pytest.raises(ValueError, match=r"the saved NullSpaceLoRA adapter 'default' \(adapter_model\.safetensors\).*"
+                                         + message):
+        PeftModel.from_pretrained(copy.deepcopy(toy), folder)
+    # load_adapter next to a trained adapter: that one keeps its weights
+    model, _ = _trained()
+    before = {k: v for k, v in state_of(model).items() if ".default." in k}
+    with pytest.raises(ValueError, match=message):
+        model.load_adapter(folder, adapter_name="other")
+    assert same_state({k: v for k, v in state_of(model).items() if ".default." in k}, before)
+    assert all(not m.is_initialized("other") for m in _layers(model).values() if "other" in m.nullspace_A)
+
+
+def test_split_adapter_buffers_are_checked_too(tmp_path):
+    toy, folder = _saved(tmp_path, mode="split")
+    _edit_weights(folder, lambda t: t.pop("base_model.model.q.nullspace_B0"))
+    with pytest.raises(ValueError, match=r"has no tensor 'base_model\.model\.q\.nullspace_B0'"):
+        PeftModel.from_pretrained(copy.deepcopy(toy), folder)

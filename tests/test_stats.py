@@ -1,4 +1,8 @@
 import json
+import os
+import re
+import stat
+import time
 
 import pytest
 import torch
@@ -143,3 +147,141 @@ def test_collection_restores_each_modules_own_mode():
     modes = {n: m.training for n, m in model.named_modules()}
     ActivationStats.collect(model, token_batches(n_batches=1), ["query"], progress=False)
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+# ------------------------------------------------------------------ a stats file that is wrong: one line, naming it (issue 13)
+def _saved_stats(tmp_path):
+    stats = ActivationStats.collect(Toy(), [torch.randn(6, 8), torch.randn(5, 8)], ["q", "k", "out"], progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    return path
+
+
+def _rewrite(path, edit_tensors=None, **header):
+    """Rewrite a stats file with its tensors passed through `edit_tensors` and header fields replaced (None: dropped)."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    if edit_tensors:
+        edit_tensors(tensors)
+    meta.update(header)
+    save_file(tensors, path, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    "edit, header, message",
+    [
+        (None, {"format_version": "999"},
+         r"has format_version='999', but this peft_ext reads format_version '1' only: recollect"),
+        (None, {"format_version": None}, r"has format_version=None, but this peft_ext reads format_version '1'"),
+        (None, {"tokens": json.dumps({"out": 11})}, r"the token table has no entry for layer 'q' \(it has 1 entries"),
+        (None, {"tokens": json.dumps({"q": -11, "out": 11})}, r"the token count of layer 'q' is -11; a count is an integer >= 0"),
+        (None, {"tokens": json.dumps({"q": 11.5, "out": 11})}, r"the token count of layer 'q' is 11\.5"),
+        (None, {"tokens": "{q: 11"}, r"header field 'tokens' is not valid JSON"),
+        (None, {"order": None}, r"has no 'order' field in its header"),
+        (None, {"aliases": "[]"}, r"header field 'aliases' holds a list, not a JSON object"),
+        (lambda t: t.pop("sum::out"), {}, r"lists layer 'out' in its header but holds no tensor 'sum::out'"),
+        (lambda t: t.update({"sum::q": t["sum::q"].to(torch.int64)}), {},
+         r"the sum for layer 'q' has dtype torch\.int64; statistics are float32 or float64"),
+        (lambda t: t.update({"sum::q": t["sum::q"][:, :6].contiguous()}), {},
+         r"the sum for layer 'q' has shape \(8, 6\), not the \(d, d\) of a sum of x x\^T"),
+        (lambda t: t["sum::out"].__setitem__((1, 2), float("inf")), {},
+         r"the sum for layer 'out' holds 1 non-finite \(NaN/Inf\) value\(s\) of 144"),
+        (lambda t: t["sum::q"].__setitem__((3, 3), -1.0), {}, r"the sum for layer 'q' has a negative diagonal entry"),
+        (None, {"aliases": json.dumps({"k": "nope"})}, r"alias 'k' points at 'nope', which has no statistics"),
+    ],
+    ids=["version", "no-version", "token-missing", "token-negative", "token-float", "tokens-json", "no-order",
+         "aliases-type", "tensor-missing", "dtype", "shape", "inf", "negative-diagonal", "alias"],
+)
+def test_load_names_the_file_and_what_is_wrong(tmp_path, edit, header, message):
+    path = _saved_stats(tmp_path)
+    _rewrite(path, edit, **header)
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + r".*" + message) as err:
+        ActivationStats.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_or_non_safetensors_files_are_named(tmp_path):
+    path = _saved_stats(tmp_path)
+    data = path.read_bytes()
+    for cut in (len(data) - 64, 40, 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=re.escape(repr(str(path))) + r" is not a readable safetensors file .*it "
+                                             r"is truncated or corrupt; recollect"):
+            ActivationStats.load(path)
+
+
+def test_stats_files_get_the_umask_permissions_and_no_temporary_survives(tmp_path):
+    path = _saved_stats(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # mkstemp's 0o600 made them private
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import peft_ext.stats as stats_module
+
+    path = _saved_stats(tmp_path)
+    old = path.read_bytes()
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stats_module, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        ActivationStats.load(path).save(path)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+
+def test_the_next_save_removes_temporaries_of_interrupted_saves(tmp_path):
+    import subprocess
+    import sys
+
+    from peft_ext.files import _HOST
+
+    path = _saved_stats(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited: its temporary is nobody's work in progress
+    killed = tmp_path / f".stats.safetensors.tmp-{dead_pid}-{_HOST}-abcd1234"
+    killed.write_bytes(b"half")
+    old_style = tmp_path / ".stats-k2j4h5g6.safetensors"  # what the writer's mkstemp named them before
+    old_style.write_bytes(b"half")
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(old_style, (day_ago, day_ago))
+    recent_old_style = tmp_path / ".stats-zzzzzzzz.safetensors"  # may be a live older-version writer: kept a day
+    recent_old_style.write_bytes(b"half")
+    ActivationStats.load(path).save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stats-zzzzzzzz.safetensors", "stats.safetensors"]
+
+
+def test_fingerprint_is_the_same_through_a_modules_to_save_wrapper():
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import peft_ext
+    from peft_ext.stats import model_fingerprint
+
+    torch.manual_seed(0)
+    plain = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=48)).eval()
+    before = model_fingerprint(plain)
+    wrapped = get_peft_model(plain, peft_ext.NullSpaceLoraConfig(r=2, target_modules=["query"],
+                                                                 modules_to_save=["classifier"]))
+    assert model_fingerprint(wrapped) == before  # the head's original counts under its own name
+
+
+def test_collected_statistics_record_the_model_and_the_check_names_what_differs():
+    model = tiny_bert()
+    stats = ActivationStats.collect(model, token_batches(n_batches=1), ["query"], progress=False)
+    assert stats.model_check(model) == (True, "same config and weights")
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight[0, 0] += 1.0
+    same, why = stats.model_check(model)
+    assert not same and why == "1 of 41 weight tensors differ, e.g. ['encoder.layer.1.output.dense.weight']"
+    assert stats.model_check(model, ignore_modules=["dense"])[0] is True

@@ -38,6 +38,31 @@ class LayerReport:
     init_output_ratio: float  # sqrt(sum ||dW x||^2 / sum ||x||^2) on held-out tokens, right after init
     flags: list[str] = field(default_factory=list)
 
+    def check(self) -> None:
+        """Append a flag for every threshold this layer misses. Written so that NaN fails them too: `nan > x` is
+        False, so a `>` test would pass a NaN layer as healthy."""
+        values = {k: getattr(self, k) for k in ("lambda_min", "lambda_max", "eig_ratio", "tail_energy",
+                                                  "heldout_ratio", "init_output_ratio")}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            self.flags.append(f"nonfinite: {', '.join(f'{k}={values[k]}' for k in bad)}; the statistics or the "
+                              "adapter hold NaN/Inf: check the calibration data and the model's dtype")
+        if self.tokens < self.in_features:
+            self.flags.append(
+                f"tokens: {self.tokens} calibration tokens < {self.in_features} input dimensions, so the covariance "
+                f"has rank <= {self.tokens} and the 'null space' is arbitrary among directions no token reached; "
+                "calibrate on more tokens than the layer has inputs"
+            )
+        if not self.heldout_ratio <= RATIO_MAX:
+            self.flags.append(f"ratio: ||Ax||/||x|| = {self.heldout_ratio:.3f} > {RATIO_MAX}; reduce r or check the "
+                              "covariance")
+        if not self.init_output_ratio <= INIT_OUTPUT_MAX:
+            self.flags.append(f"init: ||dW x||/||x|| = {self.init_output_ratio:.2e} > {INIT_OUTPUT_MAX}; "
+                              "initialisation bug")
+        if not self.eig_ratio <= EIG_RATIO_MAX:
+            self.flags.append(f"eig: lambda_min/lambda_max = {self.eig_ratio:.3f} > {EIG_RATIO_MAX}; "
+                              "use more or different calibration data")
+
 
 @dataclass
 class NullSpaceReport:
@@ -47,6 +72,7 @@ class NullSpaceReport:
     mode: str
     heldout: str  # where the held-out tokens came from
     layers: list[LayerReport]
+    model_check: str = ""  # whether precomputed statistics were collected on this model (ActivationStats.model_check)
 
     @property
     def warnings(self) -> list[str]:
@@ -54,7 +80,7 @@ class NullSpaceReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"adapter_name": self.adapter_name, "mode": self.mode, "heldout": self.heldout,
-                "layers": [asdict(lr) for lr in self.layers]}
+                "model_check": self.model_check, "layers": [asdict(lr) for lr in self.layers]}
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -72,8 +98,9 @@ class NullSpaceReport:
         ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
         fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-        lines = [f"NullSpaceLoRA adapter {self.adapter_name!r} (mode {self.mode}); held-out tokens: {self.heldout}",
-                 fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        lines = [f"NullSpaceLoRA adapter {self.adapter_name!r} (mode {self.mode}); held-out tokens: {self.heldout}"]
+        lines += [f"statistics vs this model: {self.model_check}"] if self.model_check else []
+        lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
         n_flagged = sum(1 for lr in self.layers if lr.flags)
         lines.append(f"{len(self.layers)} layers, {n_flagged} flagged" + (": see report.warnings" if n_flagged else ""))
         return "\n".join(lines)
@@ -101,6 +128,8 @@ def initialize_nullspace_lora(
     dtype: torch.dtype = torch.float64,
     progress: bool = True,
     warn: bool = True,
+    reinitialize: bool = False,
+    allow_other_model: bool = False,
 ) -> NullSpaceReport:
     """Set each NullSpaceLoRA layer's down projection to the null space of its inputs and verify it.
 
@@ -108,6 +137,11 @@ def initialize_nullspace_lora(
     or from `stats` (e.g. `ActivationStats.load(path)`). Held-out tokens for the verification come from
     `heldout_dataloader`, else every `heldout_every`-th batch of `dataloader` is held out of the statistics; with
     precomputed `stats` and no held-out data the check is in-sample (the report says so).
+
+    Precomputed `stats` must come from this model: their recorded fingerprint is compared with the model's (tensors
+    of the adapter's `modules_to_save` aside), and statistics of another model are refused unless
+    `allow_other_model=True`. An adapter that is already initialised (by an earlier call, or loaded from a file) is
+    refused unless `reinitialize=True`: this writes a new basis into A and resets B, which loses any training.
 
     Everything is validated and computed before any weight is written: on error the model is unchanged.
     """
@@ -120,8 +154,28 @@ def initialize_nullspace_lora(
         raise ValueError("pass a calibration dataloader or stats=ActivationStats.load(path)")
     if stats is not None and dataloader is not None:
         raise ValueError("pass either dataloader or stats, not both")
+    if stats is not None and not isinstance(stats, ActivationStats):
+        raise TypeError(f"stats must be an ActivationStats, got a {type(stats).__name__}; use "
+                        "stats=ActivationStats.load(path) or ActivationStats.collect(model, data)")
     if heldout_every < 2:
         raise ValueError(f"heldout_every must be >= 2 (every k-th batch is held out), got {heldout_every}")
+    if not reinitialize:
+        _refuse_reinitialization(layers, adapter_name)
+
+    model_check = "collected on this model by this call"
+    if stats is not None:
+        stats.validate()  # NaN sums, negative counts, a layer without a count: refused before anything reads them
+        same, model_check = stats.model_check(model, ignore_modules=config.modules_to_save or ())
+        if same is False:
+            if not allow_other_model:
+                source = stats.metadata.get("model_name_or_path") or "an unnamed model"
+                raise ValueError(
+                    f"the statistics were collected on another model ({source}): {model_check}. Their null spaces "
+                    "belong to that model's inputs. Recollect them on this model (ActivationStats.collect(model, "
+                    "data)), or pass allow_other_model=True if you know the difference cannot reach the adapted "
+                    "layers' inputs"
+                )
+            model_check = f"other model, allowed by allow_other_model=True: {model_check}"
 
     names = list(layers)
     heldout_stats = None
@@ -146,7 +200,7 @@ def initialize_nullspace_lora(
             _check_layer_stats(heldout_stats, name, layer, "held-out")
 
     # 2) decompose (once per distinct input: q/k/v share theirs)
-    decomps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    decomps: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     plan = {}
     for name, layer in layers.items():
         owner = stats.owner(name)
@@ -154,49 +208,105 @@ def initialize_nullspace_lora(
         key = (owner, r)
         if key not in decomps:
             decomps[key] = eigh_tail(stats.covariance(name), r, dtype=torch.float64)
+            if not all(bool(torch.isfinite(t).all()) for t in decomps[key]):
+                raise ValueError(f"the eigendecomposition of the input covariance of layer {name!r} is not finite "
+                                 "(values too large for float64?); check the calibration data")
         plan[name] = key
 
-    # 3) write
-    for name, layer in layers.items():
-        layer.set_nullspace_basis(adapter_name, decomps[plan[name]][1])
-
-    # 4) verify on held-out tokens, in closed form from their covariance
-    reports = []
-    for name, layer in layers.items():
-        tail_vals, tail_vecs, all_vals = decomps[plan[name]]
-        check_cov = (heldout_stats or stats).covariance(name)
-        a = layer.nullspace_A[adapter_name].weight
-        delta = layer.get_delta_weight(adapter_name)
-        delta_in_out = delta.T if layer.fan_in_fan_out else delta  # (out, in)
-        lam = all_vals.clamp_min(0)
-        lmax = float(lam[-1])
-        rep = LayerReport(
-            layer=name,
-            in_features=layer.in_features,
-            r=layer.r[adapter_name],
-            tokens=stats.token_count(name),
-            lambda_min=float(lam[0]),
-            lambda_max=lmax,
-            eig_ratio=float(lam[0]) / lmax if lmax > 0 else 0.0,
-            tail_energy=float(tail_vals.clamp_min(0).sum() / lam.sum()) if lam.sum() > 0 else 0.0,
-            heldout_ratio=math.sqrt(max(energy_ratio(a, check_cov), 0.0)),
-            init_output_ratio=math.sqrt(max(energy_ratio(delta_in_out, check_cov), 0.0)),
-        )
-        if rep.heldout_ratio > RATIO_MAX:
-            rep.flags.append(f"ratio: ||Ax||/||x|| = {rep.heldout_ratio:.3f} > {RATIO_MAX}; reduce r or check the covariance")
-        if rep.init_output_ratio > INIT_OUTPUT_MAX:
-            rep.flags.append(f"init: ||dW x||/||x|| = {rep.init_output_ratio:.2e} > {INIT_OUTPUT_MAX}; initialisation bug")
-        if rep.eig_ratio > EIG_RATIO_MAX:
-            rep.flags.append(f"eig: lambda_min/lambda_max = {rep.eig_ratio:.3f} > {EIG_RATIO_MAX}; "
-                             "use more or different calibration data")
-        reports.append(rep)
-    report = NullSpaceReport(adapter_name=adapter_name, mode=config.mode, heldout=heldout_desc, layers=reports)
+    # 3) write; should anything below still fail, the layers get back what they held (complete-or-unchanged)
+    saved = {name: _layer_state(layer, adapter_name) for name, layer in layers.items()}
+    try:
+        for name, layer in layers.items():
+            layer.set_nullspace_basis(adapter_name, decomps[plan[name]][1])
+        reports = [_verify(name, layer, adapter_name, decomps[plan[name]], stats, heldout_stats)
+                   for name, layer in layers.items()]
+    except BaseException:
+        for name, layer in layers.items():
+            _restore_layer_state(layer, adapter_name, saved[name])
+        raise
+    report = NullSpaceReport(adapter_name=adapter_name, mode=config.mode, heldout=heldout_desc, layers=reports,
+                             model_check=model_check)
     if warn and report.warnings:
         shown = report.warnings[:5]
         more = len(report.warnings) - len(shown)
         warnings.warn("NullSpaceLoRA verification flagged layers:\n  " + "\n  ".join(shown)
-                      + (f"\n  ... and {more} more (report.warnings)" if more > 0 else ""), stacklevel=2)
+                      + (f"\n  ... and {more} more (report.warnings)" if more > 0 else ""),
+                      stacklevel=3)  # 3: torch.no_grad's wrapper is a frame between this function and its caller
     return report
+
+
+def _verify(name: str, layer: NullSpaceLoraLayer, adapter_name: str,
+            decomp: tuple[torch.Tensor, torch.Tensor, torch.Tensor], stats: ActivationStats,
+            heldout_stats: ActivationStats | None) -> LayerReport:
+    """The layer's report, checked on held-out tokens in closed form from their covariance."""
+    tail_vals, _, all_vals = decomp
+    check_cov = (heldout_stats or stats).covariance(name)
+    a = layer.nullspace_A[adapter_name].weight
+    delta = layer.get_delta_weight(adapter_name)
+    delta_in_out = delta.T if layer.fan_in_fan_out else delta  # (out, in)
+    lam = all_vals.clamp_min(0)
+    lmax = float(lam[-1])
+    rep = LayerReport(
+        layer=name,
+        in_features=layer.in_features,
+        r=layer.r[adapter_name],
+        tokens=stats.token_count(name),
+        lambda_min=float(lam[0]),
+        lambda_max=lmax,
+        eig_ratio=float(lam[0]) / lmax if lmax > 0 else 0.0,
+        tail_energy=float(tail_vals.clamp_min(0).sum() / lam.sum()) if lam.sum() > 0 else 0.0,
+        heldout_ratio=math.sqrt(max(energy_ratio(a, check_cov), 0.0)),
+        init_output_ratio=math.sqrt(max(energy_ratio(delta_in_out, check_cov), 0.0)),
+    )
+    rep.check()
+    return rep
+
+
+def _refuse_reinitialization(layers: dict[str, NullSpaceLoraLayer], adapter_name: str) -> None:
+    done = [name for name, layer in layers.items() if layer.is_initialized(adapter_name)]
+    if not done:
+        return
+    mode = next(iter(layers.values())).mode[adapter_name]
+    # what training has put into B: B itself from B = 0 (v1, v2), B - B0 from B = B0 (split)
+    moved = 0.0
+    for name in done:
+        layer = layers[name]
+        b = layer.nullspace_B[adapter_name].weight.detach().double()
+        if mode == "split":
+            b = b - layer.nullspace_B0[adapter_name].to(b)
+        moved += float(b.pow(2).sum())
+    update = "||B - B0||" if mode == "split" else "||B||"
+    lost = (f"its trained update ({update} = {math.sqrt(moved):.3g} over {len(done)} layer(s)"
+            + (", and the trained A of mode v1" if mode == "v1" else "") + ") would be lost"
+            if moved > 0 else "its current basis in A would be replaced (B is still at its initial value)")
+    raise ValueError(
+        f"NullSpaceLoRA adapter {adapter_name!r} is already initialised ({len(done)} of {len(layers)} layers, e.g. "
+        f"{done[0]!r}): initialising again writes a new null-space basis into A and resets B, so {lost}. Pass "
+        "reinitialize=True to start it over, or add a fresh adapter (model.add_adapter(name, config)) and "
+        "initialise that one"
+    )
+
+
+def _layer_state(layer: NullSpaceLoraLayer, adapter_name: str) -> dict[str, Any]:
+    """What `set_nullspace_basis` changes on one layer, copied, so a failed call can put it back."""
+    state: dict[str, Any] = {
+        "A": layer.nullspace_A[adapter_name].weight.detach().clone(),
+        "B": layer.nullspace_B[adapter_name].weight.detach().clone(),
+        "initialized": layer.nullspace_initialized.get(adapter_name, False),
+    }
+    for key, buffers in (("A0", layer.nullspace_A0), ("B0", layer.nullspace_B0)):
+        if adapter_name in buffers:
+            state[key] = buffers[adapter_name]  # set_nullspace_basis assigns new tensors: keep the old ones
+    return state
+
+
+def _restore_layer_state(layer: NullSpaceLoraLayer, adapter_name: str, state: dict[str, Any]) -> None:
+    layer.nullspace_A[adapter_name].weight.copy_(state["A"])
+    layer.nullspace_B[adapter_name].weight.copy_(state["B"])
+    layer.nullspace_initialized[adapter_name] = state["initialized"]
+    for key, buffers in (("A0", layer.nullspace_A0), ("B0", layer.nullspace_B0)):
+        if key in state:
+            buffers[adapter_name] = state[key]
 
 
 def _check_layer_stats(stats: ActivationStats, name: str, layer: NullSpaceLoraLayer, what: str) -> None:
@@ -212,6 +322,12 @@ def _check_layer_stats(stats: ActivationStats, name: str, layer: NullSpaceLoraLa
         raise ValueError(
             f"{what} statistics for layer {name!r} have input dimension {stats.dim(name)}, but the layer takes "
             f"{layer.in_features}: they come from {source}, not this model. Recollect them on this model."
+        )
+    # all-zero inputs leave nothing to compare against: the verification would divide by a zero trace after writing
+    if not float(torch.trace(stats.sums[stats.owner(name)])) > 0:
+        raise ValueError(
+            f"{what} inputs of layer {name!r} are all zero over {stats.token_count(name)} tokens, so every direction "
+            "is 'null' and none is preferred; exclude the layer (exclude_modules) or use data that reaches it"
         )
 
 

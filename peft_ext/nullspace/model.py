@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
@@ -79,3 +80,82 @@ class NullSpaceLoraModel(CheckTargetsFirst, BaseTuner):
             name=current_key,
         )
         install_layer(self, parent, target_name, new_module, target, adapter_name)
+
+    # ------------------------------------------------------------------ saving and loading (PEFT's tuner hooks)
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # get_peft_model_state_dict calls this for save_pretrained (and export_to_lora, Trainer checkpoints): a
+        # never-initialised adapter has A = 0, so its file would be an adapter that does nothing, saved without a word.
+        pending = [name for name, m in model.named_modules()
+                   if isinstance(m, NullSpaceLoraLayer) and adapter_name in m.nullspace_A
+                   and not m.is_initialized(adapter_name)]
+        if pending:
+            raise ValueError(
+                f"NullSpaceLoRA adapter {adapter_name!r} was never initialised ({len(pending)} layer(s), e.g. "
+                f"{pending[0]!r}): its A is zero, so the saved adapter would change nothing. Call "
+                f"peft_ext.initialize_nullspace_lora(model, calib_dataloader, adapter_name={adapter_name!r}) (or with "
+                "stats=ActivationStats.load(path)) first; to save only other adapters, pass selected_adapters=[...]"
+            )
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # set_peft_model_state_dict calls this (PeftModel.from_pretrained, load_adapter) before load_state_dict, so a
+        # saved adapter that does not fit is refused here, naming the tensor, before any layer is written. Torch would
+        # otherwise cast integer tensors silently, load NaN, warn about missing keys, or raise a multi-line size
+        # mismatch.
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        _check_saved_adapter(cls, model, adapter_name, remapped)
+        return remapped
+
+
+def _check_saved_adapter(tuner_cls, model: nn.Module, adapter_name: str, loaded: dict) -> None:
+    """Refuse, in one line naming the tensor, a loaded state dict that lacks a factor of some layer, holds one no layer
+    takes, or holds one of the wrong dtype, shape or with NaN/Inf values."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for module_name, m in model.named_modules():
+        if not (isinstance(m, NullSpaceLoraLayer) and adapter_name in m.nullspace_A):
+            continue
+        module_name = module_name.removeprefix("_fsdp_wrapped_module.")  # as PEFT's remapped keys name it under FSDP
+        prefix = f"{module_name}." if module_name else ""
+        expected[f"{prefix}nullspace_A.{adapter_name}.weight"] = tuple(m.nullspace_A[adapter_name].weight.shape)
+        expected[f"{prefix}nullspace_B.{adapter_name}.weight"] = tuple(m.nullspace_B[adapter_name].weight.shape)
+        for buffers, attr in ((m.nullspace_A0, "nullspace_A0"), (m.nullspace_B0, "nullspace_B0")):
+            if adapter_name in buffers:  # split mode
+                expected[f"{prefix}{attr}.{adapter_name}"] = tuple(buffers[adapter_name].shape)
+    if not expected:
+        return
+    shown = lambda key: tuner_cls._remove_adapter_name_from_key(key, adapter_name)  # noqa: E731 - the file's key
+    where = f"the saved NullSpaceLoRA adapter {adapter_name!r} (adapter_model.safetensors)"
+    redo = "save the adapter again from the model it was trained on, with the adapter_config.json it was saved with"
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        raise ValueError(
+            f"{where} has no tensor {shown(missing[0])!r}" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ", which adapter_config.json's target_modules/r/mode call for on this base model: the weights file is "
+            f"incomplete or belongs to another adapter or base model; {redo}"
+        )
+    # the checkpoint holds one adapter; a key of it that no layer took was passed through unmapped (no adapter name)
+    unexpected = sorted(k for k in loaded if ".nullspace_" in k and k not in expected)
+    if unexpected:
+        raise ValueError(
+            f"{where} holds {shown(unexpected[0])!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + ", which no NullSpaceLoRA layer of this model takes: adapter_config.json's target_modules or mode differ "
+            f"from the weights', or the base model differs; {redo}"
+        )
+    for key, shape in expected.items():
+        value = loaded[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{where}: {shown(key)!r} has dtype {kind}, but NullSpaceLoRA factors are floating point: "
+                             f"the weights file is damaged or not this adapter's; {redo}")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{where}: {shown(key)!r} has shape {tuple(value.shape)}, but adapter_config.json on this base model "
+                f"makes it {shape}: the weights and the config (r, mode) come from different adapters, or the base "
+                f"model differs; {redo}"
+            )
+        if value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{where}: {shown(key)!r} holds {bad} NaN/Inf value(s): training diverged or the file is "
+                             "damaged; load an earlier checkpoint")
