@@ -56,9 +56,18 @@ def results_printed(filename: str) -> str | None:
     return "```\n" + json.loads(path.read_text())["printed"].rstrip() + "\n```"
 
 
+def results_markdown(filename: str) -> str | None:
+    """The tables a recipe wrote into the results JSON committed under results/ (its "markdown" field)."""
+    path = ROOT / "results" / filename
+    if not path.exists():
+        return None
+    return re.sub(r"^(#{1,5}) ", r"#\1 ", json.loads(path.read_text())["markdown"].rstrip(), flags=re.M)
+
+
 BLOCKS = {
     "tour": tour_block,
     "bnb-cpu": lambda: results_printed("bnb_cpu_paths.json"),
+    "nullspace-llm": lambda: results_markdown("nullspace_llm.json"),
     "bench-nullspace-step": lambda: results_printed("nullspace_step.json"),
     "directional": lambda: recipe_markdown("directional_lr"),
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
