@@ -6,11 +6,13 @@
   branches, amplification of the update inside stable subspaces (with a bulk-only control).
 * `prepare_extraction` / `WarmupExtractionCallback`: E4 warm-up extraction, W = R + U C V^T after N steps with C
   in a high-LR group from the start and R kept out of the subspace.
+* `ForgettingCallback`: cross-entropy on held-out reference text and KL to the base model, logged while training.
 * `SpectralTrainer` / `SpectralTrainingArguments`: both wired from arguments (and command-line flags).
 """
 
 from .args import SpectralTrainingArguments
 from .callbacks import SpectralMonitorCallback
+from .forgetting import ForgettingCallback
 from .extraction import EXTRACTION_MAGNITUDE_PATTERNS, ExtractableLinear, WarmupExtractionCallback, prepare_extraction
 from .optim import DirectionalOptimizer, create_directional_optimizer
 from .trainer import SpectralTrainer
@@ -19,6 +21,7 @@ __all__ = [
     "EXTRACTION_MAGNITUDE_PATTERNS",
     "DirectionalOptimizer",
     "ExtractableLinear",
+    "ForgettingCallback",
     "WarmupExtractionCallback",
     "prepare_extraction",
     "SpectralMonitorCallback",

@@ -65,6 +65,45 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+CONSOLE_CALLBACKS = (ProgressCallback, PrinterCallback)
+
+
+def emit_log(callback: TrainerCallback, args, state, control, values: dict[str, float],
+             console_callbacks: tuple = CONSOLE_CALLBACKS):
+    """Record `values` as the Trainer's `log` would (a `log_history` entry, then every other callback's `on_log`),
+    except that `control.should_log` is left alone and the console printers are skipped. `callback.trainer` (set by
+    its `attach`) gives the callback handler; unbound, only `log_history` gets the entry.
+
+    Calling `trainer.log` from a callback was the bug this avoids: the callback handler's `on_log` resets `should_log`,
+    which DefaultFlowCallback had just set for this step, so the Trainer skipped its own loss/grad_norm/learning_rate
+    log whenever our values fell on a logging step. Going around `trainer.log` also keeps trainers that override it
+    (TRL's fold their averaged metrics into whatever is logged and reset them) from spending their metrics on our
+    entry. A separate entry at the same step, rather than merging into the Trainer's dict, works whether or not the
+    Trainer logs at this step, and needs no override of `log`."""
+    logs = dict(values)
+    if state.epoch is not None:
+        logs["epoch"] = state.epoch
+    state.log_history.append({**logs, "step": state.global_step})
+    trainer = getattr(callback, "trainer", None)
+    if trainer is None:
+        return control
+    handler = trainer.callback_handler
+    should_log = control.should_log
+    for other in handler.callbacks:
+        if other is callback or isinstance(other, console_callbacks):
+            continue
+        # the same arguments as CallbackHandler.call_event passes, so integrations see what they expect
+        result = other.on_log(
+            args, state, control, logs=logs, model=handler.model, processing_class=handler.processing_class,
+            optimizer=handler.optimizer, lr_scheduler=handler.lr_scheduler,
+            train_dataloader=handler.train_dataloader, eval_dataloader=handler.eval_dataloader,
+        )
+        if result is not None:
+            control = result
+    control.should_log = should_log  # a callback's on_log may reset it, as the handler does; the Trainer's log is due
+    return control
+
+
 class SpectralMonitorCallback(TrainerCallback):
     """Log spectral metrics of chosen matrices every `every` optimizer updates (see the module docstring).
 
@@ -228,36 +267,7 @@ class SpectralMonitorCallback(TrainerCallback):
         return control
 
     def _emit(self, args, state, control, values: dict[str, float]):
-        """Record `values` as the Trainer's `log` would (a `log_history` entry, then every callback's `on_log`), except
-        that `control.should_log` is left alone and the console printers are skipped (see `_print`).
-
-        Calling `trainer.log` here was the bug this avoids: the callback handler's `on_log` resets `should_log`, which
-        DefaultFlowCallback had just set for this step, so the Trainer skipped its own loss/grad_norm/learning_rate
-        log whenever a check fell on a logging step (always, with spec_every dividing logging_steps). Going around
-        `trainer.log` also keeps trainers that override it (TRL's fold their averaged metrics into whatever is logged
-        and reset them) from spending their metrics on our entry. A separate entry at the same step, rather than merging
-        into the Trainer's dict, works whether or not the Trainer logs at this step, and needs no override of `log`."""
-        logs = dict(values)
-        if state.epoch is not None:
-            logs["epoch"] = state.epoch
-        state.log_history.append({**logs, "step": state.global_step})
-        if self.trainer is None:
-            return control
-        handler = self.trainer.callback_handler
-        should_log = control.should_log
-        for callback in handler.callbacks:
-            if callback is self or isinstance(callback, self.console_callbacks):
-                continue
-            # the same arguments as CallbackHandler.call_event passes, so integrations see what they expect
-            result = callback.on_log(
-                args, state, control, logs=logs, model=handler.model, processing_class=handler.processing_class,
-                optimizer=handler.optimizer, lr_scheduler=handler.lr_scheduler,
-                train_dataloader=handler.train_dataloader, eval_dataloader=handler.eval_dataloader,
-            )
-            if result is not None:
-                control = result
-        control.should_log = should_log  # a callback's on_log may reset it, as the handler does; the Trainer's log is due
-        return control
+        return emit_log(self, args, state, control, values, self.console_callbacks)
 
     def _summary(self, step: int, values: dict[str, float], skipped: dict[str, str]) -> str:
         """One console line per check; the full set goes to the trackers, log_history and spectral.json/csv."""
