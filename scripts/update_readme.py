@@ -69,6 +69,7 @@ BLOCKS = {
     "bnb-cpu": lambda: results_printed("bnb_cpu_paths.json"),
     "nullspace-llm": lambda: results_markdown("nullspace_llm.json"),
     "bench-nullspace-step": lambda: results_printed("nullspace_step.json"),
+    "bench-forgetting": lambda: results_printed("forgetting_overhead.json"),
     "directional": lambda: recipe_markdown("directional_lr"),
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
     "bench-calibration": lambda: printed_block("calibration.json"),

@@ -104,3 +104,16 @@ def test_nullspace_step_benchmark_runs(tmp_path, request, model):
     # the training forward of an initialised NullSpaceLoRA reads no tensor value back to Python (a CUDA sync each)
     assert res["host_reads_per_forward"]["nullspace"] == res["host_reads_per_forward"]["lora"]
     assert res["syncs_per_step"]["nullspace"] is None  # counted on CUDA only
+
+
+def test_forgetting_overhead_benchmark_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "forgetting_overhead.py"), "--model", "llama-tiny", "--rounds", "1",
+         "--steps-per-round", "1", "--ref-texts", "2", "--ref-len", "32", "--batch-size", "2", "--seq-len", "16",
+         "--json", str(tmp_path / "f.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "overhead at every=100" in out.stdout and out.stdout.startswith("machine:")
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["median_s"]["step"] > 0 and res["median_s"]["cache"] > 0 and res["median_s"]["disable_adapter"] > 0
