@@ -43,6 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
+from peft_ext.files import atomic_file
+
 from .spectral import SubspaceTracker, chance_energy, projection_energy
 from .targets import Target, find_targets
 
@@ -326,9 +328,12 @@ class SpectralMonitorCallback(TrainerCallback):
                     tensors[f"{name}::{key}"] = value.contiguous().cpu()
                 else:
                     meta[f"{name}::{key}"] = json.dumps(value)
-        save_file(tensors, os.path.join(folder, STATE_FILE.format(rank=rank)), metadata=meta)
+        # complete-or-absent: transformers has already written trainer_state.json, so a kill here would otherwise
+        # leave a checkpoint counted as complete with a half-written monitor state
+        with atomic_file(os.path.join(folder, STATE_FILE.format(rank=rank)), field="checkpoint") as tmp:
+            save_file(tensors, tmp, metadata=meta)
         if rank == 0:
-            with open(os.path.join(folder, "spectral_records.json"), "w") as f:
+            with atomic_file(os.path.join(folder, "spectral_records.json"), field="checkpoint") as tmp, open(tmp, "w") as f:
                 json.dump(self.records, f)
 
     def _restore(self, args, state) -> None:
@@ -367,10 +372,10 @@ class SpectralMonitorCallback(TrainerCallback):
 
 def write_records(records: list[dict[str, float]], out_dir: str) -> None:
     """All logged values as spectral.json and spectral.csv (one row per check, one column per metric)."""
-    with open(os.path.join(out_dir, "spectral.json"), "w") as f:
+    with atomic_file(os.path.join(out_dir, "spectral.json"), field="output_dir") as tmp, open(tmp, "w") as f:
         json.dump(records, f, indent=1)
     columns = ["step"] + sorted({k for r in records for k in r if k != "step"})
-    with open(os.path.join(out_dir, "spectral.csv"), "w", newline="") as f:
+    with atomic_file(os.path.join(out_dir, "spectral.csv"), field="output_dir") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)

@@ -86,7 +86,10 @@ class NullSpaceReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save_json(self, path: str) -> None:
-        with open(path, "w") as f:
+        """Write `to_json()` to `path`, complete or absent (a kill mid-write leaves the previous file)."""
+        from ..files import atomic_file
+
+        with atomic_file(path, field="path") as tmp, open(tmp, "w") as f:
             f.write(self.to_json())
 
     def __str__(self) -> str:
