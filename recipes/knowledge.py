@@ -34,6 +34,15 @@ RELATIONS = {
 }
 
 
+# Statements of a fact in several phrasings: what a calibration pass on "the knowledge to keep" reads (the probes
+# themselves are scored by ranking, never trained on)
+STATEMENTS = {
+    "capital": ("The capital of {s} is {a}.", "{a} is the capital of {s}.", "The capital city of {s} is {a}."),
+    "currency": ("The currency of {s} is the {a}.", "In {s}, people pay with the {a}.", "{s} uses the {a} as its currency."),
+    "continent": ("{s} is a country in {a}.", "{s} lies in {a}.", "{a} is the continent where {s} is."),
+}
+
+
 @dataclass(frozen=True)
 class Probe:
     relation: str
@@ -45,6 +54,11 @@ class Probe:
     @property
     def key(self) -> str:
         return f"{self.relation}:{self.subject}"
+
+
+def statements(probes: list["Probe"]) -> list[str]:
+    """Every probe's fact in each phrasing of STATEMENTS, probe by probe."""
+    return [t.format(s=p.subject, a=p.answer.strip()) for p in probes for t in STATEMENTS[p.relation]]
 
 
 def country_facts() -> list[tuple[str, str, str]]:

@@ -22,7 +22,7 @@ about one half, test items about the other (every person's facts are trained; no
 Task score = teacher-forced answer-token accuracy on the paraphrases (exact match of the whole answer is reported too).
 
 Calibration (--calibration): "knowledge" (default; the LoRA-Null protocol calibrates on the knowledge it wants to keep:
-the calibration third of the probes written as sentences, disjoint from the scored probes) or "general" (Python
+the calibration third of the probes' facts, each stated in three phrasings, disjoint from the scored probes) or "general" (Python
 documentation topics disjoint from the held-out ones). The tables say which was used.
 
 Methods at equal rank: lora; lora_wd (weight decay --wd, 0.1; lora_wd3: 0.3); lora_fa (LoRA-FA: A a random
@@ -98,7 +98,8 @@ class Args:
     n_people: int = field(default=48, metadata={"help": "fictitious people; 3 trained facts each; half validation"})
     calibration: Literal["knowledge", "general"] = field(default="knowledge",
                                                        metadata={"help": "what NullSpaceLoRA and CorDA calibrate on"})
-    calib_texts: int = field(default=64, metadata={"help": "calibration sentences/paragraphs (CorDA runs them one by one)"})
+    calib_texts: int = field(default=64, metadata={"help": "calibration texts (knowledge: each holds several fact "
+                                                           "statements; general: paragraphs); CorDA runs them one by one"})
     heldout_texts: int = field(default=16, metadata={"help": "held-out documentation paragraphs for perplexity and KL"})
     heldout_tokens: int = field(default=96, metadata={"help": "tokens per held-out paragraph"})
     max_probes: int = field(default=90, metadata={"help": "probes per knowledge split (0: all ~170): scoring 10 "
@@ -188,7 +189,11 @@ def build_data(args: Args, model, tok, log) -> Data:
     if args.max_probes:
         val_p, test_p = val_p[: args.max_probes], test_p[: args.max_probes]
     if args.calibration == "knowledge":
-        calib = [p.prompt + p.answer + "." for p in calib_p][: args.calib_texts]
+        # every calibration fact in 3 phrasings, packed into calib_texts texts: ~9 tokens a sentence, so the
+        # statistics see more tokens than the widest input (1536) instead of an arbitrary null space (issue 13 #10)
+        sents = knowledge.statements(calib_p)
+        per = max(1, math.ceil(len(sents) / args.calib_texts))
+        calib = [" ".join(sents[i : i + per]) for i in range(0, len(sents), per)][: args.calib_texts]
     else:
         calib = docs.general_text("calibration")[: args.calib_texts]
     heldout = docs.general_text("heldout")[: args.heldout_texts]

@@ -91,6 +91,10 @@ def test_country_probes_are_deterministic_and_splits_share_no_country():
     assert len(a) + len(b) + len(c) == len(probes)
     sa, sb, sc = ({p.subject for p in x} for x in (a, b, c))
     assert not (sa & sb or sa & sc or sb & sc)
+    sents = knowledge.statements([fr])
+    assert sents == ["The capital of France is Paris.", "Paris is the capital of France.",
+                     "The capital city of France is Paris."]
+    assert len(knowledge.statements(probes)) == 3 * len(probes)
     with pytest.raises(ValueError, match="n_candidates must be an integer >= 2"):
         knowledge.country_probes(n_candidates=1)
 
