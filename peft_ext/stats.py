@@ -699,7 +699,10 @@ def _fingerprint_parts(model: nn.Module) -> tuple[str, dict[str, str], dict[str,
                 continue
         flat = t.detach().reshape(-1)
         if flat.numel() > CACHE_FULL_HASH_MAX:
-            flat = flat[torch.linspace(0, flat.numel() - 1, CACHE_SAMPLE, device=flat.device).long()]
+            # integer positions: a float32 linspace rounds numel - 1 up to numel above 2**24 entries (an IndexError
+            # on SmolLM2's 49152x576 embedding)
+            n = flat.numel()
+            flat = flat[torch.arange(CACHE_SAMPLE, device=flat.device, dtype=torch.int64) * (n - 1) // (CACHE_SAMPLE - 1)]
         values = flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
         h.update(described_tensor + values)
         tensors[name] = hashlib.sha256(described_tensor + values).hexdigest()[:16]

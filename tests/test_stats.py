@@ -285,3 +285,16 @@ def test_collected_statistics_record_the_model_and_the_check_names_what_differs(
     same, why = stats.model_check(model)
     assert not same and why == "1 of 41 weight tensors differ, e.g. ['encoder.layer.1.output.dense.weight']"
     assert stats.model_check(model, ignore_modules=["dense"])[0] is True
+
+
+def test_fingerprint_of_a_tensor_above_float32_exact_integers():
+    """Sampled positions of a > 2**24-entry tensor stay in range (a float32 linspace rounded the last one past it)."""
+    from torch import nn
+
+    from peft_ext.stats import model_fingerprint
+
+    big = nn.Embedding(49152, 576)  # SmolLM2's embedding: 28,311,552 entries
+    a = model_fingerprint(big)
+    with torch.no_grad():
+        big.weight[-1, -1] += 1.0  # the last entry is among the sampled ones
+    assert model_fingerprint(big) != a
