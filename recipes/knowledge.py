@@ -176,5 +176,6 @@ def base_text_logprobs(model, tokenizer, texts: list[str], max_length: int = 128
             enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
                             max_length=max_length).to(device)
             mask = enc["attention_mask"][:, 1:].bool()
-            out.append(torch.log_softmax(model(**enc).logits[:, :-1].float(), -1)[mask].to(torch.bfloat16).cpu())
+            # float32: bfloat16 rounding alone reads as |KL| ~ 1e-4 nats (and can make it negative)
+            out.append(torch.log_softmax(model(**enc).logits[:, :-1].float(), -1)[mask].cpu())
     return out

