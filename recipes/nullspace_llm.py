@@ -39,7 +39,9 @@ against lora_wd and lora (same seeds, same test items), and fronts: knowledge ke
 knowledge interpolated at common task levels. Verdicts are computed; "A keeps more than B" needs the paired CI above 0
 at a task score that matches B's within --task_match (two-sided) AND the same against plain lora.
 
-Budget: each run's result is written as its own JSON under --output_dir/runs/ as soon as it finishes; a rerun (same
+Budget: the default configuration is ~70 runs of ~100 s each on 2 idle CPU cores (60 steps ~65 s, evaluation ~35 s:
+the knowledge probes cost most, hence --max_probes 60 per split), about 2 hours; the GPU preset scores every probe.
+Each run's result is written as its own JSON under --output_dir/runs/ as soon as it finishes; a rerun (same
 settings) skips finished runs, so an interrupted run resumes where it stopped. Runs of different settings never mix (the
 folder is keyed by a hash of the settings that change results).
 """
@@ -104,8 +106,9 @@ class Args:
                                                            "statements; general: paragraphs); CorDA runs them one by one"})
     heldout_texts: int = field(default=16, metadata={"help": "held-out documentation paragraphs for perplexity and KL"})
     heldout_tokens: int = field(default=96, metadata={"help": "tokens per held-out paragraph"})
-    max_probes: int = field(default=90, metadata={"help": "probes per knowledge split (0: all ~170): scoring 10 "
-                                                             "candidates each is most of a run's evaluation time"})
+    max_probes: int = field(default=60, metadata={"help": "probes per knowledge split (0: all, ~135): scoring 10 "
+                                                             "candidates each is most of a run's evaluation time; 60 "
+                                                             "keeps the default run near 2 h on 2 CPU cores"})
     task_match: float = field(default=0.05, metadata={"help": "two-sided tolerance for 'matched task' (absolute)"})
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the CIs"})
     threads: int = field(default=2, metadata={"help": "torch threads"})
