@@ -64,8 +64,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipes/nullspace_llm.py` finds its modules
 
-METHODS = ("lora", "lora_wd", "lora_wd3", "lora_fa", "pissa", "milora", "corda_kpm", "nullspace_v1", "nullspace_v2",
-           "nullspace_split")
+# The run order: the comparisons the claim rests on first (v2 against LoRA, LoRA + WD and LoRA-FA), so an interrupted
+# default run has answered the main question before the rest
+METHODS = ("lora", "lora_wd", "nullspace_v2", "lora_fa", "pissa", "milora", "nullspace_v1", "nullspace_split",
+           "corda_kpm", "lora_wd3")
 LABELS = {"lora": "LoRA", "lora_wd": "LoRA + WD", "lora_wd3": "LoRA + WD 0.3", "lora_fa": "LoRA-FA", "pissa": "PiSSA",
           "milora": "MiLoRA", "corda_kpm": "CorDA-kpm", "nullspace_v1": "NullSpaceLoRA v1",
           "nullspace_v2": "NullSpaceLoRA v2", "nullspace_split": "NullSpaceLoRA split"}
@@ -84,9 +86,10 @@ PARAPHRASES = {
 
 @dataclass
 class Args:
-    output_dir: str = field(default="runs/nullspace_llm", metadata={"help": "runs/, results.json, results.md, pareto.png"})
-    results_copy: Optional[str] = field(default="results/nullspace_llm.json",
-                                        metadata={"help": "where the README run's raw results are copied (committed)"})
+    output_dir: str = field(default="results/nullspace_llm", metadata={
+        "help": "per-run JSONs, results.json/.md, pareto.png; under results/ and committed, so a later session (a fresh "
+                "checkout) resumes the README run where it stopped"})
+    results_copy: Optional[str] = field(default=None, metadata={"help": "also copy results.json here"})
     cache_dir: str = field(default="runs/cache", metadata={"help": "the dequantised SmolLM2 and CorDA caches"})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"any of {METHODS}"})
     lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],

@@ -67,7 +67,7 @@ def results_markdown(filename: str) -> str | None:
 BLOCKS = {
     "tour": tour_block,
     "bnb-cpu": lambda: results_printed("bnb_cpu_paths.json"),
-    "nullspace-llm": lambda: results_markdown("nullspace_llm.json"),
+    "nullspace-llm": lambda: results_markdown("nullspace_llm/results.json"),
     "bench-nullspace-step": lambda: results_printed("nullspace_step.json"),
     "bench-forgetting": lambda: results_printed("forgetting_overhead.json"),
     "directional": lambda: recipe_markdown("directional_lr"),
