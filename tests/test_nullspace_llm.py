@@ -58,13 +58,16 @@ def test_front_and_knowledge_at_matched_task():
 
 def test_verdict_needs_matched_task_and_both_references():
     args = rec.Args(task_match=0.05)
-    s = {"methods": {"lora": {}, "lora_wd": {}, "nullspace_v2": {
+    s = {"methods": {"lora": {"complete": True}, "lora_wd": {"complete": True}, "nullspace_v2": {"complete": True,
         "vs_lora_wd": {"knowledge": (0.1, 0.05, 0.15), "task": (0.0, -0.01, 0.01)},
         "vs_lora": {"knowledge": (0.1, -0.02, 0.2), "task": (0.0, -0.01, 0.01)}}}}
     (line,) = rec.verdicts(s, args)
     assert ": not met" in line and "no resolvable difference" in line  # holds vs LoRA + WD only: not met
     s["methods"]["nullspace_v2"]["vs_lora"]["knowledge"] = (0.1, 0.02, 0.2)
     assert ": MET" in rec.verdicts(s, args)[0]
+    s["methods"]["nullspace_v2"]["complete"] = False  # grid or seeds unfinished: no verdict yet
+    assert ": PENDING (protocol unfinished for NullSpaceLoRA v2; so far: holds)" in rec.verdicts(s, args)[0]
+    s["methods"]["nullspace_v2"]["complete"] = True
     s["methods"]["nullspace_v2"]["vs_lora"]["task"] = (-0.2, -0.3, -0.1)  # keeps more by learning less: not matched
     assert "task not matched" in rec.verdicts(s, args)[0] and ": not met" in rec.verdicts(s, args)[0]
 
