@@ -16,7 +16,6 @@ KL(base || tuned), with the base computed by the same model with its adapters di
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -131,51 +130,24 @@ def ranks_first(model, tokenizer, probes: list[Probe], batch_size: int = 64) -> 
     return [s[0] > max(s[1:]) for s in candidate_scores(model, tokenizer, probes, batch_size)]
 
 
-@torch.no_grad()
 def text_nll_and_kl(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 8,
                     base_logprobs: list[torch.Tensor] | None = None) -> dict:
-    """Mean NLL per token of `texts` and mean per-token KL(base || model).
+    """Mean NLL per token of `texts` and mean per-token KL(base || model), with trainer_ext.ForgettingCallback's own
+    measurement (`trainer_ext.forgetting`: every token after the first, padding excluded).
 
     The base distribution is the same model with its adapters disabled (`model.disable_adapter()`, PEFT) unless
     `base_logprobs` (one tensor per batch, as `base_text_logprobs` returns) is given; a model that is not a PeftModel
-    needs `base_logprobs`. Positions: every token after the first, padding excluded."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    nll_sum, kl_sum, n_tok = 0.0, 0.0, 0
-    try:
-        for b, start in enumerate(range(0, len(texts), batch_size)):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length).to(device)
-            mask = enc["attention_mask"][:, 1:].bool()
-            logp = torch.log_softmax(model(**enc).logits[:, :-1].float(), -1)[mask]
-            target = enc["input_ids"][:, 1:][mask]
-            nll_sum += -logp.gather(-1, target[:, None]).sum().item()
-            if base_logprobs is not None:
-                base = base_logprobs[b].to(device)
-            else:
-                with model.disable_adapter():
-                    base = torch.log_softmax(model(**enc).logits[:, :-1].float(), -1)[mask]
-            kl_sum += (base.exp() * (base - logp)).sum().item()
-            n_tok += int(mask.sum())
-    finally:
-        model.train(was_training)
-    return {"nll": nll_sum / n_tok, "ppl": math.exp(nll_sum / n_tok), "kl": kl_sum / n_tok, "tokens": n_tok}
+    needs `base_logprobs`."""
+    from trainer_ext.forgetting import nll_kl_sums, reference_batches
+
+    batches = reference_batches(tokenizer, texts, max_length, batch_size)
+    nll, kl, n = (float(x) for x in nll_kl_sums(model, batches, base_logprobs))
+    return {"nll": nll / n, "ppl": math.exp(nll / n), "kl": kl / n, "tokens": int(n)}
 
 
-@torch.no_grad()
 def base_text_logprobs(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 8) -> list[torch.Tensor]:
-    """The base model's log-probabilities at the positions `text_nll_and_kl` scores (for models whose base cannot be
-    recovered by disabling adapters, e.g. PiSSA/MiLoRA/CorDA, which rewrite the base weights)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with ctx:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length).to(device)
-            mask = enc["attention_mask"][:, 1:].bool()
-            # float32: bfloat16 rounding alone reads as |KL| ~ 1e-4 nats (and can make it negative)
-            out.append(torch.log_softmax(model(**enc).logits[:, :-1].float(), -1)[mask].cpu())
-    return out
+    """The base model's log-probabilities at the positions `text_nll_and_kl` scores, float32 on CPU (for models whose
+    base cannot be recovered by disabling adapters, e.g. PiSSA/MiLoRA/CorDA, which rewrite the base weights)."""
+    from trainer_ext.forgetting import base_logprobs, reference_batches
+
+    return base_logprobs(model, reference_batches(tokenizer, texts, max_length, batch_size))

@@ -106,7 +106,21 @@ def emit_log(callback: TrainerCallback, args, state, control, values: dict[str, 
     return control
 
 
-class SpectralMonitorCallback(TrainerCallback):
+class AttachableCallback(TrainerCallback):
+    """A callback that emits its own values through `emit_log`, which needs the trainer's callback handler."""
+
+    trainer = None
+
+    def attach(self, trainer):
+        """Bind to `trainer` (adding the callback if it is not there yet) so values reach its callbacks' `on_log`,
+        i.e. the `report_to` backends. Returns the callback."""
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.trainer = trainer
+        return self
+
+
+class SpectralMonitorCallback(AttachableCallback):
     """Log spectral metrics of chosen matrices every `every` optimizer updates (see the module docstring).
 
     With a plain `Trainer`, bind it so its values reach the `report_to` backends (every callback's `on_log`):
@@ -151,13 +165,6 @@ class SpectralMonitorCallback(TrainerCallback):
         self._skipped: dict[str, str] = {}  # matrices skipped at this check -> what was not finite
         self._before: dict[str, dict] = {}  # tracker states before this check's update, to roll a skip back
         self._mine: list[Target] = []
-
-    def attach(self, trainer) -> "SpectralMonitorCallback":
-        """Bind to `trainer` (adding the callback if it is not there yet) so values reach its callbacks' `on_log`."""
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        self.trainer = trainer
-        return self
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, args, state, control, model=None, **kwargs):

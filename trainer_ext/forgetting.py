@@ -33,14 +33,69 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from transformers import TrainerCallback
 
-from .callbacks import _dist, emit_log
+from .callbacks import AttachableCallback, _dist, emit_log
 
 logger = logging.getLogger(__name__)
 
 
-class ForgettingCallback(TrainerCallback):
+def reference_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """`texts` tokenized in batches of `batch_size` (right-padded, cut to `max_length` tokens)."""
+    return [dict(tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                           max_length=max_length))
+            for i in range(0, len(texts), batch_size)]
+
+
+@contextlib.contextmanager
+def _eval(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def scored_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(log-probabilities at the scored positions (n, vocab), their targets (n,), n) for one batch: every token after
+    the first, padding excluded."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["attention_mask"][:, 1:].bool()
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
+    return logp, batch["input_ids"][:, 1:][mask], int(mask.sum())
+
+
+def base_logprobs(model, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """The model's log-probabilities at the scored positions of each batch, on CPU in float32 (bfloat16 rounding
+    alone reads as |KL| ~ 3e-4 nats, the size of early forgetting), in eval mode without gradients; with PEFT's
+    adapters disabled when the model has them."""
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with _eval(model), ctx:
+        return [scored_logprobs(model, batch)[0].to("cpu", torch.float32) for batch in batches]
+
+
+def nll_kl_sums(model, batches: list[dict[str, torch.Tensor]], base: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """float64 [summed NLL, summed KL(base || model), scored tokens] over `batches` (per token: divide by the last).
+    `base`: one tensor per batch as `base_logprobs` gives; None takes the base from `model.disable_adapter()`."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    with _eval(model):
+        for i, batch in enumerate(batches):
+            logp, target, n = scored_logprobs(model, batch)
+            if base is not None:
+                ref = base[i].to(logp.device)
+            else:
+                with model.disable_adapter():
+                    ref, _, _ = scored_logprobs(model, batch)
+            sums[0] -= logp.gather(-1, target[:, None]).sum().item()
+            sums[1] += (ref.exp() * (ref - logp)).sum().item()
+            sums[2] += n
+    return sums
+
+
+class ForgettingCallback(AttachableCallback):
     """Log cross-entropy on held-out reference text and KL to the base model every `every` updates (see module doc)."""
 
     def __init__(
@@ -72,30 +127,18 @@ class ForgettingCallback(TrainerCallback):
         self._ref_nll: float | None = None
         self.records: list[dict[str, float]] = []
 
-    def attach(self, trainer) -> "ForgettingCallback":
-        """Bind to `trainer` (adding the callback if it is not there yet) so values reach its `report_to` backends."""
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        self.trainer = trainer
-        return self
-
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         rank, world = _dist()
         mine = self.texts[rank::world]  # this rank's share; the sums are all-reduced
-        self._batches = [dict(self.tokenizer(mine[i : i + self.batch_size], return_tensors="pt", padding=True,
-                                             truncation=True, max_length=self.max_length))
-                         for i in range(0, len(mine), self.batch_size)]
+        self._batches = reference_batches(self.tokenizer, mine, self.max_length, self.batch_size)
         if self.base == "disable_adapter" and not hasattr(model, "disable_adapter"):
             raise ValueError("ForgettingCallback(base='disable_adapter') needs a PeftModel (its disable_adapter() gives "
                              f"the base); this model is a {type(model).__name__}: use base='cache'")
         self._base_logprobs = []
-        if self.base == "cache":
-            with self._eval(model):
-                for batch in self._batches:
-                    logp, _, _ = self._logprobs(model, batch)
-                    # float32: bfloat16 rounding alone shows up as |KL| ~ 3e-4 nats, the size of early forgetting
-                    self._base_logprobs.append(logp.to("cpu", torch.float32))
+        if self.base == "cache":  # the model as it starts is the base for every init that starts at the base function
+            with _eval(model):
+                self._base_logprobs = [scored_logprobs(model, b)[0].to("cpu", torch.float32) for b in self._batches]
             mb = sum(t.numel() for t in self._base_logprobs) * 4 / 2**20
             logger.info("ForgettingCallback: cached the base model's log-probabilities at %d positions (%.0f MB)",
                         sum(t.shape[0] for t in self._base_logprobs), mb)
@@ -121,39 +164,9 @@ class ForgettingCallback(TrainerCallback):
         return emit_log(self, args, state, control, values)
 
     # ------------------------------------------------------------------ measuring
-    @contextlib.contextmanager
-    def _eval(self, model):
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            model.train(was_training)
-
-    def _logprobs(self, model, batch):
-        """(log-probabilities at the scored positions (n, vocab), their targets (n,), n) for one batch."""
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = batch["attention_mask"][:, 1:].bool()
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
-        return logp, batch["input_ids"][:, 1:][mask], int(mask.sum())
-
     def measure(self, model) -> dict[str, float]:
         """The forgetting metrics of `model` now (also usable outside training)."""
-        sums = torch.zeros(3, dtype=torch.float64)  # nll, kl, tokens
-        with self._eval(model):
-            for i, batch in enumerate(self._batches):
-                logp, target, n = self._logprobs(model, batch)
-                if self.base == "cache":
-                    base = self._base_logprobs[i].to(logp.device)
-                else:
-                    with model.disable_adapter():
-                        base, _, _ = self._logprobs(model, batch)
-                sums[0] -= logp.gather(-1, target[:, None]).sum().item()
-                sums[1] += (base.exp() * (base - logp)).sum().item()
-                sums[2] += n
+        sums = nll_kl_sums(model, self._batches, self._base_logprobs if self.base == "cache" else None)
         rank, world = _dist()
         if world > 1:
             backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
