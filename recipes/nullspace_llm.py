@@ -209,18 +209,12 @@ def build_data(args: Args, model, tok, log) -> Data:
     return Data(train, val, test, calib, val_p, test_p, heldout)
 
 
-def prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
-
-
 def encode_pairs(tok, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and labels (-100 outside the answer and its EOS), right-padded."""
-    rows = []
-    for q, a in pairs:
-        ctx = tok(prompt(q))["input_ids"]
-        full = tok(prompt(q) + " " + a)["input_ids"] + [tok.eos_token_id]
-        k = next((i for i, (x, y) in enumerate(zip(ctx, full)) if x != y), len(ctx))
-        rows.append((full, k))
+    """input_ids, attention_mask and labels (-100 outside the answer and its EOS), right-padded; prompt and answer
+    tokens split exactly as tofu_data's answer metrics split them."""
+    from tofu_data import _encode, prompt
+
+    rows = [_encode(tok, prompt(q), " " + a, add_eos=True) for q, a in pairs]
     width = max(len(f) for f, _ in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -463,13 +457,11 @@ def matched_task_levels(fronts: dict[str, list[tuple[float, float]]]) -> list[fl
 
 # ------------------------------------------------------------------------------------------------ running
 def _write_json(path: str, payload) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    """JSON written complete-or-absent (a killed run leaves each finished run's file whole or missing)."""
+    from peft_ext.files import atomic_file
+
+    with atomic_file(path, field="output_dir") as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def run_dir(args: Args) -> str:
@@ -507,9 +499,8 @@ def run_all(args: Args, log) -> None:
     model, tok = load_smollm2(args.cache_dir, log=lambda *_: None)
     model.to(args.device)
     data = build_data(args, model, tok, log)
-    base = evaluate_base(model, tok, data, args)
-    _write_json(os.path.join(run_dir(args), "base.json"), base)
     base_logprobs = knowledge.base_text_logprobs(model, tok, data.heldout, max_length=args.heldout_tokens)
+    _write_json(os.path.join(run_dir(args), "base.json"), evaluate_base(model, tok, data, args, base_logprobs))
     del model
     stats_cache: dict = {}
     for method in args.methods:
@@ -527,13 +518,12 @@ def run_all(args: Args, log) -> None:
                 run_one(method, lr, seed, args, base_path, data, tok, stats_cache, base_logprobs, log)
 
 
-def evaluate_base(model, tok, data: Data, args: Args) -> dict:
+def evaluate_base(model, tok, data: Data, args: Args, base_logprobs) -> dict:
     import knowledge
 
     val, test = answer_accuracy(model, tok, data.val), answer_accuracy(model, tok, data.test)
     text = knowledge.text_nll_and_kl(model, tok, data.heldout, max_length=args.heldout_tokens,
-                                     base_logprobs=knowledge.base_text_logprobs(model, tok, data.heldout,
-                                                                               max_length=args.heldout_tokens))
+                                     base_logprobs=base_logprobs)
     return {"task_val": val["token_acc"], "task_test": test["token_acc"], "ppl": text["ppl"],
             "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
             "n_probes_val": len(data.probes_val), "n_probes_test": len(data.probes_test), "n_calib": len(data.calib)}
