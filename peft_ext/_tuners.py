@@ -14,7 +14,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bnb_cpu import check_4bit_dequantize, disable_bnb_cpu_repack, keep_4bit_layout
+from .bnb_cpu import check_4bit_dequantize, disable_bnb_cpu_repack
 
 
 def planned_targets(tuner: BaseTuner, model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
@@ -127,10 +127,7 @@ def init_layer_shapes(layer: BaseTunerLayer, method: str, kwargs: dict) -> None:
         raise TypeError(f"{method} does not support layers of type {type(layer.get_base_layer()).__name__}")
     layer.in_features = in_features
     layer.out_features = out_features
-    layer.kwargs = kwargs
-    # bitsandbytes would otherwise repack a 4-bit base in place on its first eval forward on an AVX-512-BF16 CPU
-    # (bfloat16 block scales, no input gradients afterwards): the base must stay what was loaded (bnb_cpu.py)
-    keep_4bit_layout(layer.get_base_layer())
+    layer.kwargs = kwargs  # (bitsandbytes' CPU repack of a 4-bit base is switched off model-wide in _prepare_model)
 
 
 def unsupported_linear_reason(layer: nn.Module, what_needs_the_weight: str) -> Optional[str]:
