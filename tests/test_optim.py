@@ -407,3 +407,65 @@ def test_refusals():
     with pytest.raises(TypeError, match="nn.Module"):
         create_directional_optimizer(list(Mat().parameters()), lr=1e-3)
     assert create_directional_optimizer() is create_directional_optimizer  # the Trainer's factory() step
+
+
+# ------------------------------------------------------------------------------- TrainingArguments as the source
+
+
+def test_training_args_supply_lr_decay_betas_eps_and_explicit_values_win(tmp_path):
+    from transformers import TrainingArguments
+
+    targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=3e-3,
+                              weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    opt = create_directional_optimizer(dora_net(), args=targs, magnitude_lr_ratio=2.0)
+    lrs = {g["role"]: (g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups}
+    assert lrs["default"] == (pytest.approx(3e-3), pytest.approx(0.05), (0.8, 0.95), 1e-6)
+    assert lrs["magnitude"][0] == pytest.approx(6e-3) and lrs["magnitude"][1] == 0.0
+    opt = create_directional_optimizer(dora_net(), args=targs, lr=1e-4, weight_decay=0.0, betas=(0.5, 0.6))
+    g = opt.param_groups[0]
+    assert (g["lr"], g["weight_decay"], g["betas"], g["eps"]) == (pytest.approx(1e-4), 0.0, (0.5, 0.6), 1e-6)
+    sgd = create_directional_optimizer(dora_net(), args=targs, optimizer_cls=torch.optim.SGD)  # no betas/eps there
+    assert sgd.param_groups[0]["lr"] == pytest.approx(3e-3) and "betas" not in sgd.param_groups[0]
+    with pytest.raises(TypeError, match="args must be a transformers.TrainingArguments"):
+        create_directional_optimizer(dora_net(), args={"lr": 1e-3})
+    with pytest.raises(ValueError, match="args=training_args"):
+        create_directional_optimizer(dora_net())
+
+
+def test_one_default_ratio_and_warning_when_everything_is_magnitude():
+    from trainer_ext import SpectralTrainingArguments
+    from trainer_ext.optim import DEFAULT_MAGNITUDE_LR_RATIO
+
+    assert SpectralTrainingArguments.__dataclass_fields__["magnitude_lr_ratio"].default == DEFAULT_MAGNITUDE_LR_RATIO
+    opt = create_directional_optimizer(dora_net(), lr=1e-3)
+    assert {g["role"]: g["lr"] for g in opt.param_groups}["magnitude"] == pytest.approx(1e-3)
+
+    class Cores(nn.Module):  # SubspaceLoRA-like: the only trainable tensors are cores
+        def __init__(self):
+            super().__init__()
+            self.subspace_C = nn.Parameter(torch.zeros(2, 2))
+
+    with pytest.warns(UserWarning, match="every trainable parameter .* matched magnitude_patterns"):
+        create_directional_optimizer(Cores(), lr=1e-3, magnitude_lr_ratio=10.0)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        create_directional_optimizer(Cores(), lr=1e-3)  # ratio 1: nothing to warn about
+        create_directional_optimizer(dora_net(), lr=1e-3, magnitude_lr_ratio=10.0)  # mixed groups: fine
+
+
+def test_spectral_trainer_feeds_its_args_to_the_factory(tmp_path):
+    from trainer_ext import SpectralTrainer, SpectralTrainingArguments
+
+    targs = SpectralTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1, save_strategy="no",
+        per_device_train_batch_size=4, learning_rate=7e-3, weight_decay=0.02, lr_scheduler_type="constant",
+        remove_unused_columns=False, logging_strategy="no", disable_tqdm=True,
+    )
+    trainer = SpectralTrainer(model=dora_net(), args=targs, train_dataset=DS(),
+                              optimizer_cls_and_kwargs=(create_directional_optimizer, {"magnitude_lr_ratio": 3.0}))
+    trainer.create_optimizer()
+    roles = {g["role"]: (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups}
+    assert roles["default"] == (pytest.approx(7e-3), pytest.approx(0.02))
+    assert roles["magnitude"] == (pytest.approx(2.1e-2), 0.0)

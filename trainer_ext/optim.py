@@ -1,16 +1,19 @@
 """Directional optimizer: parameter groups by role, spectral clamps of adapter branches, and amplification of the
 update inside stable singular subspaces.
 
-`create_directional_optimizer(model, lr=..., ...)` builds an ordinary torch optimizer (AdamW by default) whose
-class is a thin subclass of the chosen optimizer class and of the `DirectionalOptimizer` mixin. Use it directly, or
-through the Trainer::
+`create_directional_optimizer(model, args=training_args, ...)` builds an ordinary torch optimizer (AdamW by default)
+whose class is a thin subclass of the chosen optimizer class and of the `DirectionalOptimizer` mixin. Use it directly,
+or through the Trainer::
 
-    Trainer(model, args, ..., optimizer_cls_and_kwargs=(create_directional_optimizer, {"lr": 1e-4, ...}))
+    Trainer(model, args, ..., optimizer_cls_and_kwargs=(create_directional_optimizer, {"args": args, ...}))
 
-Through the Trainer, pass every optimizer setting in the kwargs dict: transformers calls a factory as
-``factory()(opt_model, **kwargs)`` (transformers/trainer.py:1307) and injects neither `TrainingArguments.learning_rate`
-nor `weight_decay`/`adam_beta*`/`adam_epsilon`. Calling `create_directional_optimizer()` without a model therefore
-returns the factory itself, which makes that zero-argument "instantiation" work.
+`args` (a `TrainingArguments`) supplies `learning_rate`, `weight_decay` and, for optimizers that take them (Adam,
+AdamW), `adam_beta1`/`adam_beta2`/`adam_epsilon`; an explicit `lr=`, `weight_decay=`, `betas=` or `eps=` wins. Through
+a plain Trainer pass the arguments object in the kwargs dict as above: transformers calls a factory as
+``factory()(opt_model, **kwargs)`` (transformers/trainer.py, `create_optimizer`) and hands it neither the arguments
+nor any of their values. `SpectralTrainer` adds `args` by itself when the kwargs name neither `args` nor `lr`.
+Calling `create_directional_optimizer()` without a model returns the factory itself, which makes that zero-argument
+"instantiation" work.
 
 Parameter groups (built once, at construction)
     Every trainable parameter gets one role, first match wins:
@@ -104,6 +107,7 @@ from torch import nn
 from .spectral import SubspaceTracker, low_rank_top_k, sigma_max
 
 __all__ = [
+    "DEFAULT_MAGNITUDE_LR_RATIO",
     "DEFAULT_MAGNITUDE_PATTERNS",
     "DEFAULT_NO_DECAY_PATTERNS",
     "DirectionalOptimizer",
@@ -123,6 +127,9 @@ ROLES = ("default", "no_decay", "magnitude")
 AMPLIFY_MODES = ("subspace", "bulk")
 
 _FN = "create_directional_optimizer"
+# One default everywhere (`SpectralTrainingArguments.magnitude_lr_ratio` uses it too): 1 leaves every group at the base
+# LR, so nothing trains faster than the user asked unless they say so.
+DEFAULT_MAGNITUDE_LR_RATIO = 1.0
 
 
 class GroupInfo(NamedTuple):
@@ -506,13 +513,40 @@ def _pick_trainable(factors: dict[str, torch.Tensor], in_optimizer: set[int]) ->
 # ---------------------------------------------------------------------------------------------- factory
 
 
+def _from_training_args(
+    args: Any, lr: float | None, weight_decay: float | None, optimizer_cls: type, optimizer_kwargs: dict[str, Any]
+) -> tuple[float | None, float | None, dict[str, Any]]:
+    """Fill lr / weight_decay / betas / eps from a TrainingArguments where the caller did not set them."""
+    missing = [a for a in ("learning_rate", "weight_decay") if not hasattr(args, a)]
+    if missing:
+        raise TypeError(
+            f"{_FN}: args must be a transformers.TrainingArguments (it has no {', '.join(missing)}), got "
+            f"{type(args).__name__}; pass trainer.args or your TrainingArguments"
+        )
+    lr = args.learning_rate if lr is None else lr
+    weight_decay = args.weight_decay if weight_decay is None else weight_decay
+    kwargs = dict(optimizer_kwargs)
+    try:
+        import inspect
+
+        accepted = set(inspect.signature(optimizer_cls.__init__).parameters)
+    except (TypeError, ValueError):  # a C-implemented or odd signature: set nothing implicitly
+        accepted = set()
+    if "betas" in accepted and "betas" not in kwargs and hasattr(args, "adam_beta1"):
+        kwargs["betas"] = (args.adam_beta1, args.adam_beta2)
+    if "eps" in accepted and "eps" not in kwargs and hasattr(args, "adam_epsilon"):
+        kwargs["eps"] = args.adam_epsilon
+    return lr, weight_decay, kwargs
+
+
 def create_directional_optimizer(
     model: nn.Module | None = None,
     *,
+    args: Any = None,
     lr: float | None = None,
     optimizer_cls: type = torch.optim.AdamW,
-    weight_decay: float = 0.0,
-    magnitude_lr_ratio: float = 10.0,
+    weight_decay: float | None = None,
+    magnitude_lr_ratio: float = DEFAULT_MAGNITUDE_LR_RATIO,
     magnitude_patterns: Iterable[str] = DEFAULT_MAGNITUDE_PATTERNS,
     no_decay_patterns: Iterable[str] = DEFAULT_NO_DECAY_PATTERNS,
     spectral_clamp: float | None = None,
@@ -532,10 +566,15 @@ def create_directional_optimizer(
         model: the model (PeftModel, transformers model or any nn.Module); parameters are grouped by name.
             Called with no arguments at all this returns the factory itself: transformers' Trainer instantiates a
             factory with ``factory()`` before calling it with ``(model, **kwargs)``.
-        lr: base learning rate (required; the Trainer does not inject `TrainingArguments.learning_rate`).
+        args: a `transformers.TrainingArguments` (or anything with its attributes): `learning_rate` is the base lr,
+            `weight_decay` the default group's decay, and `adam_beta1`/`adam_beta2`/`adam_epsilon` become
+            ``betas``/``eps`` when `optimizer_cls` takes them. Explicit arguments win over it.
+        lr: base learning rate (required unless `args` is given).
         optimizer_cls: a `torch.optim.Optimizer` subclass taking ``(param_groups, lr=..., **optimizer_kwargs)``.
-        weight_decay: weight decay of the "default" group.
-        magnitude_lr_ratio: LR multiplier of the "magnitude" group (which has no weight decay).
+        weight_decay: weight decay of the "default" group (default: ``args.weight_decay``, else 0).
+        magnitude_lr_ratio: LR multiplier of the "magnitude" group (which has no weight decay); default 1 (off).
+            A warning is issued when every trainable parameter lands in that group (e.g. SubspaceLoRA, whose only
+            trainable tensors are its cores): the ratio then just rescales the whole adapter's LR.
         magnitude_patterns / no_decay_patterns: regexes (`re.search` on the parameter name) selecting the roles.
         spectral_clamp: c; keep every adapter branch's sigma_max(scaling * B @ A) <= c / sqrt(d_in) after each step.
         clamp_patterns: regexes of dense 2-D parameters clamped the same way (d_in = columns; rows for GPT-2 Conv1D).
@@ -551,7 +590,7 @@ def create_directional_optimizer(
         **optimizer_kwargs: passed to `optimizer_cls` (betas, eps, momentum, ...).
     """
     if model is None:
-        if lr is None and not optimizer_kwargs:
+        if lr is None and args is None and not optimizer_kwargs:
             return create_directional_optimizer  # the Trainer's `factory()` instantiation step
         raise TypeError(f"{_FN}: model is required: pass the model whose parameters to optimise as the first argument")
     if not isinstance(model, nn.Module):
@@ -567,8 +606,15 @@ def create_directional_optimizer(
         )
 
     # ------------------------------------------------------------------ scalar validation
+    if args is not None:
+        lr, weight_decay, optimizer_kwargs = _from_training_args(args, lr, weight_decay, optimizer_cls, optimizer_kwargs)
     if lr is None:
-        raise ValueError(f"{_FN}: lr is required, got lr=None; pass the base learning rate, e.g. lr=1e-4")
+        raise ValueError(
+            f"{_FN}: lr is required, got lr=None; pass the Trainer's arguments (args=training_args) or the base "
+            "learning rate, e.g. lr=1e-4"
+        )
+    if weight_decay is None:
+        weight_decay = 0.0
     lr = _positive(lr, "lr", "pass the base learning rate, e.g. lr=1e-4")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
         raise ValueError(f"{_FN}: weight_decay must be >= 0, got weight_decay={weight_decay!r}; use 0.0 for none")
@@ -645,6 +691,14 @@ def create_directional_optimizer(
         if groups[r]
     ]
     in_optimizer = {id(p) for p in names}
+    if magnitude_lr_ratio != 1.0 and groups["magnitude"] and not groups["default"] and not groups["no_decay"]:
+        warnings.warn(
+            f"{_FN}: every trainable parameter ({len(groups['magnitude'])} tensors, e.g. "
+            f"{names[groups['magnitude'][0]]}) matched magnitude_patterns, so magnitude_lr_ratio={magnitude_lr_ratio} "
+            f"only rescales the whole model's LR to {lr * magnitude_lr_ratio:g}; set magnitude_lr_ratio=1.0 and choose "
+            "lr directly (SubspaceLoRA trains nothing but its cores)",
+            stacklevel=2,
+        )
 
     # ------------------------------------------------------------------ amplify targets
     targets: dict[str, torch.Tensor] = {}

@@ -84,6 +84,11 @@ class SpectralTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         args = self.args
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is not None:
+            factory, kwargs = self.optimizer_cls_and_kwargs
+            if factory is create_directional_optimizer and "args" not in kwargs and "lr" not in kwargs:
+                # the plain Trainer hands a factory no arguments; ours takes lr / weight decay / betas from them
+                self.optimizer_cls_and_kwargs = (factory, {**kwargs, "args": args})
         if (
             self.optimizer is None
             and self.optimizer_cls_and_kwargs is None
@@ -92,10 +97,7 @@ class SpectralTrainer(Trainer):
         ):
             self.optimizer = create_directional_optimizer(
                 model if model is not None else self.model,
-                lr=args.learning_rate,
-                weight_decay=args.weight_decay,
-                betas=(args.adam_beta1, args.adam_beta2),
-                eps=args.adam_epsilon,
+                args=args,
                 magnitude_lr_ratio=args.magnitude_lr_ratio,
                 magnitude_patterns=EXTRACTION_MAGNITUDE_PATTERNS if args.extract_warmup > 0 else DEFAULT_MAGNITUDE_PATTERNS,
                 spectral_clamp=args.spectral_clamp,
