@@ -3,7 +3,10 @@
 Used by NullSpaceLoRA (its tail eigenvectors) and later by OrthoSplit (an OBS-style Hessian proxy). Design points:
 
 * any batch size; padding tokens are dropped with the batch's attention mask;
-* sums are accumulated in float64 by default (configurable), normalised only when read;
+* sums are accumulated in float64 by default (configurable), normalised only when read, and stored packed: a sum of
+  x x^T is symmetric, so only its upper triangle is kept (d (d + 1) / 2 numbers instead of d^2). Float64 sums then
+  take no more memory than float32 full matrices (a SmolLM2 decoder layer: 13.4 MB for its four distinct inputs,
+  where PEFT's CorDA holds seven float32 covariances, 17.4 MB); `covariance(name)` unpacks one layer at a time;
 * layers that read the very same input tensor (q/k/v of an attention block, gate/up of a Llama MLP) are computed
   once: on the first batch each layer either owns its statistics or is an alias of the layer whose input it shares;
 * 2-D inputs (a BERT pooler) and 3-D inputs (tokens) both work;
@@ -19,13 +22,15 @@ Used by NullSpaceLoRA (its tail eigenvectors) and later by OrthoSplit (an OBS-st
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import os
 import re
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -37,7 +42,94 @@ from tqdm.auto import tqdm
 from .bnb_cpu import bnb_cpu_repack_disabled
 
 FORMAT = "peft_ext.activation_stats"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: each sum stored packed (upper triangle, row-major, 1-D); 1: full (d, d) matrices
+READABLE_VERSIONS = ("1", "2")
+
+
+# ------------------------------------------------------------------------------------ packed symmetric sums
+
+
+@functools.lru_cache(maxsize=16)
+def _triu_mask(n: int, device: str) -> torch.Tensor:
+    """(n, n) bool, True on and above the diagonal (1 byte per entry; one per size and device in use)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_()
+
+
+def packed_length(n: int) -> int:
+    """Numbers in the packed upper triangle of an (n, n) symmetric matrix."""
+    return n * (n + 1) // 2
+
+
+def packed_dim(length: int) -> int | None:
+    """n such that packed_length(n) == length, or None when `length` is not a triangular number."""
+    n = (math.isqrt(8 * length + 1) - 1) // 2
+    return n if n > 0 and packed_length(n) == length else None
+
+
+def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a square matrix, diagonal included, row by row, as a 1-D tensor."""
+    return m.masked_select(_triu_mask(m.shape[0], str(m.device)))
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric (n, n) matrix whose packed upper triangle is `packed` (inverse of `pack_symmetric`)."""
+    n = packed_dim(packed.numel())
+    if packed.dim() != 1 or n is None:
+        raise ValueError(f"a packed symmetric matrix is 1-D with n(n+1)/2 entries, got shape {tuple(packed.shape)}")
+    mask = _triu_mask(n, str(packed.device))
+    full = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
+    full.masked_scatter_(mask, packed)  # the upper triangle, row by row
+    full.T.masked_scatter_(mask, packed)  # the same numbers through the transpose: the lower triangle
+    return full
+
+
+def packed_diagonal_index(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of the diagonal entries (i, i) in a packed upper triangle: i n - i (i - 1) / 2."""
+    i = torch.arange(n, device=device, dtype=torch.int64)
+    return i * n - i * (i - 1) // 2
+
+
+def _sum_dim(s: torch.Tensor) -> int | None:
+    """d of a stored sum: (d, d) full or packed 1-D; None if it is neither."""
+    if s.dim() == 2 and s.shape[0] == s.shape[1] and s.shape[0] > 0:
+        return int(s.shape[0])
+    if s.dim() == 1:
+        return packed_dim(s.numel())
+    return None
+
+
+def _sum_diagonal(s: torch.Tensor) -> torch.Tensor:
+    return s.diagonal() if s.dim() == 2 else s[packed_diagonal_index(_sum_dim(s), s.device)]
+
+
+class _SumsView(MutableMapping):
+    """`ActivationStats.sums`: layer -> (d, d) sum of x x^T. Sums are stored packed; reading one through this view
+    unpacks it and keeps the full matrix in its place (so editing it in place, then `validate()`, works as before).
+    Use `ActivationStats.covariance(name)` to read without keeping a full copy."""
+
+    def __init__(self, store: dict[str, torch.Tensor]) -> None:
+        self._store = store
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        s = self._store[name]
+        if s.dim() == 1:
+            s = self._store[name] = unpack_symmetric(s)
+        return s
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self._store[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._store[name]
+
+    def __iter__(self):
+        return iter(self._store)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __repr__(self) -> str:
+        return f"<activation sums of {len(self)} layers: {list(self._store)[:4]}...>"
 
 
 def canonical_name(name: str) -> str:
@@ -94,7 +186,11 @@ def linear_in_features(module: nn.Module) -> int | None:
 
 
 class ActivationStats:
-    """Per-layer sums of x x^T and token counts. Read normalised covariances with `covariance(name)`."""
+    """Per-layer sums of x x^T and token counts. Read normalised covariances with `covariance(name)`.
+
+    `sums` may hold (d, d) matrices or packed upper triangles (1-D, `pack_symmetric`); collected statistics are
+    packed. `stats.sums[name]` always gives the (d, d) matrix.
+    """
 
     def __init__(
         self,
@@ -107,7 +203,7 @@ class ActivationStats:
         self.tokens = tokens
         self.aliases = dict(aliases or {})
         self.metadata = dict(metadata or {})
-        problem = _stats_problem(self.sums, self.tokens, self.aliases)
+        problem = _stats_problem(self._sums, self.tokens, self.aliases)
         if problem:
             raise ValueError(f"invalid activation statistics: {problem}; collect them with ActivationStats.collect")
 
@@ -116,45 +212,61 @@ class ActivationStats:
         a missing or non-integer or negative count, a tensor that is not a finite square float matrix with a
         non-negative diagonal, an alias without an owner. The constructor and `load` run it; run it again after
         editing `sums`/`tokens` by hand (`initialize_nullspace_lora` does, before it writes anything)."""
-        problem = _stats_problem(self.sums, self.tokens, self.aliases)
+        problem = _stats_problem(self._sums, self.tokens, self.aliases)
         if problem:
             raise ValueError(f"invalid activation statistics: {problem}; recollect them with ActivationStats.collect")
+
+    @property
+    def sums(self) -> MutableMapping:
+        return _SumsView(self._sums)
+
+    @sums.setter
+    def sums(self, value: Any) -> None:
+        if isinstance(value, _SumsView):
+            value = value._store
+        self._sums = value if isinstance(value, dict) or not isinstance(value, Mapping) else dict(value)
 
     # ---------------------------------------------------------------- reading
     @property
     def layers(self) -> list[str]:
         """Every layer with statistics, owners and aliases alike, in collection order."""
-        return list(self.sums) + [a for a in self.aliases if a not in self.sums]
+        return list(self._sums) + [a for a in self.aliases if a not in self._sums]
 
     def owner(self, name: str) -> str:
         """The layer whose statistics `name` shares (itself if it owns them)."""
-        if name in self.sums:
+        if name in self._sums:
             return name
         if name in self.aliases:
             return self.aliases[name]
         raise KeyError(f"no statistics for layer {name!r}; layers with statistics: {self.layers[:8]}...")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.sums or name in self.aliases
+        return name in self._sums or name in self.aliases
 
     def token_count(self, name: str) -> int:
         return int(self.tokens[self.owner(name)])
 
     def dim(self, name: str) -> int:
-        return int(self.sums[self.owner(name)].shape[0])
+        return int(_sum_dim(self._sums[self.owner(name)]))
+
+    def trace(self, name: str) -> float:
+        """The trace of the sum of x x^T of `name` (the total squared norm of its inputs), without unpacking it."""
+        return float(_sum_diagonal(self._sums[self.owner(name)]).sum())
 
     def covariance(self, name: str) -> torch.Tensor:
-        """E[x x^T] over the non-padding tokens that reached `name`, in the accumulation dtype."""
+        """E[x x^T] over the non-padding tokens that reached `name`, in the accumulation dtype: a new (d, d) tensor
+        (the stored sum stays packed)."""
         owner = self.owner(name)
         n = self.tokens[owner]
         if n == 0:
             raise ValueError(f"calibration reached layer {name!r} with zero tokens; feed data that reaches it")
-        return self.sums[owner] / n
+        s = self._sums[owner]
+        return unpack_symmetric(s).div_(n) if s.dim() == 1 else s / n
 
     def __repr__(self) -> str:
         return (
-            f"ActivationStats({len(self.sums)} distinct inputs for {len(self.layers)} layers, "
-            f"tokens={max(self.tokens.values(), default=0)}, dtype={next(iter(self.sums.values())).dtype if self.sums else None})"
+            f"ActivationStats({len(self._sums)} distinct inputs for {len(self.layers)} layers, "
+            f"tokens={max(self.tokens.values(), default=0)}, dtype={next(iter(self._sums.values())).dtype if self._sums else None})"
         )
 
     # ---------------------------------------------------------------- distributed
@@ -169,9 +281,9 @@ class ActivationStats:
         if world == 1:
             return self
         local = {
-            "dims": {n: int(s.shape[0]) for n, s in self.sums.items()},
+            "dims": {n: int(_sum_dim(s)) for n, s in self._sums.items()},
             "aliases": self.aliases,
-            "dtype": str(next(iter(self.sums.values())).dtype) if self.sums else None,
+            "dtype": str(next(iter(self._sums.values())).dtype) if self._sums else None,
         }
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, local)
@@ -187,16 +299,16 @@ class ActivationStats:
         dtype = next((getattr(torch, g["dtype"].split(".")[-1]) for g in gathered if g["dtype"]), torch.float64)
         device = _collective_device()
         names = list(dims)  # ordered union: rank 0's collection (model) order first, identical on every rank
-        for n in names:
-            buf = self.sums.get(n)
-            buf = torch.zeros(dims[n], dims[n], dtype=dtype) if buf is None else buf
-            buf = buf.to(device)
+        for n in names:  # every rank reduces the packed form (half the traffic), whatever form it held
+            buf = self._sums.get(n)
+            buf = torch.zeros(packed_length(dims[n]), dtype=dtype) if buf is None else buf
+            buf = (pack_symmetric(buf) if buf.dim() == 2 else buf).to(device)
             torch.distributed.all_reduce(buf)
-            self.sums[n] = buf.cpu()
+            self._sums[n] = buf.cpu()
         counts = torch.tensor([self.tokens.get(n, 0) for n in names], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(counts)
         self.tokens = {n: int(c) for n, c in zip(names, counts.tolist())}
-        self.sums = {n: self.sums[n] for n in names}
+        self._sums = {n: self._sums[n] for n in names}
         self.aliases = aliases
         self.metadata["world_size"] = world
         return self
@@ -210,14 +322,14 @@ class ActivationStats:
 
         meta = {**self.metadata, **(metadata or {})}
         tensors = {}
-        for n, s in self.sums.items():
-            tensors[f"sum::{n}"] = s.contiguous()
+        for n, s in self._sums.items():  # packed: a full (d, d) sum (built or edited by hand) keeps its upper triangle
+            tensors[f"sum::{n}"] = (pack_symmetric(s) if s.dim() == 2 else s).contiguous()
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "tokens": json.dumps({n: int(self.tokens[n]) for n in self.sums}),
+            "tokens": json.dumps({n: int(self.tokens[n]) for n in self._sums}),
             "aliases": json.dumps(self.aliases),
-            "order": json.dumps(list(self.sums)),
+            "order": json.dumps(list(self._sums)),
             "metadata": json.dumps(meta, default=str),
         }
         path = os.fspath(path)
@@ -244,11 +356,11 @@ class ActivationStats:
                         "create one with ActivationStats.save"
                     )
                 version = header.get("format_version")
-                if version != FORMAT_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise ValueError(
                         f"{path!r} has format_version={version!r}, but this peft_ext reads format_version "
-                        f"{FORMAT_VERSION!r} only: {redo} with this version of peft_ext (or use the peft_ext that "
-                        "wrote it)"
+                        f"{' or '.join(map(repr, READABLE_VERSIONS))}: {redo} with this version of peft_ext (or use "
+                        "the peft_ext that wrote it)"
                     )
                 fields = {}
                 for key, kind in (("order", list), ("tokens", dict), ("aliases", dict), ("metadata", dict)):
@@ -270,6 +382,12 @@ class ActivationStats:
                         raise ValueError(f"{path!r} lists layer {n!r} in its header but holds no tensor "
                                          f"'sum::{n}' for it: the file is damaged or was edited; {redo}")
                     sums[n] = f.get_tensor(f"sum::{n}")
+                    if sums[n].dim() != (2 if version == "1" else 1):
+                        raise ValueError(
+                            f"{path!r}: layer {n!r} has a tensor of shape {tuple(sums[n].shape)}, but format_version "
+                            f"{version} stores {'(d, d) matrices' if version == '1' else 'packed 1-D triangles'}: "
+                            f"the file is damaged or was edited; {redo}"
+                        )
         except SafetensorError as e:
             # safe_open checks the header against the file's size, so a truncated file fails here, before any read
             raise ValueError(f"{path!r} is not a readable safetensors file ({e}): it is truncated or corrupt; "
@@ -439,8 +557,9 @@ class StatsRecorder:
         self.share_inputs = share_inputs
         self._names = {id(m): n for n, m in self.targets.items()}
         self._handles: list[Any] = []
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # packed upper triangles (pack_symmetric), one per distinct input
         self.tokens: dict[str, int] = {}
+        self._diagonal: dict[str, torch.Tensor] = {}  # where each packed sum keeps its diagonal
         self.aliases: dict[str, str] = {}
         self._batch_index = -1
         self._in_batch = False
@@ -495,14 +614,17 @@ class StatsRecorder:
             self.aliases[name] = shared_with
             return
         xs = self._rows(x, name).to(self.dtype)
+        d = xs.shape[1]
         acc = self.sums.get(name)
         if acc is None:
-            acc = self.sums[name] = torch.zeros(xs.shape[1], xs.shape[1], dtype=self.dtype, device=xs.device)
+            acc = self.sums[name] = torch.zeros(packed_length(d), dtype=self.dtype, device=xs.device)
+            self._diagonal[name] = packed_diagonal_index(d, xs.device)
             self.tokens[name] = 0
-        acc.addmm_(xs.T, xs)
+        # the full (d, d) product exists only for this layer and this batch; the sum keeps its upper triangle
+        acc.add_(pack_symmetric(xs.T @ xs))
         # A NaN/Inf anywhere in a row shows up in its sum of squares on the diagonal, and the sums were finite
         # before this batch: checking d numbers names the batch as surely as checking every input (25x cheaper).
-        if not torch.isfinite(acc.diagonal()).all():
+        if not torch.isfinite(acc[self._diagonal[name]]).all():
             raise ValueError(
                 f"non-finite (NaN/Inf) input to layer {name!r} in calibration batch {self._batch_index}; "
                 "check the data of that batch and the model's dtype (fp16 overflow?)"
@@ -540,8 +662,9 @@ def _stats_problem(sums: Any, tokens: Any, aliases: Any) -> str | None:
             return f"the sum for layer {name!r} is a {type(s).__name__}, not a tensor"
         if s.dtype not in (torch.float32, torch.float64):
             return f"the sum for layer {name!r} has dtype {s.dtype}; statistics are float32 or float64"
-        if s.dim() != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
-            return f"the sum for layer {name!r} has shape {tuple(s.shape)}, not the (d, d) of a sum of x x^T"
+        if _sum_dim(s) is None:
+            return (f"the sum for layer {name!r} has shape {tuple(s.shape)}, neither the (d, d) of a sum of x x^T "
+                    "nor its packed upper triangle (1-D, d (d + 1) / 2 entries)")
         if name not in tokens:
             shown_names = sorted(map(str, tokens))[:4]
             return (f"the token table has no entry for layer {name!r} (it has {len(tokens)} entries, e.g. "
@@ -553,9 +676,10 @@ def _stats_problem(sums: Any, tokens: Any, aliases: Any) -> str | None:
             bad = int((~torch.isfinite(s)).sum())
             if bad:
                 return f"the sum for layer {name!r} holds {bad} non-finite (NaN/Inf) value(s) of {s.numel()}"
-            if bool((s.diagonal() < 0).any()):
+            diag = _sum_diagonal(s)
+            if bool((diag < 0).any()):
                 return (f"the sum for layer {name!r} has a negative diagonal entry (a sum of squares), "
-                        f"min {float(s.diagonal().min()):.3g}")
+                        f"min {float(diag.min()):.3g}")
     for alias, owner in aliases.items():
         if owner not in sums:
             return f"alias {alias!r} points at {owner!r}, which has no statistics"

@@ -174,8 +174,8 @@ def _rewrite(path, edit_tensors=None, **header):
     "edit, header, message",
     [
         (None, {"format_version": "999"},
-         r"has format_version='999', but this peft_ext reads format_version '1' only: recollect"),
-        (None, {"format_version": None}, r"has format_version=None, but this peft_ext reads format_version '1'"),
+         r"has format_version='999', but this peft_ext reads format_version '1' or '2': recollect"),
+        (None, {"format_version": None}, r"has format_version=None, but this peft_ext reads format_version '1' or '2'"),
         (None, {"tokens": json.dumps({"out": 11})}, r"the token table has no entry for layer 'q' \(it has 1 entries"),
         (None, {"tokens": json.dumps({"q": -11, "out": 11})}, r"the token count of layer 'q' is -11; a count is an integer >= 0"),
         (None, {"tokens": json.dumps({"q": 11.5, "out": 11})}, r"the token count of layer 'q' is 11\.5"),
@@ -185,15 +185,18 @@ def _rewrite(path, edit_tensors=None, **header):
         (lambda t: t.pop("sum::out"), {}, r"lists layer 'out' in its header but holds no tensor 'sum::out'"),
         (lambda t: t.update({"sum::q": t["sum::q"].to(torch.int64)}), {},
          r"the sum for layer 'q' has dtype torch\.int64; statistics are float32 or float64"),
-        (lambda t: t.update({"sum::q": t["sum::q"][:, :6].contiguous()}), {},
-         r"the sum for layer 'q' has shape \(8, 6\), not the \(d, d\) of a sum of x x\^T"),
-        (lambda t: t["sum::out"].__setitem__((1, 2), float("inf")), {},
-         r"the sum for layer 'out' holds 1 non-finite \(NaN/Inf\) value\(s\) of 144"),
-        (lambda t: t["sum::q"].__setitem__((3, 3), -1.0), {}, r"the sum for layer 'q' has a negative diagonal entry"),
+        (lambda t: t.update({"sum::q": t["sum::q"][:5].contiguous()}), {},
+         r"the sum for layer 'q' has shape \(5,\), neither the \(d, d\) of a sum of x x\^T nor its packed upper"),
+        (lambda t: t.update({"sum::q": torch.zeros(8, 8, dtype=t["sum::q"].dtype)}), {},
+         r"layer 'q' has a tensor of shape \(8, 8\), but format_version 2 stores packed 1-D triangles"),
+        (lambda t: t["sum::out"].__setitem__(1, float("inf")), {},
+         r"the sum for layer 'out' holds 1 non-finite \(NaN/Inf\) value\(s\) of 78"),
+        # (3, 3) of an 8 x 8 packed upper triangle sits at 3 * 8 - 3 * 2 / 2 = 21
+        (lambda t: t["sum::q"].__setitem__(21, -1.0), {}, r"the sum for layer 'q' has a negative diagonal entry"),
         (None, {"aliases": json.dumps({"k": "nope"})}, r"alias 'k' points at 'nope', which has no statistics"),
     ],
     ids=["version", "no-version", "token-missing", "token-negative", "token-float", "tokens-json", "no-order",
-         "aliases-type", "tensor-missing", "dtype", "shape", "inf", "negative-diagonal", "alias"],
+         "aliases-type", "tensor-missing", "dtype", "shape", "full-in-v2", "inf", "negative-diagonal", "alias"],
 )
 def test_load_names_the_file_and_what_is_wrong(tmp_path, edit, header, message):
     path = _saved_stats(tmp_path)
@@ -298,3 +301,58 @@ def test_fingerprint_of_a_tensor_above_float32_exact_integers():
     with torch.no_grad():
         big.weight[-1, -1] += 1.0  # the last entry is among the sampled ones
     assert model_fingerprint(big) != a
+
+
+# ------------------------------------------------------------------ packed symmetric storage (issue 14, section 3)
+def test_pack_unpack_round_trip_and_diagonal_positions():
+    from peft_ext.stats import pack_symmetric, packed_diagonal_index, packed_dim, packed_length, unpack_symmetric
+
+    x = torch.randn(7, 5, dtype=torch.float64)
+    m = x.T @ x
+    m = (m + m.T) / 2
+    p = pack_symmetric(m)
+    assert p.shape == (packed_length(5),) == (15,)
+    # row-major upper triangle: row 0 holds m[0, 0..4], row 1 m[1, 1..4], ...
+    assert torch.equal(p[:5], m[0]) and torch.equal(p[5:9], m[1, 1:]) and p[-1] == m[4, 4]
+    assert torch.equal(unpack_symmetric(p), m)
+    assert torch.equal(p[packed_diagonal_index(5)], m.diagonal())
+    assert [packed_dim(k) for k in (1, 3, 6, 15, 5, 0)] == [1, 2, 3, 5, None, None]
+    with pytest.raises(ValueError, match=r"1-D with n\(n\+1\)/2 entries, got shape \(5,\)"):
+        unpack_symmetric(torch.zeros(5))
+
+
+def test_collected_sums_are_packed_and_equal_the_full_sum():
+    """The stored sum is the packed upper triangle of sum x x^T (half the memory), and every reader gives the full one."""
+    torch.manual_seed(0)
+    batches = [torch.randn(6, 8), torch.randn(5, 8)]
+    stats = ActivationStats.collect(Toy(), batches, ["q", "k", "out"], progress=False)
+    xs = []
+    model = Toy()
+    h = model.q.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h.remove()
+    x = torch.cat(xs)
+    want = x.T @ x
+    stored = stats._sums["q"]
+    assert stored.dim() == 1 and stored.numel() == 8 * 9 // 2
+    torch.testing.assert_close(stats.covariance("q"), want / x.shape[0], rtol=1e-12, atol=1e-12)
+    assert stats._sums["q"].dim() == 1  # covariance() did not keep a full copy
+    assert stats.trace("q") == pytest.approx(float(want.trace()), rel=1e-12)
+    assert stats.dim("k") == 8 and stats.sums["q"].shape == (8, 8)  # reading through .sums gives (d, d)
+
+
+def test_version_1_files_with_full_matrices_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    stats = ActivationStats.collect(Toy(), [torch.randn(6, 8), torch.randn(5, 8)], ["q", "k", "out"], progress=False)
+    path = tmp_path / "old.safetensors"
+    stats.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    full = {f"sum::{n}": stats.sums[n].contiguous() for n in stats.sums}
+    save_file(full, path, metadata={**meta, "format_version": "1"})
+    old = ActivationStats.load(path)
+    for n in ("q", "k", "out"):
+        torch.testing.assert_close(old.covariance(n), stats.covariance(n), rtol=0, atol=0)
