@@ -6,6 +6,8 @@ An adapter whose update is exactly `delta W = s * B @ A` is written as `lora_A =
 
 from __future__ import annotations
 
+import ast
+import enum
 import json
 import os
 from collections import Counter
@@ -21,6 +23,9 @@ from .files import atomic_directory
 from .stats import canonical_name
 
 EXPORT_MARKER = "peft_ext_export.json"  # written next to an exported adapter: where it came from
+# PeftConfig fields that hold sets in memory (`target_modules` becomes a set in __post_init__). Written as sorted lists;
+# markers written before that stored them as the set's repr, e.g. "{'value', 'query'}", which read_export_marker parses.
+_SET_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 
 
 def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, Any]:
@@ -119,5 +124,56 @@ def export_to_lora(model: nn.Module, out_dir: str | os.PathLike, adapter_name: s
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
-            json.dump(marker, f, indent=2, default=str)
+            json.dump(marker, f, indent=2, default=_json_value)
     return out_dir
+
+
+def _json_value(value: Any) -> Any:
+    """What json.dump cannot write itself: sets as sorted lists (a set's repr is not JSON and its order is random),
+    enums as their value; anything else as its str (provenance only: an export must not fail on it)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value)
+
+
+def read_export_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The `peft_ext_export.json` beside an exported adapter, or None when there is none.
+
+    Set-valued fields of `source_config` come back as sorted lists, also from markers written before peft-ext stored
+    them as lists (those hold the set's repr, "{'query', 'value'}"). A marker that is not JSON, not an object, or
+    holds such a field in another shape raises ValueError naming the file, the field and the fix.
+    """
+    path = os.path.join(os.fspath(folder), EXPORT_MARKER)
+    if not os.path.isfile(path):
+        return None
+    fix = "re-export the adapter with peft_ext.export_to_lora (or `peft-ext export-lora`), or delete the file"
+    try:
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from e
+    if not isinstance(marker, dict):
+        raise ValueError(f"{path} holds a {type(marker).__name__}, not an object; {fix}")
+    source = marker.get("source_config")
+    if source is None:
+        return marker
+    if not isinstance(source, dict):
+        raise ValueError(f"{path}: source_config={source!r} is not an object; {fix}")
+    for key in _SET_FIELDS:
+        value = source.get(key)
+        if value == "set()":  # an old marker's empty set
+            source[key] = []
+        elif isinstance(value, str) and value.startswith("{") and value.endswith("}"):  # an old marker's set repr
+            try:
+                parsed = ast.literal_eval(value)  # literals only: never evaluates code
+            except (ValueError, SyntaxError):
+                parsed = None
+            if not isinstance(parsed, (set, dict)) or not all(isinstance(v, str) for v in parsed):
+                raise ValueError(f"{path}: source_config.{key}={value!r} is neither a list nor a set of module "
+                                 f"names; {fix}")
+            source[key] = sorted(parsed)
+        elif isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{path}: source_config.{key}={value!r} must be a list of module names; {fix}")
+    return marker
