@@ -16,6 +16,23 @@ accepts the connection and never answers would block forever); idempotent reques
 (`RETRY_WAITS`); what still fails raises `HubTransferError` (an OSError; `HubTimeoutError` is also a TimeoutError)
 with one line naming the server, the request, what happened to the data and what to do.
 
+What a push uploads from a folder: every file but hidden ones, the training state a `Trainer` writes next to the
+adapter (`training_args.bin`, `optimizer.pt`, `scheduler.pt`, `rng_state*.pth`, `scaler.pt`, `trainer_state.json`,
+`checkpoint-*/`, ...: skipped, with one warning naming them; see `TRAINER_FILES`), so `trainer.save_model(dir)` and
+checkpoint folders push as they are. Any other pickle (`.bin`, `.pt`, `.pth`, `.pkl`, ...) is refused, including an
+`adapter_model.bin` beside the safetensors weights (two copies of the weights that may differ: the user decides which
+one is the adapter). Tokenizer and processor files (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`,
+`tokenizer.model`, ...: JSON, text or protobuf, never pickle) are uploaded and pulled: the chat template and added
+tokens a model was trained with belong with the adapter, as TRL's `SFTTrainer.push_to_hub` does.
+
+The model card merges with the folder's own README.md (PEFT's or TRL's): its metadata (`pipeline_tag`, `tags`,
+`model-index`, `datasets`, ...) and its text are kept, ours is added (method, configuration, calibration, report, the
+peft-ext tags, training hyperparameters and framework versions) inside a marked block that the next push replaces.
+PEFT's empty template text is dropped. The pushed `adapter_config.json` names the base by its Hub id (`base_model=`
+or the recorded one), checked to exist on the server pushed to; a base recorded as a local path is refused unless
+`base_model=` names it. The license is `license=`, else the folder's card's, else the base model's card's (on the
+Hub, or a local base folder's README.md); when none says, a push is refused rather than guessing one.
+
 Kinds of adapter and their cards (templates in `hub_cards/`): `nullspace_lora`, `subspace_lora` (our PEFT types),
 `lorax` (a LoRA written by the LoRA-X converter: it has a `lorax_report.json`), `lora_export` (a LoRA exported from a
 peft-ext adapter: `export_to_lora` writes a `peft_ext_export.json` marker next to it) and `lora` (any other LoRA).
@@ -25,6 +42,7 @@ from __future__ import annotations
 
 import contextvars
 import fnmatch
+import importlib.metadata
 import json
 import math
 import os
@@ -49,10 +67,17 @@ from huggingface_hub import (
     ModelCardData,
     hf_hub_download,
 )
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import get_session, validate_repo_id
 
-from .export import EXPORT_MARKER
+from .export import EXPORT_MARKER, read_export_marker
 from .files import atomic_directory
 from .nullspace.initialize import NullSpaceReport
 from .registry import missing_type_hint
@@ -68,7 +93,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # A push replaces these as a set: one the new upload lacks is deleted on the Hub in the same commit, so a branch
 # never mixes two adapters' files (say, an old lorax_report.json next to a NullSpaceLoRA adapter).
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin", NULLSPACE_REPORT, LORAX_REPORT, EXPORT_MARKER)
-PULL_PATTERNS = ["*.json", "*.safetensors", CARD_FILE]  # never pickles
+# What a Trainer (and accelerate/DeepSpeed under it) writes beside the adapter that is not part of it: training state
+# for resuming, mostly pickles. A push skips these (top level of the folder only) with one warning; transformers'
+# own Trainer push ignores checkpoint-*/ the same way.
+TRAINER_FILES = ("training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state.pth",
+                 "rng_state_*.pth", "trainer_state.json", "pytorch_model_fsdp*.bin", "zero_to_fp32.py", "latest")
+TRAINER_DIRS = ("checkpoint-*", "runs", "global_step*", "optimizer_*", "pytorch_model_fsdp_*")
+# Tokenizer/processor files a Trainer or TRL saves with the adapter: none is a pickle, so they are uploaded and pulled
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model",
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
+PULL_PATTERNS = ["*.json", "*.safetensors", CARD_FILE, *TOKENIZER_FILES]  # never pickles
 MAX_TABLE_ROWS = 64  # report tables longer than this are cut; the JSON in the repo has every layer
 # Seconds to wait for the server to accept a connection, and then for each piece of its answer (httpx's connect/read/
 # write/pool timeouts). Long enough for the Hub to process a large commit before it answers; a server that stops
@@ -79,6 +115,14 @@ DEFAULT_TIMEOUT = 60.0
 RETRY_WAITS = (1.0, 2.0, 4.0)
 RETRY_STATUS = (429, 500, 502, 503, 504)  # busy or failing server: worth another try
 # Hub license ids (huggingface.co/docs/hub/repositories-licenses) are lowercase: apache-2.0, cc-by-4.0, openrail++
+# Our part of a model card, between these lines: the folder's own card is kept around it, and the next push (say, of a
+# pulled copy) replaces the block instead of nesting a second one
+CARD_BEGIN = "<!-- peft-ext card: begin (regenerated by every peft-ext push; edit outside this block) -->"
+CARD_END = "<!-- peft-ext card: end -->"
+# PEFT task type -> the Hub pipeline tag, set when the folder's card has none (PEFT does this for causal LMs)
+TASK_TO_PIPELINE = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation",
+                    "SEQ_CLS": "text-classification", "TOKEN_CLS": "token-classification",
+                    "QUESTION_ANS": "question-answering", "FEATURE_EXTRACTION": "feature-extraction"}
 LICENSE_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 # bits per element of each safetensors dtype, to check every tensor's byte span against its shape
 SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
@@ -139,17 +183,48 @@ LORAX_SUMMARY_NUMBERS = ("energy_kept", "mean_phi_u", "mean_phi_v")
 # ------------------------------------------------------------------------------------------------ adapter folders
 
 
-def read_adapter_config(adapter_dir: PathLike) -> dict[str, Any]:
-    """adapter_config.json of a local adapter folder, with errors that say how to get a valid one."""
-    folder = Path(adapter_dir)
-    if not folder.is_dir():
-        raise ValueError(f"adapter_dir={str(adapter_dir)!r} is not a directory; pass the folder written by "
-                         "model.save_pretrained(folder)")
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"adapter_dir={str(adapter_dir)!r} has no {CONFIG_FILE}, so it is not a PEFT adapter folder; "
-                         "write one with model.save_pretrained(folder) on a PeftModel")
-    return _read_config(path, "re-save the adapter with model.save_pretrained(folder)")
+def read_adapter_config(adapter: PathLike, *, revision: str | None = None, token: str | None = None,
+                        field: str = "adapter") -> dict[str, Any]:
+    """adapter_config.json of a local adapter folder or a Hub repo id, validated: UTF-8 JSON, an object, with a
+    `peft_type` string. Every error names the folder or repo (as `field`), the file and the fix.
+
+    The one reader of adapter configs in peft-ext (the CLI, the Hub cards and LoRA-X use it). A Hub id is read
+    through huggingface_hub (HF_ENDPOINT, HF_TOKEN, the cache and HF_HUB_OFFLINE apply), at `revision`.
+    """
+    name = os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
+    if not isinstance(name, str):
+        raise TypeError(f"{field}={adapter!r} must be an adapter folder or a Hub repo id (str or os.PathLike)")
+    folder = Path(name)
+    if folder.is_dir():
+        path = folder / CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"{field}={name!r} has no {CONFIG_FILE}, so it is not a PEFT adapter folder; write one "
+                             "with model.save_pretrained(folder) on a PeftModel")
+        return _read_config(path, "re-save the adapter with model.save_pretrained(folder)")
+    if folder.exists():
+        raise ValueError(f"{field}={name!r} is a file; pass the directory that holds it (or a Hub repo id)")
+    if not _is_repo_id(name):
+        raise FileNotFoundError(f"{field}={name!r}: no such directory (and not a Hub repo id); check the path")
+    from huggingface_hub import constants
+
+    try:
+        path = hf_hub_download(name, CONFIG_FILE, revision=revision, token=token)
+    except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and nothing cached
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} could not be reached"
+        raise FileNotFoundError(f"{field}={name!r} is not a local directory, and it is not in the Hub cache ({why}); "
+                                "pass a local directory, or unset HF_HUB_OFFLINE and check the network") from e
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {name!r} has no revision {revision!r}; check the branch, tag or commit "
+                                "sha") from e
+    except RepositoryNotFoundError as e:  # also what the Hub answers for a private repo without a token
+        raise FileNotFoundError(f"{field}={name!r} is not a local directory, and {constants.ENDPOINT} has no repo "
+                                f"{name!r} that you can see; check the path or repo id, and if the repo is private "
+                                "or gated log in with `hf auth login` (or set HF_TOKEN)") from e
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(f"Hub repo {name!r} has no {CONFIG_FILE}, so it is not a PEFT adapter repo; check "
+                                "the repo id") from e
+    return _read_config(Path(path), f"ask the owner of {name!r} to push the adapter again (model.push_to_hub)",
+                        f"Hub repo {name!r}: {CONFIG_FILE}")
 
 
 def _read_config(path: Path, fix: str, label: str | None = None) -> dict[str, Any]:
@@ -173,7 +248,7 @@ def _read_json(path: Path, fix: str, label: str | None = None) -> Any:
 
 def adapter_kind(adapter_dir: PathLike) -> str:
     """Which card an adapter folder gets: its PEFT type, and for LoRAs the report or marker beside it."""
-    peft_type = read_adapter_config(adapter_dir)["peft_type"]
+    peft_type = _local_config(adapter_dir)["peft_type"]
     folder = Path(adapter_dir)
     if peft_type == "LORA":
         if (folder / LORAX_REPORT).is_file():
@@ -199,16 +274,38 @@ def validate_adapter_dir(adapter_dir: PathLike) -> list[str]:
 
 def _checked_adapter_files(adapter_dir: PathLike) -> dict[str, Path]:
     """validate_adapter_dir, returning for each file the path to read (a link's validated target)."""
-    read_adapter_config(adapter_dir)  # the plain "not an adapter folder" errors first
+    return _checked_and_skipped(adapter_dir)[0]
+
+
+def _checked_and_skipped(adapter_dir: PathLike) -> tuple[dict[str, Path], list[str]]:
+    """The validated files to upload, and the Trainer files left out (see TRAINER_FILES)."""
+    _local_config(adapter_dir)  # the plain "not an adapter folder" errors first
     where = f"adapter_dir={str(adapter_dir)!r}"
-    files = _adapter_files(Path(adapter_dir), where)
+    skipped: list[str] = []
+    files = _adapter_files(Path(adapter_dir), where, skipped)
     _validate_adapter_files(Path(adapter_dir), files, where, lambda name: str(Path(adapter_dir) / name),
                             "re-save the adapter with model.save_pretrained(folder)")
-    return files
+    return files, skipped
 
 
-def _adapter_files(folder: Path, where: str) -> dict[str, Path]:
+def _local_config(adapter_dir: Any) -> dict[str, Any]:
+    """read_adapter_config for what must be a local folder (a push, a card): a repo id is not looked up."""
+    shown = os.fspath(adapter_dir) if isinstance(adapter_dir, (str, os.PathLike)) else adapter_dir
+    if not isinstance(shown, str) or not Path(shown).is_dir():
+        raise ValueError(f"adapter_dir={shown!r} is not a directory; pass the folder written by "
+                         "model.save_pretrained(folder) or trainer.save_model(folder)")
+    return read_adapter_config(shown, field="adapter_dir")
+
+
+def _is_trainer_file(name: str, is_dir: bool) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in (TRAINER_DIRS if is_dir else TRAINER_FILES))
+
+
+def _adapter_files(folder: Path, where: str, skipped: list[str] | None = None) -> dict[str, Path]:
     """Every non-hidden file under `folder` that a push uploads: relative POSIX name -> the path to read.
+
+    At the top of the folder, what a Trainer writes beside the adapter (TRAINER_FILES, TRAINER_DIRS) is left out and
+    listed in `skipped` (directories with a trailing "/"), before any other check: it is never read.
 
     A link is followed only to a regular file inside the folder (a link to a token or a private file elsewhere would
     be uploaded otherwise), or, for a snapshot folder of the huggingface_hub cache (what `pull_adapter()` returns),
@@ -226,9 +323,13 @@ def _adapter_files(folder: Path, where: str) -> dict[str, Path]:
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=refuse_walk_error):
         here = Path(dirpath)
+        top = here == root
         for name in list(dirnames):
             if name.startswith("."):
                 dirnames.remove(name)
+            elif top and skipped is not None and _is_trainer_file(name, is_dir=True):
+                dirnames.remove(name)
+                skipped.append(name + "/")
             elif (here / name).is_symlink():
                 rel = (here / name).relative_to(root).as_posix()
                 raise ValueError(f"{where}: {rel!r} is a link to a directory ({os.readlink(here / name)}); peft-ext "
@@ -236,6 +337,9 @@ def _adapter_files(folder: Path, where: str) -> dict[str, Path]:
                                  "it with a real folder holding the files, or remove it")
         for name in filenames:
             if name.startswith("."):
+                continue
+            if top and skipped is not None and _is_trainer_file(name, is_dir=False):
+                skipped.append(name)
                 continue
             path = here / name
             rel = path.relative_to(root).as_posix()
@@ -265,6 +369,13 @@ def _validate_adapter_files(folder: Path, files: dict[str, Path], where: str, la
                             fix: str) -> None:
     """The checks a complete, safe adapter passes: shared by push (a local folder) and pull (a downloaded commit)."""
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    if "adapter_model.bin" in pickles and WEIGHTS_FILE in files:
+        raise ValueError(
+            f"{where} holds adapter_model.bin next to {WEIGHTS_FILE}: two copies of the adapter weights that may "
+            f"differ (PEFT loads {WEIGHTS_FILE}), and the .bin is a pickle, which peft-ext never uploads (loading a "
+            "pickle can run arbitrary code). Delete adapter_model.bin if the safetensors file is the adapter, or "
+            "re-save it with model.save_pretrained(folder, safe_serialization=True)"
+        )
     if pickles:
         raise ValueError(
             f"{where} holds pickle files {pickles}: loading a pickle can run arbitrary code, so peft-ext does not "
@@ -366,38 +477,61 @@ def render_card(
     *,
     repo_id: str | None = None,
     base_model: str | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     calibration: str | None = None,
     extra_tags: Iterable[str] = (),
     kind: str | None = None,
     report: NullSpaceReport | PathLike | dict[str, Any] | None = None,
+    training_args: Any = None,
 ) -> ModelCard:
-    """The model card (README.md) for an adapter folder, from the `hub_cards/` template of its kind.
+    """The model card (README.md) for an adapter folder: the `hub_cards/` template of its kind, merged with the
+    folder's own README.md (PEFT's or TRL's card) when it has one.
 
     `base_model` names the base on the Hub; by default it is the adapter's `base_model_name_or_path` (for LoRA-X,
-    the report's `target_base`) when that is a Hub id; a local path is left out of the metadata (with a warning),
-    since the Hub links base models by id. `report` is a NullSpaceLoRA verification report (object, JSON path or
-    dict); without it the folder's `nullspace_report.json` is used if present.
+    the report's `target_base`) when that is a Hub id; a local path is left out of the metadata (with a warning;
+    `push_adapter` refuses it instead). `license`: by default the folder card's, else the license in the README.md of
+    a local base folder the adapter records; when none is known this raises (`push_adapter` also reads the base's
+    card on the Hub). `report` is a NullSpaceLoRA verification report (object, JSON path or dict); without it the
+    folder's `nullspace_report.json` is used if present. `training_args` (a `transformers.TrainingArguments`, or a
+    dict of name -> value) adds the training hyperparameters; without it they come from the folder's
+    `trainer_state.json` when a Trainer checkpoint has one. The merge keeps the folder card's metadata and text and
+    puts ours in a block marked by CARD_BEGIN/CARD_END (see the module docstring).
     """
-    config = read_adapter_config(adapter_dir)
+    return _render_card(adapter_dir, repo_id=repo_id, base_model=base_model, license=license,
+                        calibration=calibration, extra_tags=extra_tags, kind=kind, report=report,
+                        training_args=training_args)[0]
+
+
+def _render_card(adapter_dir: PathLike, *, repo_id: str | None, base_model: str | None, license: str | None,
+                 calibration: str | None, extra_tags: Iterable[str], kind: str | None,
+                 report: NullSpaceReport | PathLike | dict[str, Any] | None, training_args: Any,
+                 base_card: dict[str, Any] | None = None, require_base: bool = False) -> tuple[ModelCard, str | None]:
+    """render_card, also returning the base's Hub id. `base_card`: the base model's card metadata as read from the
+    Hub by push_adapter (for its license); `require_base`: refuse a base known only as a local path (a push)."""
+    config = _local_config(adapter_dir)
+    folder = Path(adapter_dir)
     kind = _check_kind(kind if kind is not None else adapter_kind(adapter_dir))
     spec = CARD_KINDS[kind]
     if repo_id is not None:
         _check_repo_id(repo_id)
-    _check_license(license)
+    if license is not None:
+        _check_license(license)
     extra_tags = _check_tags(extra_tags)
     if calibration is not None and not isinstance(calibration, str):
         raise TypeError(f"calibration={calibration!r} must be a string (one line on the calibration data, shown in "
                         "the card) or None")
     if report is not None and kind != "nullspace_lora":
         raise ValueError(f"report= is a NullSpaceLoRA verification report, but this adapter is a {kind!r}; drop it")
-    lorax = _lorax_report(Path(adapter_dir)) if kind == "lorax" else None
-    hub_base = _base_model_id(base_model, lorax["target_base"] if lorax else config.get("base_model_name_or_path"))
+    hyperparameters = _hyperparameters(training_args, folder)
+    lorax = _lorax_report(folder) if kind == "lorax" else None
+    recorded = lorax["target_base"] if lorax else config.get("base_model_name_or_path")
+    hub_base = _base_model_id(base_model, recorded, require=require_base)
+    own = _folder_card(folder)
+
     shown_base = f"`{hub_base}`" if hub_base else "a local base model (not named on the Hub)"
-    tags = list(dict.fromkeys(["peft", "peft-ext", *spec.tags,
-                               *([f"base_model:adapter:{hub_base}"] if hub_base else []), *extra_tags]))
-    data = ModelCardData(library_name="peft", base_model=hub_base, license=license, tags=tags)
     repo = repo_id or "<namespace>/<adapter>"
+    body, fw_present, has_hyperparameters = _foreign_body(own)
+    framework = [line for line in _framework_lines(config) if not _listed(line, fw_present)]
     variables: dict[str, Any] = {
         "title": spec.title,
         "repo_id": repo,
@@ -410,15 +544,226 @@ def render_card(
         "calibration": calibration,
         "report_table": None,
         "report_summary": None,
+        # what the folder's card already says is not said twice (the merge below adds to its sections instead)
+        "training_hyperparameters": None if has_hyperparameters or "## Training procedure" in body.splitlines()
+        else _hyperparameter_lines(hyperparameters),
+        "framework_versions": None if fw_present is not None else "\n".join(framework),
     }
     if kind == "nullspace_lora":
-        variables.update(_nullspace_variables(_nullspace_report(Path(adapter_dir), report), config))
+        variables.update(_nullspace_variables(_nullspace_report(folder, report), config))
     elif kind == "lorax":
         variables.update(_lorax_variables(lorax))
     elif kind == "lora_export":
-        variables["export_source"] = _export_source(Path(adapter_dir))
+        variables["export_source"] = _export_source(folder)
     with resources.as_file(template_path(spec.template)) as path:
-        return ModelCard.from_template(data, template_path=str(path), **variables)
+        ours = ModelCard.from_template(ModelCardData(), template_path=str(path), **variables)
+    ours_text = ours.text.strip("\n")
+    if body.strip():  # the folder's card leads (its title and text); ours follows as one section
+        lines = ours_text.splitlines()
+        if lines and lines[0].startswith("# "):
+            lines[0] = f"## About this adapter: {spec.title} (peft-ext)"
+        ours_text = "\n".join(lines)
+        body = _add_to_sections(body, framework if fw_present is not None else [],
+                                None if has_hyperparameters else _hyperparameter_lines(hyperparameters))
+    merged = (body.rstrip() + "\n\n" if body.strip() else "") + f"{CARD_BEGIN}\n{ours_text}\n{CARD_END}\n"
+    licensing = _license(license, own, base_card, recorded)  # last: every input error is said first
+    data = _merged_metadata(own.data if own is not None else ModelCardData(), spec, hub_base, licensing, config,
+                            extra_tags)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{merged}"), hub_base
+
+
+def _folder_card(folder: Path) -> ModelCard | None:
+    """The folder's own README.md (what PEFT's save_pretrained or TRL wrote, perhaps edited), parsed."""
+    path = folder / CARD_FILE
+    if not path.is_file():
+        return None
+    fix = "fix it, or move README.md out of the folder (its text and metadata are merged into the pushed card)"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); {fix}") from e
+    if not text.startswith("---"):
+        text = "---\n---\n" + text  # no metadata block: huggingface_hub would log that it found none
+    try:
+        return ModelCard(text)
+    except Exception as e:  # noqa: BLE001 - yaml's errors or huggingface_hub's ValueError: the block does not parse
+        raise ValueError(f"{path}: its YAML metadata block does not parse ({_one_line(e)}); {fix}") from e
+
+
+def _foreign_body(own: ModelCard | None) -> tuple[str, list[str] | None, bool]:
+    """The folder card's text without our previous block and without PEFT's empty template: (text, the lines of its
+    "### Framework versions" section or None when it has none, whether it lists training hyperparameters)."""
+    if own is None:
+        return "", None, False
+    text = own.text
+    begin, end = text.find(CARD_BEGIN), text.find(CARD_END)
+    if begin != -1 and end > begin:  # our block from an earlier push (a pulled copy pushed again): replaced
+        text = text[:begin] + text[end + len(CARD_END):]
+    lines = text.splitlines()
+    fw = _section(lines, "### Framework versions")
+    without_fw = lines[:fw[0]] + lines[fw[1]:] if fw else lines
+    if _squash("\n".join(without_fw)) == _squash(ModelCard.from_template(ModelCardData()).text):
+        return "", None, False  # PEFT's save_pretrained card: huggingface_hub's empty template + "- PEFT x.y"
+    fw_lines = lines[fw[0] + 1:fw[1]] if fw else None
+    return text.strip("\n"), fw_lines, _section(lines, "### Training hyperparameters") is not None
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _section(lines: list[str], heading: str) -> tuple[int, int] | None:
+    """[start, end) of the markdown section under `heading` (a line of its own, outside code blocks): up to the next
+    heading of the same or a higher level."""
+    level = len(heading) - len(heading.lstrip("#"))
+    start, fenced = None, False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        if start is None:
+            if line.strip() == heading:
+                start = i
+        elif line.startswith("#") and len(line) - len(line.lstrip("#")) <= level and \
+                line[len(line) - len(line.lstrip("#")):].startswith(" "):
+            return start, i
+    return (start, len(lines)) if start is not None else None
+
+
+def _add_to_sections(body: str, framework: list[str], hyperparameters: str | None) -> str:
+    """Our framework version lines into the folder card's "### Framework versions" list, and our hyperparameters
+    into its "## Training procedure" (before its framework versions), as PEFT adds its version to a card."""
+    lines = body.splitlines()
+    fw = _section(lines, "### Framework versions")
+    if fw and framework:
+        at = fw[1]
+        while at > fw[0] + 1 and not lines[at - 1].strip():
+            at -= 1
+        lines[at:at] = framework
+    procedure = _section(lines, "## Training procedure")
+    if procedure and hyperparameters:
+        fw = _section(lines, "### Framework versions")
+        at = fw[0] if fw and procedure[0] < fw[0] < procedure[1] else procedure[1]
+        lines[at:at] = ["### Training hyperparameters", "", *hyperparameters.splitlines(), ""]
+    return "\n".join(lines)
+
+
+def _listed(line: str, present: list[str] | None) -> bool:
+    """Whether a framework line ("- PEFT 0.21.2") names a library the card's list already has ("- PEFT 0.21.2",
+    "- PEFT: 0.21.2")."""
+    name = line[2:].split(" ")[0].lower()
+    return any(re.match(rf"-\s*{re.escape(name)}(:|\s)", p.strip().lower()) for p in present or [])
+
+
+def _framework_lines(config: dict[str, Any]) -> list[str]:
+    """What is known of the versions: the PEFT that saved the adapter (adapter_config.json's peft_version) and the
+    peft-ext that wrote this card."""
+    lines = []
+    if isinstance(config.get("peft_version"), str) and config["peft_version"].strip():
+        lines.append(f"- PEFT {config['peft_version'].strip()}")
+    try:
+        version = importlib.metadata.version("peft-ext")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version:
+        lines.append(f"- peft-ext {version}")
+    return lines
+
+
+def _hyperparameters(training_args: Any, folder: Path) -> dict[str, Any]:
+    """Training hyperparameters as transformers' Trainer cards list them: from `training_args`, else from a Trainer
+    checkpoint's trainer_state.json (never from training_args.bin: a pickle, never opened)."""
+    if training_args is not None:
+        if isinstance(training_args, dict):
+            if not all(isinstance(k, str) for k in training_args):
+                raise TypeError(f"training_args={training_args!r} must map hyperparameter names (str) to values")
+            return dict(training_args)
+        from transformers import TrainingArguments
+        from transformers.modelcard import extract_hyperparameters_from_trainer
+
+        if not isinstance(training_args, TrainingArguments):
+            raise TypeError(f"training_args must be a transformers.TrainingArguments (trainer.args) or a dict of "
+                            f"hyperparameters, got {type(training_args).__name__}")
+        # the function transformers' own card uses; it reads trainer.args only
+        return extract_hyperparameters_from_trainer(type("T", (), {"args": training_args})())
+    path = folder / "trainer_state.json"
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        state = None  # training state, not part of the adapter (never uploaded): the card just does without it
+    if not isinstance(state, dict):
+        return {}
+    found = {"train_batch_size": state.get("train_batch_size"),
+             "training_steps": state.get("max_steps") if (state.get("max_steps") or 0) > 0 else None,
+             "num_epochs": state.get("num_train_epochs"), "steps_done": state.get("global_step")}
+    return {k: v for k, v in found.items() if _is_number(v)}
+
+
+def _hyperparameter_lines(hyperparameters: dict[str, Any]) -> str | None:
+    if not hyperparameters:
+        return None
+    return "The following hyperparameters were used during training:\n" + "\n".join(
+        f"- {k}: {_round(v)}" for k, v in hyperparameters.items())
+
+
+def _round(value: Any) -> Any:
+    return f"{value:.4g}" if isinstance(value, float) else getattr(value, "value", value)
+
+
+def _license(explicit: str | None, own: ModelCard | None, base_card: dict[str, Any] | None,
+             recorded: Any) -> dict[str, str]:
+    """{license, license_name?, license_link?}: `license=`, else the folder card's, else the base model's card's
+    (read from the Hub by push_adapter, or the README.md of a local base folder); else refused."""
+    if explicit is not None:
+        return {"license": explicit}
+    candidates = []
+    if own is not None:
+        candidates.append(("the adapter folder's README.md", own.data.to_dict()))
+    if base_card is not None:
+        candidates.append(("the base model's card on the Hub", base_card))
+    if isinstance(recorded, str) and recorded and os.path.isfile(os.path.join(recorded, CARD_FILE)):
+        try:
+            local = ModelCard.load(os.path.join(recorded, CARD_FILE), ignore_metadata_errors=True).data.to_dict()
+        except Exception:  # noqa: BLE001 - a base card we cannot read says nothing about the license
+            local = {}
+        candidates.append((f"{recorded}/README.md", local))
+    for _, meta in candidates:
+        value = meta.get("license")
+        if isinstance(value, str) and LICENSE_RE.match(value):
+            found = {"license": value}
+            if value == "other":  # the Hub's way to name a custom license (llama3, gemma, ...): keep its name/link
+                found.update({k: meta[k] for k in ("license_name", "license_link") if isinstance(meta.get(k), str)})
+            return found
+    looked = ", ".join(name for name, _ in candidates) or "no card (the base is not known on the Hub)"
+    raise ValueError(f"license=None and no license is known (looked at: {looked}); pass license= (--license) with "
+                     "the adapter's license, usually the base model's, e.g. 'apache-2.0', 'mit' or 'other'")
+
+
+def _merged_metadata(data: ModelCardData, spec: CardKind, hub_base: str | None, licensing: dict[str, str],
+                     config: dict[str, Any], extra_tags: list[str]) -> ModelCardData:
+    """The folder card's metadata (pipeline_tag, tags, datasets, model-index, ...) with ours set on top: library_name
+    peft, the base's Hub id, the license, our tags added (theirs kept, but no base_model:adapter: tag of another or
+    a local base), pipeline_tag from the task type when it has none."""
+    data = ModelCardData(**data.to_dict())  # a copy
+    theirs = data.get("tags") or []
+    theirs = [theirs] if isinstance(theirs, str) else [t for t in theirs if isinstance(t, str)]
+    stale = [t for t in theirs if t.startswith("base_model:adapter:") and t != f"base_model:adapter:{hub_base}"]
+    ours = ["peft", "peft-ext", *spec.tags, *([f"base_model:adapter:{hub_base}"] if hub_base else []), *extra_tags]
+    data["tags"] = list(dict.fromkeys([t for t in theirs if t not in stale] + ours))
+    data["library_name"] = "peft"
+    if hub_base:
+        data["base_model"] = hub_base
+    elif not (isinstance(data.get("base_model"), str) and _is_repo_id(data.get("base_model"), allow_bare=True)):
+        data.pop("base_model", None)  # PEFT writes the local path (or '') it was given
+    for key in ("license", "license_name", "license_link"):
+        data.pop(key, None)
+    for key, value in licensing.items():
+        data[key] = value
+    if not data.get("pipeline_tag") and config.get("task_type") in TASK_TO_PIPELINE:
+        data["pipeline_tag"] = TASK_TO_PIPELINE[config["task_type"]]
+    return data
 
 
 def template_path(name: str) -> Any:
@@ -472,24 +817,36 @@ def _check_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
-def _base_model_id(explicit: str | None, recorded: str | None) -> str | None:
-    """The base model's Hub id for the card metadata, or None when only a local path is known."""
+def _base_model_id(explicit: str | None, recorded: Any, require: bool = False) -> str | None:
+    """The base model's Hub id for the card metadata and the pushed adapter_config.json, or None when only a local
+    path is known (`require`: refused instead, as a push must: nobody else could load the adapter by repo id)."""
     if explicit is not None:
-        if not isinstance(explicit, str) or os.path.isabs(explicit) or os.path.exists(explicit) or \
-                not _is_repo_id(explicit, allow_bare=True):
+        if not _is_hub_id(explicit):
             raise ValueError(f"base_model={explicit!r} is not a Hub model id; pass the base's repo id, e.g. "
                              "'google-bert/bert-base-uncased'")
         return explicit
+    fix = ("pass base_model='namespace/name' (--base-model) naming the base on the Hub; it is written into the pushed "
+           f"{CONFIG_FILE} (your folder is not changed)")
     if not recorded:
+        if require:
+            raise ValueError(f"{CONFIG_FILE} names no base model (base_model_name_or_path={recorded!r}), so "
+                             f"AutoPeftModel.from_pretrained('<repo>') cannot load it; {fix}")
         warnings.warn("the adapter names no base model (base_model_name_or_path is empty): the card cannot link "
-                      "it; pass base_model='namespace/name'", stacklevel=3)
+                      "it; pass base_model='namespace/name'", stacklevel=4)
         return None
-    if not isinstance(recorded, str) or os.path.isabs(recorded) or os.path.exists(recorded) or \
-            not _is_repo_id(recorded, allow_bare=True):
+    if not _is_hub_id(recorded):
+        if require:
+            raise ValueError(f"{CONFIG_FILE} has base_model_name_or_path={recorded!r}, a local path: "
+                             f"AutoPeftModel.from_pretrained('<repo>') would fail for everyone else; {fix}")
         warnings.warn(f"the adapter's base model {recorded!r} is a local path, not a Hub id: it is left out of the "
-                      "card; pass base_model='namespace/name' to link the base on the Hub", stacklevel=3)
+                      "card; pass base_model='namespace/name' to link the base on the Hub", stacklevel=4)
         return None
     return recorded
+
+
+def _is_hub_id(value: Any) -> bool:
+    return isinstance(value, str) and not os.path.isabs(value) and not os.path.exists(value) and \
+        _is_repo_id(value, allow_bare=True)
 
 
 def _is_repo_id(value: str, allow_bare: bool = False) -> bool:
@@ -677,14 +1034,9 @@ def _lorax_variables(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export_source(folder: Path) -> str | None:
-    path = folder / EXPORT_MARKER
-    if not path.is_file():
-        return None
-    try:
-        source = json.loads(path.read_bytes().decode("utf-8")).get("source_peft_type")
-    except (ValueError, AttributeError):  # provenance only: a card without it is still right (push checks the JSON)
-        return None
-    return f"`{source}`" if source else None
+    marker = read_export_marker(folder)
+    source = marker.get("source_peft_type") if marker else None
+    return f"`{source}`" if isinstance(source, str) and source else None
 
 
 # ------------------------------------------------------------------------------------------------ push / pull
@@ -699,19 +1051,31 @@ def push_adapter(
     revision: str | None = None,
     commit_message: str | None = None,
     create_pr: bool = False,
-    license: str = "apache-2.0",
+    license: str | None = None,
     calibration: str | None = None,
     base_model: str | None = None,
     kind: str | None = None,
     report: NullSpaceReport | PathLike | dict[str, Any] | None = None,
     extra_tags: Iterable[str] = (),
+    training_args: Any = None,
+    check_base: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> CommitInfo:
     """Upload an adapter folder and its model card to `repo_id` in one commit; return the commit.
 
-    Validation (arguments, repo id, every adapter file, card rendering) happens before the first request, so a
-    refused push creates nothing. The repo is created if needed (`private` applies only then); `revision` is a
-    branch, created from main if missing. `report` (a NullSpaceReport or its JSON) is uploaded as
+    `adapter_dir` is what `model.save_pretrained(dir)` or `trainer.save_model(dir)` wrote, or a Trainer checkpoint:
+    the Trainer's own files (training_args.bin, optimizer.pt, trainer_state.json, ...) are skipped with one warning;
+    tokenizer files are uploaded; any other pickle is refused. The card merges with the folder's README.md (see
+    `render_card`). The base model: `base_model` (a Hub id), else the adapter's `base_model_name_or_path` when that
+    is a Hub id; a local path is refused. Its Hub id is written into the pushed adapter_config.json (the folder is not
+    changed), so `AutoPeftModel*.from_pretrained(repo_id)` finds the base, and with `check_base` it is looked up on
+    the server pushed to first (its card also gives the license when `license` is None and the folder's card names
+    none); pass `check_base=False` for a base the server cannot show (another server, a private repo of someone
+    else). `training_args` (trainer.args) adds the training hyperparameters to the card.
+
+    Validation (arguments, repo id, every adapter file, the base model, card rendering) happens before the first
+    write request, so a refused push creates nothing. The repo is created if needed (`private` applies only then);
+    `revision` is a branch, created from main if missing. `report` (a NullSpaceReport or its JSON) is uploaded as
     nullspace_report.json and shown in the card. Adapter files on the branch that this folder lacks (an old report,
     a stale `adapter_model.bin`) are deleted in the same commit. Load the result with
     `PeftModel.from_pretrained(base, repo_id, revision=...)`.
@@ -730,17 +1094,46 @@ def push_adapter(
     if commit_message is not None and (not isinstance(commit_message, str) or not commit_message.strip()):
         raise ValueError(f"commit_message={commit_message!r} must be a non-empty string, or None for the default "
                          "('Upload <kind> adapter (peft-ext)')")
-    files = _checked_adapter_files(adapter_dir)
-    card = render_card(adapter_dir, repo_id=repo_id, base_model=base_model, license=license,
-                       calibration=calibration, extra_tags=extra_tags, kind=kind, report=report)
-    generated = {CARD_FILE: str(card).encode("utf-8")}
-    if report is not None:
-        data = _nullspace_report(Path(adapter_dir), report)
-        generated[NULLSPACE_REPORT] = (json.dumps(data, indent=2) + "\n").encode()
-    title = CARD_KINDS[kind or adapter_kind(adapter_dir)].title
+    _check_flag("check_base", check_base)
+    files, skipped = _checked_and_skipped(adapter_dir)
+    config = _local_config(adapter_dir)
+    kind = _check_kind(kind if kind is not None else adapter_kind(adapter_dir))
+    # everything render_card checks that needs no request, before the first one
+    if license is not None:
+        _check_license(license)
+    _check_tags(extra_tags)
+    if calibration is not None and not isinstance(calibration, str):
+        raise TypeError(f"calibration={calibration!r} must be a string (one line on the calibration data, shown in "
+                        "the card) or None")
+    report_data = _nullspace_report(Path(adapter_dir), report) if report is not None and kind == "nullspace_lora" \
+        else None
+    _hyperparameters(training_args, Path(adapter_dir))
+    recorded = _lorax_report(Path(adapter_dir))["target_base"] if kind == "lorax" else \
+        config.get("base_model_name_or_path")
+    hub_base = _base_model_id(base_model, recorded, require=True)
 
     api = HfApi(token=token)
     nothing = "nothing was committed"
+    own = _folder_card(Path(adapter_dir))
+    want_card = license is None and not (own is not None and isinstance(own.data.get("license"), str))
+    base_card = _base_on_hub(api, hub_base, config.get("revision"), token, timeout, want_card) if check_base \
+        else None
+    card, _ = _render_card(adapter_dir, repo_id=repo_id, base_model=hub_base, license=license,
+                           calibration=calibration, extra_tags=extra_tags, kind=kind, report=report,
+                           training_args=training_args, base_card=base_card, require_base=True)
+    generated = {CARD_FILE: str(card).encode("utf-8")}
+    if report_data is not None:
+        generated[NULLSPACE_REPORT] = (json.dumps(report_data, indent=2) + "\n").encode()
+    if config.get("base_model_name_or_path") != hub_base:  # the pushed copy names the base by its Hub id
+        # written as PEFT's save_pretrained writes it, so the two files differ in that one line only
+        generated[CONFIG_FILE] = json.dumps({**config, "base_model_name_or_path": hub_base}, indent=2,
+                                            sort_keys=True).encode()
+    title = CARD_KINDS[kind].title
+    if skipped:
+        warnings.warn(f"adapter_dir={os.fspath(adapter_dir)!r}: not uploading {', '.join(sorted(skipped))}: "
+                      "training state the Trainer writes beside the adapter, not part of it (and pickles are never "
+                      "uploaded)",
+                      stacklevel=2)
     _hub_call(lambda: api.create_repo(repo_id, private=private, exist_ok=True), timeout, nothing)
     branch = revision or "main"
     if branch != "main":  # from main; an existing branch is kept as is
@@ -781,6 +1174,34 @@ def push_adapter(
         raise HubTransferError(f"{repo_id}: {branch} moved to {now} while pushing (another commit landed after this "
                                f"push read {head.sha}); nothing was committed: push again to upload on top of it, "
                                "or to another branch with revision=") from e
+
+
+def _base_on_hub(api: HfApi, base: str, revision: Any, token: str | None, timeout: float,
+                 want_card: bool) -> dict[str, Any]:
+    """Check that the base model exists on the server pushed to (at the adapter's recorded base `revision`); return
+    its card's metadata (for the license: its README.md is read only if `want_card`), {} when it has none."""
+    rev = revision if isinstance(revision, str) and revision else None
+    fix = ("pass the base's Hub id with base_model= (--base-model), or check_base=False (--no-check-base) if the base "
+           "lives where this server cannot show it")
+    try:
+        info = _hub_call(lambda: api.model_info(base, revision=rev), timeout, "nothing was committed")
+    except RevisionNotFoundError as e:
+        raise ValueError(f"the base model {base!r} has no revision {rev!r} (adapter_config.json's revision) on "
+                         f"{api.endpoint}; fix the revision in the adapter folder, or {fix}") from e
+    except RepositoryNotFoundError as e:  # also a private repo this token cannot see
+        raise ValueError(f"the base model {base!r} is not a model repo on {api.endpoint} that this token can see, so "
+                         f"AutoPeftModel.from_pretrained(<this repo>) would fail for everyone else; {fix}") from e
+    meta = info.card_data.to_dict() if getattr(info, "card_data", None) is not None else {}
+    if not want_card or meta.get("license") or CARD_FILE not in {s.rfilename for s in info.siblings or []}:
+        return meta
+    try:
+        path = _hub_call(lambda: hf_hub_download(base, CARD_FILE, revision=info.sha, token=token), timeout,
+                         "nothing was committed")
+        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except HubTransferError:
+        raise
+    except (HfHubHTTPError, ValueError, OSError):  # a card we cannot read names no license: license= decides
+        return meta
 
 
 def _check_branch(revision: str | None) -> None:

@@ -600,6 +600,17 @@ class HubServer:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False,
+                 repo_type: str = "model") -> str:
+        """A repo holding `files` (one commit on main), stored directly: no request is sent or recorded, so a test
+        can seed a base model the code under test only reads. Returns the commit sha."""
+        with self.state.lock:
+            repo = Repo(repo_id, repo_type, private=private)
+            commit = repo.add_commit(None, {".gitattributes": GITATTRIBUTES, **files}, "seeded")
+            repo.refs["main"] = commit.oid
+            self.state.repos[(repo_type, repo_id)] = repo
+            return commit.oid
+
     # ---- inspection
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo | None:
         return self.state.repos.get((repo_type, repo_id))

@@ -67,7 +67,7 @@ def test_server_round_trip_through_the_real_client(hub_server, tmp_path):
     assert not api.file_exists("tester/demo", "missing.txt") and api.file_exists("tester/demo", "a.txt")
     assert api.whoami()["name"] == "tester"
     api.delete_repo("tester/demo")
-    assert hub_server.repo_ids() == []
+    assert hub_server.repo_ids() == SEEDED
 
 
 def test_server_paginates_commits_atomically_and_guards_access(hub_server):
@@ -94,7 +94,18 @@ def test_server_paginates_commits_atomically_and_guards_access(hub_server):
 # ------------------------------------------------------------------------------------------ adapters on the Hub
 
 BASE = "tester/tiny-bert"  # the Hub id the cards name; the weights come from tiny_bert() (seeded)
+BASE_V2 = "tester/tiny-bert-v2"  # the LoRA-X report's target base
+SEEDED = [BASE, BASE_V2]
 BATCH = token_batches(n_batches=1, seed=7)[0]
+
+
+@pytest.fixture
+def hub_server(hub_server):
+    """The conftest server with the base models the adapters name (a push checks that its base exists on the server
+    and takes the license from its card), stored without requests."""
+    hub_server.add_repo(BASE, {"README.md": b"---\nlicense: apache-2.0\n---\n# tiny BERT\n"})
+    hub_server.add_repo(BASE_V2, {"README.md": b"---\nlicense: apache-2.0\n---\n# tiny BERT v2\n"})
+    return hub_server
 
 
 def _outputs(model) -> torch.Tensor:
@@ -179,7 +190,9 @@ def test_push_then_load_by_repo_id(hub_server, tmp_path, kind):
         assert snippet in card.text, snippet
     if kind == "nullspace_lora":
         assert json.loads(hub_server.files(repo_id)["nullspace_report.json"]) == kwargs["report"].to_dict()
-    assert str(card) == str(render_card(folder, repo_id=repo_id, calibration="4 batches of random tokens", **kwargs))
+    # the same card offline, given the license the push read from the base's card on the server
+    assert str(card) == str(render_card(folder, repo_id=repo_id, calibration="4 batches of random tokens",
+                                        license="apache-2.0", **kwargs))
 
 
 def test_versions_branches_and_stale_files(hub_server, tmp_path):
@@ -247,20 +260,29 @@ def test_bad_input_is_refused_before_any_request(hub_server, tmp_path):
         push_adapter(folder, "tester/ok", base_model=BASE, revision="a" * 40)
     with pytest.raises(ValueError, match="base_model=.*not a Hub model id"):
         push_adapter(folder, "tester/ok", base_model=str(tmp_path))
-    assert hub_server.requests == [] and hub_server.repo_ids() == []
+    assert hub_server.requests == [] and hub_server.repo_ids() == SEEDED
 
 
 def test_cli_card_and_push(hub_server, tmp_path, capsys):
     _, folder, report = _nullspace(tmp_path)
     report.save_json(str(tmp_path / "report.json"))
     common = ["--base-model", BASE, "--calibration", "random tokens", "--report", str(tmp_path / "report.json")]
-    assert main(["card", str(folder), "--out", str(tmp_path / "README.md"), *common]) == 0
+    assert main(["card", str(folder), "--out", str(tmp_path / "README.md"), *common]) == 1  # offline: no license known
+    assert "license=None and no license is known" in capsys.readouterr().err
+    assert main(["card", str(folder), "--out", str(tmp_path / "README.md"), "--license", "mit", *common]) == 0
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == BASE and "nullspace-lora" in card.data.tags and "λmin/λmax" in card.text
+    assert card.data.license == "mit"
     assert main(["push", str(folder), "tester/cli", "--revision", "exp", "--message", "from the CLI", *common]) == 0
     assert "tester/cli (exp)" in capsys.readouterr().out
     assert hub_server.history("tester/cli", "exp")[0].title == "from the CLI"
     assert "adapter_config.json" not in hub_server.files("tester/cli", "main")  # the branch got it, not main
+    assert ModelCard(hub_server.files("tester/cli", "exp")["README.md"].decode()).data.license == "apache-2.0"
+    capsys.readouterr()
+    assert main(["push", str(folder), "tester/cli", "--base-model", "tester/nowhere"]) == 1
+    assert "--no-check-base" in capsys.readouterr().err
+    assert main(["push", str(folder), "tester/cli2", "--base-model", "tester/nowhere", "--no-check-base",
+                 "--license", "mit"]) == 0
     capsys.readouterr()
     assert main(["push", str(tmp_path), "tester/cli"]) == 1
     err = capsys.readouterr().err
@@ -312,7 +334,18 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def _resolve_gets(server) -> list[str]:
-    return [path for method, path in server.requests if method == "GET" and "/resolve/" in path]
+    """Downloads, but not of the seeded base models' cards (a push reads the base's license there)."""
+    return [path for method, path in server.requests if method == "GET" and "/resolve/" in path
+            and not any(path.startswith(f"/{base}/") for base in SEEDED)]
+
+
+def _pushed_config(folder: Path, base: str = BASE) -> bytes:
+    """adapter_config.json as a push uploads it: naming the base by its Hub id (the folder keeps its own)."""
+    raw = (folder / "adapter_config.json").read_bytes()
+    config = json.loads(raw)
+    if config.get("base_model_name_or_path") == base:
+        return raw
+    return json.dumps({**config, "base_model_name_or_path": base}, indent=2, sort_keys=True).encode()
 
 
 @pytest.fixture
@@ -455,7 +488,8 @@ def test_pull_validates_the_whole_set_before_anything_reaches_local_dir(hub_serv
     copy = tmp_path / "copy"
     pull_adapter("tester/good", local_dir=copy)
     before = _snapshot(copy)
-    assert before == _snapshot(folder) | {"README.md": hub_server.files("tester/good")["README.md"]}
+    assert before == _snapshot(folder) | {"README.md": hub_server.files("tester/good")["README.md"],
+                                          "adapter_config.json": _pushed_config(folder)}
 
     config = (folder / "adapter_config.json").read_bytes()
     weights = (folder / "adapter_model.safetensors").read_bytes()
@@ -603,7 +637,7 @@ def test_push_timeouts_and_retries(hub_server, tmp_path, fast_retries):
     assert "\n" not in message and message.startswith(f"{hub_server.url} did not answer POST /api/repos/create within "
                                                       "timeout=0.3 s (3 tries)")
     assert "nothing was committed" in message and "pass a larger timeout=" in message
-    assert hub_server.repo_ids() == []
+    assert hub_server.repo_ids() == SEEDED
 
     hub_server.clear_faults()
     once = hub_server.inject("stall", "POST", r"^/api/repos/create$", times=1)
@@ -635,7 +669,8 @@ def test_unreachable_server_is_one_line(hub_server, tmp_path, fast_retries, monk
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     with pytest.raises(OSError) as info:
         push_adapter(folder, "tester/nowhere", base_model=BASE)
-    assert re.fullmatch(rf"could not talk to {closed} for POST /api/repos/create \(ConnectError: .*; 3 tries\); "
+    # the first request of a push looks the base model up
+    assert re.fullmatch(rf"could not talk to {closed} for GET /api/models/{BASE} \(ConnectError: .*; 3 tries\); "
                         r"nothing was committed; check the network and HF_ENDPOINT, then try again", str(info.value))
     with pytest.raises(OSError, match=rf"could not talk to {closed} for GET /api/models/tester/nowhere .*nothing was "
                                       r"written to local_dir"):
@@ -688,7 +723,7 @@ def test_push_server_errors_and_concurrent_pushes(hub_server, tmp_path, fast_ret
     assert hub_server.history("tester/busy")[0].title != name
     files = hub_server.files("tester/busy")
     assert files["adapter_model.safetensors"] == (winner / "adapter_model.safetensors").read_bytes()
-    assert files["adapter_config.json"] == (winner / "adapter_config.json").read_bytes()
+    assert files["adapter_config.json"] == _pushed_config(winner)
 
 
 def test_a_pulled_cache_snapshot_can_be_pushed_again(hub_server, tmp_path):
@@ -699,3 +734,254 @@ def test_a_pulled_cache_snapshot_can_be_pushed_again(hub_server, tmp_path):
     push_adapter(snapshot, "tester/copy", base_model=BASE)
     loaded = PeftModel.from_pretrained(tiny_bert(), "tester/copy")
     assert torch.allclose(_outputs(loaded), _outputs(model), atol=1e-6)
+    # the snapshot's README.md is our card: the new push replaces our block in it, it does not nest a second one
+    card = hub_server.files("tester/copy")["README.md"].decode()
+    assert card.count("<!-- peft-ext card: begin") == 1 and card.count("## Method") == 1
+    assert card.replace("copy", "source") == hub_server.files("tester/source")["README.md"].decode()
+
+
+# ------------------------------------------------------------------------------------------ the Trainer and the Hub
+# Issue 18 §3: a Trainer's folder pushes as it is (its training state skipped, never a pickle), the folder's own card
+# is merged rather than replaced, the pushed config names the base by its Hub id, and the license comes from the base.
+
+CLS_BASE = "tester/tiny-bert-cls"
+
+
+def _trainer_folders(tmp_path):
+    """A tiny PEFT LoRA on a BERT classifier saved to a local folder (so the adapter records a local base path),
+    trained one step by a real Trainer with a tokenizer: (model, trainer, trainer.save_model() folder, checkpoint)."""
+    from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
+                              BertTokenizerFast, Trainer, TrainingArguments)
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                        max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(base_dir)
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                                  [f"w{i}" for i in range(59)]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    data = [{"input_ids": [2, 5 + i, 9, 3], "attention_mask": [1] * 4, "labels": i % 2} for i in range(4)]
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, save_steps=1,
+                             learning_rate=1e-2, seed=3, report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    return model, trainer, base_dir, tmp_path / "final", tmp_path / "run" / "checkpoint-1"
+
+
+def test_push_a_trainer_checkpoint_and_load_it_with_auto_peft_model(hub_server, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    model, trainer, base_dir, final, checkpoint = _trainer_folders(tmp_path)
+    local_base = json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert local_base == str(base_dir)
+    assert {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+            "tokenizer.json"} <= {p.name for p in checkpoint.iterdir()}
+    before = _snapshot(checkpoint)
+
+    # the base is known only as a local folder: nobody else could load the adapter by repo id
+    with pytest.raises(ValueError, match=r"base_model_name_or_path='.*base', a local path: AutoPeftModel.* would fail "
+                                         r"for everyone else; pass base_model='namespace/name' \(--base-model\)"):
+        push_adapter(checkpoint, "tester/ckpt")
+    with pytest.raises(ValueError, match=rf"base model 'tester/absent' is not a model repo on {hub_server.url} .*"
+                                         r"--no-check-base"):
+        push_adapter(checkpoint, "tester/ckpt", base_model="tester/absent")
+    assert hub_server.repo_ids() == SEEDED  # refused before anything was created
+
+    # the base on the server: its weights (what AutoPeftModel loads) and a card with its license
+    hub_server.add_repo(CLS_BASE, {"config.json": (base_dir / "config.json").read_bytes(),
+                                   "model.safetensors": (base_dir / "model.safetensors").read_bytes(),
+                                   "README.md": b"---\nlicense: mit\n---\n# tiny classifier\n"})
+    with pytest.warns(UserWarning, match=r"not uploading optimizer.pt, rng_state.pth, scheduler.pt, "
+                                         r"trainer_state.json, training_args.bin: training state"):
+        push_adapter(checkpoint, "tester/ckpt", base_model=CLS_BASE)
+    assert _snapshot(checkpoint) == before  # the folder is never modified (its config keeps the local path)
+    files = hub_server.files("tester/ckpt")
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth")) or f == "trainer_state.json"]
+    assert {"tokenizer.json", "tokenizer_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"]) == {**json.loads(before["adapter_config.json"]),
+                                                        "base_model_name_or_path": CLS_BASE}
+
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained("tester/ckpt")  # the base found by its Hub id
+    batch = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(**batch).logits, model.eval()(**batch).logits, atol=1e-6)
+
+    card = ModelCard.load("tester/ckpt")
+    assert card.data.license == "mit"  # from the base's card, not a default
+    assert card.data.base_model == CLS_BASE and card.data.pipeline_tag == "text-classification"
+    assert "base_model:adapter:" + str(base_dir) not in card.data.tags  # PEFT's tag naming the local path
+    assert "- train_batch_size: 4\n- training_steps: 1" in card.text  # from trainer_state.json (JSON, not the .bin)
+    assert "[More Information Needed]" not in card.text  # PEFT's empty template text is dropped
+    assert "- PEFT " in card.text and "- peft-ext " in card.text
+
+    # the final save_model() folder, with the Trainer's own arguments for the hyperparameters
+    with pytest.warns(UserWarning, match=r"not uploading training_args.bin: training state"):
+        push_adapter(final, "tester/final", base_model=CLS_BASE, training_args=trainer.args, license="apache-2.0")
+    card = ModelCard.load("tester/final")
+    assert card.data.license == "apache-2.0"
+    assert "- learning_rate: 0.01\n- train_batch_size: 4\n- eval_batch_size: 8\n- seed: 3" in card.text
+    pulled = Path(pull_adapter("tester/final", local_dir=tmp_path / "pulled"))
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in pulled.iterdir()}
+
+
+def test_push_refuses_pickles_it_does_not_know(hub_server, tmp_path):
+    _, folder, _ = _nullspace(tmp_path)
+    torch.save({"head": torch.zeros(2)}, folder / "my_head.pt")  # not a Trainer file: the user must decide
+    with pytest.raises(ValueError, match=r"holds pickle files \['my_head.pt'\]"):
+        push_adapter(folder, "tester/pickled", base_model=BASE)
+    (folder / "my_head.pt").unlink()
+    torch.save({"w": torch.zeros(1)}, folder / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model.bin next to adapter_model.safetensors: two copies.*Delete "
+                                         r"adapter_model.bin"):
+        push_adapter(folder, "tester/pickled", base_model=BASE)
+    assert hub_server.requests == []
+
+
+TRL_CARD = """---
+base_model: HuggingFaceTB/SmolLM2-135M
+datasets: trl-lib/Capybara
+library_name: transformers
+model_name: smol-sft
+tags:
+- generated_from_trainer
+- trl
+- sft
+licence: license
+pipeline_tag: text-generation
+model-index:
+- name: smol-sft
+  results:
+  - task:
+      type: text-generation
+    dataset:
+      name: trl-lib/Capybara
+      type: trl-lib/Capybara
+    metrics:
+    - type: loss
+      value: 1.25
+---
+
+# Model Card for smol-sft
+
+This model is a fine-tuned version of [HuggingFaceTB/SmolLM2-135M](https://huggingface.co/HuggingFaceTB/SmolLM2-135M).
+It has been trained using [TRL](https://github.com/huggingface/trl).
+
+## Training procedure
+
+This model was trained with SFT.
+
+### Framework versions
+
+- TRL: 1.16.0
+- Transformers: 5.24.0
+
+## Citations
+
+Cite TRL as: ...
+"""
+
+
+def test_card_merges_the_folder_card_trl_wrote(hub_server, tmp_path):
+    model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    model.save_pretrained(tmp_path / "sft")
+    folder = tmp_path / "sft"
+    (folder / "README.md").write_text(TRL_CARD)  # as TRL's SFTTrainer writes it (trl/templates/lm_model_card.md)
+    card = render_card(folder, base_model=BASE, license="apache-2.0", extra_tags=["my-tag"],
+                       training_args={"learning_rate": 2e-4, "seed": 42})
+    data = card.data
+    # their metadata is kept; ours is set on top
+    assert data.pipeline_tag == "text-generation" and data.datasets == "trl-lib/Capybara"
+    assert data.eval_results[0].metric_value == 1.25 and data.model_name == "smol-sft"
+    assert data.tags[:3] == ["generated_from_trainer", "trl", "sft"]
+    assert {"peft", "peft-ext", "lora", "my-tag", f"base_model:adapter:{BASE}"} <= set(data.tags)
+    assert data.library_name == "peft" and data.base_model == BASE and data.license == "apache-2.0"
+    # their text leads, ours follows in the marked block; versions and hyperparameters go into their sections
+    text = card.text
+    assert text.index("# Model Card for smol-sft") < text.index("It has been trained using [TRL]") < \
+        text.index("<!-- peft-ext card: begin") < text.index("## About this adapter: LoRA (peft-ext)")
+    assert text.count("### Framework versions") == 1 and text.count("## Training procedure") == 1
+    versions = text[text.index("### Framework versions"):text.index("## Citations")]
+    assert re.fullmatch(r"### Framework versions\n\n- TRL: 1.16.0\n- Transformers: 5.24.0\n- PEFT \S+\n"
+                        r"- peft-ext \S+\n\n", versions), versions
+    assert "This model was trained with SFT.\n\n### Training hyperparameters\n\nThe following hyperparameters " \
+           "were used during training:\n- learning_rate: 0.0002\n- seed: 42\n\n### Framework versions" in text
+    # pushing the result again (a pulled copy, say) replaces our block instead of nesting a second one
+    (folder / "README.md").write_text(str(card))
+    again = render_card(folder, base_model=BASE, license="apache-2.0", extra_tags=["my-tag"],
+                        training_args={"learning_rate": 2e-4, "seed": 42})
+    assert str(again) == str(card)
+
+    (folder / "README.md").write_text("---\nlicense: [unclosed\n---\n# x\n")
+    with pytest.raises(ValueError, match=r"README.md: its YAML metadata block does not parse .*move README.md out"):
+        render_card(folder, base_model=BASE, license="mit")
+
+
+def test_license_comes_from_the_base_or_is_required(hub_server, tmp_path):
+    _, folder, _ = _nullspace(tmp_path)
+    hub_server.add_repo("tester/llama-like", {"README.md": b"---\nlicense: other\nlicense_name: llama3\n"
+                                                          b"license_link: https://llama.example/LICENSE\n---\n"})
+    push_adapter(folder, "tester/other-license", base_model="tester/llama-like")
+    data = ModelCard.load("tester/other-license").data
+    assert (data.license, data.license_name, data.license_link) == ("other", "llama3", "https://llama.example/LICENSE")
+
+    hub_server.add_repo("tester/no-card", {"config.json": b"{}"})
+    with pytest.raises(ValueError, match=r"license=None and no license is known .*pass license= \(--license\)"):
+        push_adapter(folder, "tester/unlicensed", base_model="tester/no-card")
+    with pytest.raises(ValueError, match=r"license=None and no license is known"):  # not looked up: not checked
+        push_adapter(folder, "tester/unlicensed", base_model=BASE, check_base=False)
+    assert "tester/unlicensed" not in hub_server.repo_ids()
+    push_adapter(folder, "tester/elsewhere", base_model="other-org/not-here", check_base=False, license="mit")
+    assert json.loads(hub_server.files("tester/elsewhere")["adapter_config.json"])["base_model_name_or_path"] == \
+        "other-org/not-here"
+
+    # a local base folder's own card names the license (the card command works offline)
+    base_dir = tmp_path / "local-base"
+    base_dir.mkdir()
+    (base_dir / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n# my base\n")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base_dir)}))
+    assert render_card(folder, base_model=BASE).data.license == "cc-by-4.0"
+
+
+def test_read_adapter_config_local_or_hub(hub_server, tmp_path):
+    from peft_ext.hub import read_adapter_config
+
+    _, folder, _ = _nullspace(tmp_path)
+    push_adapter(folder, "tester/cfg", base_model=BASE)
+    local = read_adapter_config(folder)
+    assert local["peft_type"] == "NULLSPACE_LORA" and local["base_model_name_or_path"] is None
+    assert read_adapter_config("tester/cfg") == {**local, "base_model_name_or_path": BASE}
+    with pytest.raises(FileNotFoundError, match=rf"adapter='tester/none' is not a local directory, and "
+                                                rf"{hub_server.url} has no repo 'tester/none'"):
+        read_adapter_config("tester/none")
+    with pytest.raises(FileNotFoundError, match=rf"Hub repo '{BASE}' has no adapter_config.json"):
+        read_adapter_config(BASE)
+    _raw_repo("tester/listy", {"adapter_config.json": b"[1]"})
+    with pytest.raises(ValueError, match=r"Hub repo 'tester/listy': adapter_config.json has peft_type=\[1\], "
+                                         r"expected a PEFT type name.*ask the owner"):
+        read_adapter_config("tester/listy")
+    with pytest.raises(FileNotFoundError, match=r"adapter='no/such/dir': no such directory"):
+        read_adapter_config("no/such/dir")
+
+
+def test_export_marker_stores_lists_and_reads_old_markers(tmp_path):
+    from peft_ext.export import read_export_marker
+
+    ns, _, _ = _nullspace(tmp_path)
+    folder = Path(export_to_lora(ns, tmp_path / "export"))
+    raw = json.loads((folder / "peft_ext_export.json").read_text())
+    assert raw["source_config"]["target_modules"] == ["query", "value"]  # a sorted list, not "{'value', 'query'}"
+    assert read_export_marker(folder) == raw
+    raw["source_config"]["target_modules"] = "{'value', 'query'}"  # as peft-ext wrote it before
+    (folder / "peft_ext_export.json").write_text(json.dumps(raw))
+    assert read_export_marker(folder)["source_config"]["target_modules"] == ["query", "value"]
+    raw["source_config"]["target_modules"] = "{'value', __import__('os')}"
+    (folder / "peft_ext_export.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"source_config.target_modules=.* is neither a list nor a set of module "
+                                         r"names; re-export"):
+        read_export_marker(folder)
+    assert read_export_marker(tmp_path) is None
