@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -229,13 +231,51 @@ def initialize_nullspace_lora(
         raise
     report = NullSpaceReport(adapter_name=adapter_name, mode=config.mode, heldout=heldout_desc, layers=reports,
                              model_check=model_check)
-    if warn and report.warnings:
-        shown = report.warnings[:5]
-        more = len(report.warnings) - len(shown)
-        warnings.warn("NullSpaceLoRA verification flagged layers:\n  " + "\n  ".join(shown)
-                      + (f"\n  ... and {more} more (report.warnings)" if more > 0 else ""),
-                      stacklevel=3)  # 3: torch.no_grad's wrapper is a frame between this function and its caller
+    if warn:
+        warn_flagged_layers(report)
     return report
+
+
+def warn_flagged_layers(report: NullSpaceReport) -> None:
+    """One UserWarning listing the layers the verification flagged (none: no warning), attributed to the user's code:
+    the first frame outside peft_ext/trainer_ext, torch.no_grad's wrapper and the Trainer (transformers, trl,
+    accelerate), so also the `trainer.train()` line when NullSpaceCalibrationCallback calibrates."""
+    if not report.warnings:
+        return
+    shown = report.warnings[:5]
+    more = len(report.warnings) - len(shown)
+    warnings.warn("NullSpaceLoRA verification flagged layers:\n  " + "\n  ".join(shown)
+                  + (f"\n  ... and {more} more (report.warnings)" if more > 0 else ""),
+                  stacklevel=_user_stacklevel())
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import importlib.util
+
+    dirs = []
+    for package in ("peft_ext", "trainer_ext", "transformers", "trl", "accelerate"):
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(package)
+            if spec is not None and spec.submodule_search_locations:
+                dirs += [os.path.join(os.path.realpath(p), "") for p in spec.submodule_search_locations]
+    return tuple(dirs)
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` that makes a warning issued by the caller of this function point at the first frame outside
+    the libraries (`warnings.warn(skip_file_prefixes=...)` does this from Python 3.12; we support 3.10+). torch's
+    decorator frames (`torch/utils/_contextlib.py`) are skipped by name, torch itself is not: a user's module could
+    be called from torch (a hook)."""
+    skip = _library_dirs()
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame is not None:
+        path = os.path.realpath(frame.f_code.co_filename)
+        if not (path.startswith(skip) or path.endswith(os.path.join("torch", "utils", "_contextlib.py"))):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 
 
 def _verify(name: str, layer: NullSpaceLoraLayer, adapter_name: str,
