@@ -8,9 +8,12 @@
   in a high-LR group from the start and R kept out of the subspace.
 * `ForgettingCallback`: cross-entropy on held-out reference text and KL to the base model, logged while training.
 * `SpectralTrainer` / `SpectralTrainingArguments`: both wired from arguments (and command-line flags).
+* `NullSpaceCalibrationCallback`: calibrates a NullSpaceLoRA adapter at the start of `train()` (Trainer,
+  SpectralTrainer, TRL's SFTTrainer(peft_config=...)), every rank on its shard, skipped on resume.
 """
 
 from .args import SpectralTrainingArguments
+from .calibration import NullSpaceCalibrationCallback
 from .callbacks import SpectralMonitorCallback
 from .forgetting import ForgettingCallback
 from .extraction import EXTRACTION_MAGNITUDE_PATTERNS, ExtractableLinear, WarmupExtractionCallback, prepare_extraction
@@ -22,6 +25,7 @@ __all__ = [
     "DirectionalOptimizer",
     "ExtractableLinear",
     "ForgettingCallback",
+    "NullSpaceCalibrationCallback",
     "WarmupExtractionCallback",
     "prepare_extraction",
     "SpectralMonitorCallback",
