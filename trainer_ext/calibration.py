@@ -104,7 +104,9 @@ class NullSpaceCalibrationCallback(AttachableCallback):
         warn: warn (once, on the main process) when the verification flags layers.
 
     After training starts, `report` holds the `NullSpaceReport` (None when calibration was skipped: the adapter was
-    already initialised, e.g. resumed from a checkpoint) and `skipped` says which.
+    already initialised, e.g. resumed from a checkpoint) and `skipped` says which. A summary (`nullspace/layers`,
+    `nullspace/flagged_layers`, the worst held-out ratio ...) goes into `state.log_history` at step 0; bind the
+    callback with `.attach(trainer)` to send it to the `report_to` backends as well.
     """
 
     def __init__(
