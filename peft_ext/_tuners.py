@@ -171,6 +171,47 @@ class CheckTargetsFirst:
         disable_bnb_cpu_repack(model)
 
 
+class SafeMergeFirst:
+    """Mixin for BaseTuner subclasses whose layers merge with DeltaMergeMixin: `safe_merge=True` checks every layer's
+    merged weight for NaN/Inf before any layer merges. PEFT merges layer by layer, so the layer check alone refused at
+    the first broken layer after merging the ones before it (merge_adapter), or after unloading them
+    (merge_and_unload): a half-merged model. Costs one weight-sized temporary per layer, as the layer's own check."""
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_finite_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        if merge and safe_merge:
+            self._check_finite_merge(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+    @torch.no_grad()
+    def _check_finite_merge(self, adapter_names: Optional[list[str]]) -> None:
+        broken = []
+        for key, layer in self.model.named_modules():
+            if not isinstance(layer, DeltaMergeMixin):
+                continue
+            names = layer.active_adapters if adapter_names is None else adapter_names
+            names = [n for n in names if layer._has_adapter(n) and n not in layer.merged_adapters]
+            if not names:
+                continue
+            weight = layer.get_base_weight().clone()
+            for name in names:
+                weight += layer.get_delta_weight(name).to(weight.dtype)
+            if not torch.isfinite(weight).all():
+                broken.append(f"{key!r} (adapter(s) {names})")
+        if broken:
+            raise ValueError(
+                f"safe_merge: NaNs/Infs in the merged weight of {len(broken)} layer(s): {', '.join(broken[:5])}"
+                f"{' ...' if len(broken) > 5 else ''}; the adapter's tensors or the base weights are not finite. "
+                "Nothing was merged: load an earlier checkpoint of the adapter"
+            )
+
+
 class KeepAdapterDtype:
     """Mixin for tuner layers (before BaseTunerLayer in the bases) whose adapter tensors keep their own dtype.
 

@@ -6,7 +6,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._tuners import CheckTargetsFirst, install_layer, planned_targets
+from .._tuners import CheckTargetsFirst, SafeMergeFirst, install_layer, planned_targets
 from .config import NullSpaceLoraConfig
 from .layer import Linear, NullSpaceLoraLayer
 
@@ -18,7 +18,7 @@ def _supported(layer: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class NullSpaceLoraModel(CheckTargetsFirst, BaseTuner):
+class NullSpaceLoraModel(CheckTargetsFirst, SafeMergeFirst, BaseTuner):
     """PEFT tuner for NullSpaceLoRA. Create it with `peft.get_peft_model(model, NullSpaceLoraConfig(...))`, then
     call `peft_ext.initialize_nullspace_lora` to put each adapter's input side into the null space of its inputs.
     """
