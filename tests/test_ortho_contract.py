@@ -1,6 +1,8 @@
-"""OrthoSplit against PEFT's tuner contract (the shape of PEFT's own test_custom_models matrix): merging several
-adapters on disjoint and shared layers, safe_merge, which values train after add_adapter / from_pretrained /
-load_adapter, save/load at values_dtype, delete_adapter, unload, half-precision forwards on CPU, FSDP1/FSDP2 wrapping."""
+"""OrthoSplit's side of PEFT's tuner contract, where it differs from the other tuners: which layer merges which of
+several adapters (one per layer), which values train after add_adapter / from_pretrained / load_adapter (also in
+bfloat16), save/load at values_dtype, half-precision forwards on CPU, FSDP1/FSDP2 wrapping. What every tuner shares
+(save/load, merge/unmerge/safe_merge, unload, delete_adapter, disable_adapter, deepcopy, ...) is checked for OrthoSplit
+too in tests/test_tuner_contract.py."""
 
 from __future__ import annotations
 
@@ -112,27 +114,6 @@ def test_two_adapters_on_one_layer_refuse_to_merge_together_naming_the_layer_and
         assert torch.allclose(plain(x), y_b, atol=1e-5)
 
 
-def test_safe_merge_matches_merge_and_refuses_non_finite_values_before_touching_any_layer():
-    model = get_peft_model(Toy(), _cfg(["q", "k", "out"]))
-    x = _x()
-    original = _base_weights(model)
-    with torch.no_grad():
-        model.merge_adapter(safe_merge=True)
-        merged_safe = _base_weights(model)
-        y = model(x)
-        model.unmerge_adapter()
-        model.merge_adapter()
-        assert same_state(_base_weights(model), merged_safe) and torch.equal(model(x), y)
-        model.unmerge_adapter()
-        _layer(model, "out").ortho_values["default"][0] = float("nan")  # the last layer PEFT would merge
-    with pytest.raises(ValueError, match=r"NaNs/Infs in the merged weight of layer\(s\) 'out' \(adapter 'default'\)"):
-        model.merge_adapter(safe_merge=True)
-    assert same_state(_base_weights(model), original)  # q and k, visited first, were not merged either
-    with pytest.raises(ValueError, match="nothing was merged"):
-        model.merge_and_unload(safe_merge=True)
-    assert isinstance(_layer(model, "q"), OrthoSplitLayer)
-
-
 # ------------------------------------------------------------------ which values train
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_adapter_leaves_the_inactive_adapter_frozen_and_set_adapter_moves_training(dtype):
@@ -231,34 +212,6 @@ def test_trained_values_are_saved_as_they_trained(tmp_path):
     assert torch.equal(_layer(loaded, "q").ortho_values["default"], v)
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
-
-
-# ------------------------------------------------------------------ delete / unload
-def test_delete_adapter_and_unload():
-    model = _two_adapters(shared=True)
-    x = _x()
-    original = _base_weights(model)
-    model.set_adapter("b")
-    with torch.no_grad():
-        y_b = model(x)
-    model.merge_adapter(["b"])
-    with pytest.raises(ValueError, match="while they are merged"):
-        model.delete_adapter("b")
-    model.unmerge_adapter()
-    model.delete_adapter("a")
-    q = _layer(model, "q")
-    for attr in (q.ortho_values, q.ortho_index, q.ortho_anchor, q.base_kind, q.layout, q.ortho_alpha, q.ready):
-        assert "a" not in attr and "b" in attr
-    assert "a" not in _layer(model, "k").ortho_values and list(model.peft_config) == ["b"]
-    assert not any(".a" in k for k in model.state_dict())
-    with torch.no_grad():
-        assert torch.equal(model(x), y_b)
-        base = model.unload()
-    assert all(type(getattr(base, n)) is nn.Linear for n in ("q", "k", "out"))
-    for n in ("q", "k", "out"):
-        assert torch.equal(getattr(base, n).weight, original[f"base_model.model.{n}"])
-    with torch.no_grad():
-        assert torch.equal(base(x), Toy()(x))
 
 
 # ------------------------------------------------------------------ half precision on CPU
