@@ -29,7 +29,8 @@ What peft-ext does about it:
 - `disable_bnb_cpu_repack(model)` is the public form for models peft-ext does not wrap (a plain PEFT LoRA, the
   exported LoRA of one of our adapters) when they should compute the same numbers.
 
-bitsandbytes is optional: nothing here imports it unless a model already holds one of its layers.
+bitsandbytes is optional (the `quant` extra): nothing here imports it unless a model already holds one of its layers,
+and a peft-ext path that builds bitsandbytes layers itself imports it through `import_bitsandbytes`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+
+QUANT_EXTRA = "pip install 'peft-ext[quant]'"
+
+
+def import_bitsandbytes(needed_by: str, instead: str = ""):
+    """The bitsandbytes module, or an ImportError that names what needs it, the extra that installs it and `instead`
+    (what works without it), in one line."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(f"{needed_by} needs bitsandbytes, which is not installed: {QUANT_EXTRA}"
+                          + (f"; {instead}" if instead else "")) from e
+    return bitsandbytes
 
 
 def _bnb():

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv if needed and install peft-ext (editable) with the given extras ("demo", "llm" or "dev").
+# Create ./.venv if needed and install peft-ext (editable) with the given extras ("demo", "llm", "quant" or "dev";
+# dev includes quant's bitsandbytes because the tests exercise 4-bit layers).
 # Idempotent: re-running with an unchanged pyproject.toml installs nothing.
 #
 #   TORCH_SPEC  what to install for torch when the venv has none (default: the CPU wheel torch==2.13.0,

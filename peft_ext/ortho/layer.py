@@ -34,7 +34,7 @@ from torch import nn
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from .._tuners import KeepAdapterDtype, init_layer_shapes
-from ..bnb_cpu import check_4bit_dequantize, keep_4bit_layout
+from ..bnb_cpu import check_4bit_dequantize, import_bitsandbytes, keep_4bit_layout
 from .quant import BITSANDBYTES, quantize
 from .select import entry_count
 
@@ -56,7 +56,8 @@ def index_dtype(numel: int) -> torch.dtype:
 
 def bnb_base(target: torch.Tensor, kind: str, compute_dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
     """A bitsandbytes Linear4bit (NF4) / Linear8bitLt holding `target` (out, in), and its dequantised weight."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes(f"OrthoSplitConfig.base_kind={kind!r}",
+                              instead="base_kind='nf4' or 'int8' simulate the same rounding in pure torch")
 
     out_f, in_f = target.shape
     device = target.device
