@@ -37,8 +37,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from .bnb_cpu import bnb_cpu_repack_disabled
 
 FORMAT = "peft_ext.activation_stats"
@@ -503,15 +503,16 @@ def collect_stats(
         with bnb_cpu_repack_disabled(model), \
                 StatsRecorder(model, target_modules, dtype=dtype, share_inputs=share_inputs) as calib, \
                 StatsRecorder(model, target_modules, dtype=dtype, share_inputs=share_inputs) as held:
-            bar = tqdm(dataloader, total=total, desc="activation statistics", disable=not progress, unit="batch")
-            for i, batch in enumerate(bar):
-                if max_batches is not None and i >= max_batches:
-                    break
-                rec = held if heldout is not None and heldout(i) else calib
-                n_heldout += rec is held
-                inputs, mask = _model_inputs(batch, device)
-                with rec.batch(attention_mask=mask):
-                    model(**inputs) if isinstance(inputs, dict) else model(inputs)
+            with progress_bar(dataloader, enabled=progress, total=total, desc="activation statistics",
+                              unit="batch") as bar:
+                for i, batch in enumerate(bar):
+                    if max_batches is not None and i >= max_batches:
+                        break
+                    rec = held if heldout is not None and heldout(i) else calib
+                    n_heldout += rec is held
+                    inputs, mask = _model_inputs(batch, device)
+                    with rec.batch(attention_mask=mask):
+                        model(**inputs) if isinstance(inputs, dict) else model(inputs)
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -14,6 +14,7 @@ The model is left as it was: weights, requires_grad flags, train/eval mode.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -21,7 +22,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .._progress import progress_bar
 from .config import OrthoSplitConfig
+from .reference import reference_weights
 
 KINDS = ("fisher", "attribution")
 
@@ -74,11 +77,11 @@ def entry_saliency(
     reference: Optional[Union[nn.Module, Mapping[str, torch.Tensor]]] = None,
     at: float = 0.5,
     max_batches: Optional[int] = None,
+    progress: bool = True,
 ) -> EntrySaliency:
     """Saliency of every entry of the target weights on `batches` (dicts the model accepts, with labels: the model's
-    output must carry `.loss`). Maps are float32 on the CPU in (out, in) layout."""
-    from .api import reference_weights
-
+    output must carry `.loss`). Maps are float32 on the CPU in (out, in) layout. `progress`: a progress bar over the
+    batches (main process only; also off with HF_HUB_DISABLE_PROGRESS_BARS=1)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got kind={kind!r}")
     if kind == "attribution" and reference is None:
@@ -105,19 +108,26 @@ def entry_saliency(
                     ref = _layout(k, modules, refs[k]).to(w.device, w.dtype)
                     w.copy_(ref + at * (saved[k] - ref))
         device = next(iter(weights.values())).device
-        for batch in batches:
-            if max_batches is not None and n >= max_batches:
-                break
-            model.zero_grad(set_to_none=True)
-            out = model(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
-            loss = getattr(out, "loss", None)
-            if loss is None:
-                raise ValueError("the model returned no loss: the batches must carry labels")
-            loss.backward()
-            for k, w in weights.items():
-                g = w.grad.float() if w.grad is not None else torch.zeros_like(sums[k])
-                sums[k] += g**2 if kind == "fisher" else g
-            n += 1
+        total = None
+        with contextlib.suppress(TypeError):
+            total = len(batches)  # type: ignore[arg-type]
+        if max_batches is not None:
+            total = max_batches if total is None else min(total, max_batches)
+        with progress_bar(batches, enabled=progress, total=total, desc=f"entry saliency ({kind})",
+                          unit="batch") as bar:
+            for batch in bar:
+                if max_batches is not None and n >= max_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                out = model(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+                loss = getattr(out, "loss", None)
+                if loss is None:
+                    raise ValueError("the model returned no loss: the batches must carry labels")
+                loss.backward()
+                for k, w in weights.items():
+                    g = w.grad.float() if w.grad is not None else torch.zeros_like(sums[k])
+                    sums[k] += g**2 if kind == "fisher" else g
+                n += 1
     finally:
         for k, w in weights.items():
             w.grad = None
