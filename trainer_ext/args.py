@@ -12,13 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-
-def _split(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [v for item in value for v in _split(item)]
+from .targets import split_patterns as _split  # "a,b" and ["a", "b"] alike, as SpectralMonitorCallback takes them
 
 
 @dataclass

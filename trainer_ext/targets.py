@@ -23,6 +23,29 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def split_patterns(value: str | Iterable[str] | None, field: str = "targets") -> list[str]:
+    r"""Patterns from the forms users write, the same in Python and on the command line: a comma-separated string
+    (`"q_proj,v_proj"`), a list/tuple of names (each may itself hold commas), or None (no patterns). A comma inside
+    `{...}` or `[...]` belongs to a `re:` pattern (`re:layers\.\d{1,2}\.mlp`) and does not split it."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        parts, depth, start = [], 0, 0
+        for i, ch in enumerate(value):
+            depth += (ch in "{[") - (ch in "}]")
+            if ch == "," and depth <= 0:
+                parts.append(value[start:i])
+                start = i + 1
+        parts.append(value[start:])
+        return [p.strip() for p in parts if p.strip()]
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
+        items = list(value)
+        if all(isinstance(item, str) for item in items):
+            return [p for item in items for p in split_patterns(item, field)]
+    raise TypeError(f"{field}={value!r} is not a pattern list; pass a comma-separated string such as 'q_proj,v_proj' "
+                    "or a list of strings such as ['q_proj', 'v_proj']")
+
+
 def pattern_regex(pattern: str) -> re.Pattern:
     """A user pattern as one regex: an alias, `re:<regex>`, or a literal name suffix."""
     if pattern in ALIASES:
