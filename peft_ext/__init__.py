@@ -2,63 +2,46 @@
 
 Importing this package registers its PEFT types with `peft` (idempotently), so `get_peft_model` and
 `PeftModel.from_pretrained` work with them.
+
+One exception: in the process of the `peft-ext` command itself, the API (torch, peft, transformers: seconds to import)
+is imported only when a command runs (`peft_ext.cli.main` calls `_ensure_api()`), so that `--help`, `--version` and
+usage errors answer at once.
 """
 
-from .bnb_cpu import disable_bnb_cpu_repack
-from .export import export_to_lora, lora_state_dict
-from .files import save_adapter_atomic
-from .nullspace.config import NullSpaceLoraConfig
-from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
-from .nullspace.layer import NullSpaceLoraLayer
-from .nullspace.model import NullSpaceLoraModel
-from .ortho import (
-    EntrySaliency,
-    OrthoSplitConfig,
-    OrthoSplitLayer,
-    OrthoSplitModel,
-    entry_saliency,
-    ortho_alpha,
-    ortho_report,
-    orthosplit,
-    set_ortho_alpha,
-)
-from .registry import missing_type_hint, register
-from .stats import ActivationStats, StatsRecorder, cached_stats, collect_stats, data_fingerprint, model_fingerprint
-from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
+import os
+import re
+import sys
 
-__version__ = "0.1.0"
 
-register("nullspace_lora", NullSpaceLoraConfig, NullSpaceLoraModel, prefix=NullSpaceLoraModel.prefix)
-register("ortho_split", OrthoSplitConfig, OrthoSplitModel, prefix=OrthoSplitModel.prefix)
-register("subspace_lora", SubspaceLoraConfig, SubspaceLoraModel, prefix=SubspaceLoraModel.prefix)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-__all__ = [
-    "ActivationStats",
-    "EntrySaliency",
-    "OrthoSplitConfig",
-    "OrthoSplitLayer",
-    "OrthoSplitModel",
-    "NullSpaceLoraConfig",
-    "NullSpaceLoraLayer",
-    "NullSpaceLoraModel",
-    "NullSpaceReport",
-    "StatsRecorder",
-    "SubspaceLoraConfig",
-    "SubspaceLoraLayer",
-    "SubspaceLoraModel",
-    "cached_stats",
-    "collect_stats",
-    "data_fingerprint",
-    "disable_bnb_cpu_repack",
-    "entry_saliency",
-    "export_to_lora",
-    "initialize_nullspace_lora",
-    "lora_state_dict",
-    "missing_type_hint",
-    "model_fingerprint",
-    "ortho_alpha",
-    "ortho_report",
-    "orthosplit",
-    "save_adapter_atomic",
-    "set_ortho_alpha",
-]
+    try:
+        return version("peft-ext")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "0+unknown"
+
+
+__version__ = _version()
+
+
+def _in_cli_process() -> bool:
+    """True when `__main__` is the `peft-ext` script that pip (or uv) writes: `from peft_ext.cli import main`."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "")
+    return re.sub(r"(-script\.pyw?|\.exe)$", "", os.path.basename(script)) == "peft-ext"
+
+
+def _ensure_api() -> None:
+    """Import the public API into this package and register our PEFT types (what `import peft_ext` does)."""
+    from . import _api
+
+    globals().update({name: getattr(_api, name) for name in _api.__all__}, __all__=_api.__all__)
+    _api.register_types()
+
+
+if not _in_cli_process():
+    from ._api import *  # noqa: F403 (the public API: see _api.__all__)
+    from ._api import __all__, register_types
+
+    register_types()

@@ -5,21 +5,30 @@
     peft-ext lorax convert --adapter A --source-base S --target-base T --out OUT   # move a LoRA to another base
     peft-ext push ADAPTER_DIR REPO_ID [--revision R] [--private]   # upload an adapter + model card in one commit
     peft-ext card ADAPTER_DIR [--out README.md]   # render the model card only, for review
+    peft-ext --version
 
 A failure prints one line, `peft-ext: error: <what>, <which file/field/value>; <the fix>`, on stderr and exits with
 status 1; a command line that cannot work as written (unknown option, bad option value, an option this input needs)
 exits with status 2. `peft-ext --debug ...` (or `--debug` after the subcommand) also prints the traceback.
+
+This module imports the standard library only (and peft_ext.lorax_options, a dataclass): torch, peft and
+transformers are imported when a command runs, so `--help`, `--version` and usage errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
 import re
 import sys
 import traceback
+import types
+import typing
+
+from .lorax_options import TransferOptions
 
 # PEFT task type -> the auto class its base model loads with
 TASK_TO_PEFT_AUTO = {
@@ -138,28 +147,9 @@ def read_adapter_config(adapter: str) -> dict:
     validated (JSON object with a peft_type) with errors that name the directory or repo and the fix."""
     if not os.path.isdir(adapter):
         _check_input(adapter, "adapter")  # before importing the library: a mistyped path fails in a blink
-    from .hub import read_adapter_config as read_local
+    from .hub import read_adapter_config as read  # the one reader (local folder or Hub id)
 
-    if os.path.isdir(adapter):
-        return read_local(adapter)
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        path = hf_hub_download(adapter, "adapter_config.json")
-    except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and nothing cached
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} could not be reached"
-        raise FileNotFoundError(f"adapter={adapter!r} is not a local directory, and it is not in the Hub cache "
-                                f"({why}); pass a local directory, or unset HF_HUB_OFFLINE and check the network"
-                                ) from e
-    except RepositoryNotFoundError as e:  # also what the Hub answers for a private repo without a token
-        raise FileNotFoundError(f"adapter={adapter!r} is not a local directory, and {constants.ENDPOINT} has no repo "
-                                f"{adapter!r} that you can see; check the path or repo id, and if the repo is private "
-                                "or gated log in with `hf auth login` (or set HF_TOKEN)") from e
-    except RemoteEntryNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {adapter!r} has no adapter_config.json, so it is not a PEFT adapter repo; "
-                                "check the repo id") from e
-    return read_local(os.path.dirname(path))
+    return read(adapter)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -179,7 +169,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export_lora(args: argparse.Namespace) -> int:
     import peft
 
-    from . import export_to_lora  # importing peft_ext registers our types
+    from .export import export_to_lora
     from .lorax import EXPORTABLE_TYPES
 
     _check_output(args.out, args.overwrite, "out")
@@ -233,26 +223,32 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_plot(draw: typing.Callable[[str], str], path: str) -> bool:
+    """`draw(path)` (a report's `.plot`) beside the report JSON; without matplotlib one line on stderr instead: the
+    picture is an extra, the command's result is already written."""
+    try:
+        draw(path)
+    except ImportError as e:
+        print(f"peft-ext: no {os.path.basename(path)}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_lorax_convert(args: argparse.Namespace) -> int:
     from .hub import _check_repo_id
-    from .lorax import TransferOptions, convert
+    from .lorax import convert
 
     if args.push_to_hub:  # a bad repo id is refused before a whole conversion is spent
         try:
             _check_repo_id(args.push_to_hub)
         except ValueError as e:
             raise UsageError(str(e).replace("repo_id=", "--push-to-hub=", 1)) from e
-    options = dict(
-        method=args.method, rank=args.rank, energy=args.energy, subspace_rank=args.subspace_rank,
-        carry_complement=not args.no_carry_complement, min_similarity=args.min_similarity,
-        on_low_similarity=args.on_low_similarity, allow_shape_mismatch=args.allow_shape_mismatch,
-        drop_modules_to_save=args.drop_modules_to_save, force=args.force, cache_dir=args.cache_dir,
-        cache=not args.no_cache, exact_max_dim=args.exact_max_dim, niter=args.niter, seed=args.seed, quiet=args.quiet,
-    )
+    options = {name: getattr(args, name) for name in LORAX_FLAGS}
+    options["progress"] = args.progress and not args.quiet
     try:  # option values are checked by the library's dataclass; the message gets the flag names the user typed
         TransferOptions(**options)
     except (ValueError, TypeError) as e:
-        flags = {k: "--" + k.replace("_", "-") for k in options if k not in ("carry_complement", "cache")}
+        flags = {k: flag for k, flag in LORAX_FLAGS.items() if not flag.startswith("--no-")}
         raise UsageError(re.sub(r"\b(" + "|".join(flags) + r")=", lambda m: flags[m.group(1)] + "=", str(e))) from e
     _check_output(args.out, args.overwrite, "--out")
     for flag, value in (("--adapter", args.adapter), ("--source-base", args.source_base),
@@ -266,7 +262,9 @@ def cmd_lorax_convert(args: argparse.Namespace) -> int:
     report = convert(args.adapter, args.source_base, args.target_base, args.out, overwrite=args.overwrite, **options)
     if not args.quiet:
         print(report)
-    print(f"wrote a LoRA adapter for {args.target_base} to {os.path.abspath(args.out)} (report: lorax_report.json)")
+    pictured = _write_plot(report.plot, os.path.join(args.out, "lorax_report.png"))
+    print(f"wrote a LoRA adapter for {args.target_base} to {os.path.abspath(args.out)} (report: lorax_report.json"
+          + (", lorax_report.png" if pictured else "") + ")")
     if args.push_to_hub:
         from .hub import push_adapter
 
@@ -280,6 +278,42 @@ def cmd_lorax_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> dict[str, str]:
+    """One option per field of the dataclass `cls`, as transformers.HfArgumentParser writes them (without importing
+    transformers): `--a-b` and `--a_b`, Literal -> choices, Optional[X] -> X, a bool defaulting to False -> a flag, one
+    defaulting to True -> `--no-a-b`; help from `metadata["help"]`. A field with `metadata["cli"] = False` is left
+    out. Returns {field name: its option} for error messages."""
+    hints = typing.get_type_hints(cls)
+    flags = {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        typ, help_text = hints[f.name], f.metadata.get("help")
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))  # Optional[X]: X, default None
+
+        def names(name: str) -> list[str]:
+            return [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+
+        if typ is bool and f.default is True:
+            option = names(f"no_{f.name}")
+            parser.add_argument(*option, dest=f.name, action="store_false", default=True,
+                                help=help_text and f"{help_text} (on by default: this turns it off)")
+        elif typ is bool:
+            option = names(f.name)
+            parser.add_argument(*option, dest=f.name, action="store_true", help=help_text)
+        else:
+            option = names(f.name)
+            kind = {"choices": typing.get_args(typ)} if typing.get_origin(typ) is typing.Literal else {"type": typ}
+            default = "" if f.default is None else f" (default {f.default})"
+            parser.add_argument(*option, dest=f.name, default=f.default, **kind, help=help_text and help_text + default)
+        flags[f.name] = option[0]
+    return flags
+
+
+LORAX_FLAGS = add_dataclass_options(argparse.ArgumentParser(add_help=False), TransferOptions)
+
+
 def add_lorax_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lorax", help="LoRA-X: move a trained LoRA adapter to another base model without training")
     lsub = p.add_subparsers(dest="lorax_command", required=True)
@@ -288,36 +322,10 @@ def add_lorax_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--source-base", required=True, help="base the adapter was trained on: directory or Hub repo id")
     c.add_argument("--target-base", required=True, help="base to move it to (same architecture): directory or repo id")
     c.add_argument("--out", required=True, help="output adapter directory")
-    size = c.add_mutually_exclusive_group()
-    size.add_argument("--rank", type=int, default=None, help="rank written per layer (default: the source rank)")
-    size.add_argument("--energy", type=float, default=None,
-                      help="instead of --rank: smallest rank keeping this share of ||dW_t||_F^2, e.g. 0.99")
-    c.add_argument("--subspace-rank", type=int, default=64, help="k of the top-k SVD of each base weight (default 64)")
-    c.add_argument("--no-carry-complement", action="store_true",
-                   help="project onto the target's top subspace only (original LoRA-X) instead of also carrying "
-                        "the part outside the source's top subspace")
-    c.add_argument("--min-similarity", type=float, default=0.0,
-                   help="layers with min(phi_U, phi_V) below this get --on-low-similarity (default 0: never)")
-    c.add_argument("--on-low-similarity", choices=["keep", "drop", "copy"], default="keep",
-                   help="what a layer below --min-similarity gets: keep (transfer it anyway, flagged in the report), "
-                        "drop (leave it out), copy (write the source factors unchanged) (default keep)")
-    c.add_argument("--method", choices=["lorax", "copy", "delta-sigma"], default="lorax",
-                   help="lorax: project the update onto the target's subspaces (default); copy: write the source "
-                        "factors unchanged (baseline); delta-sigma: put the source's singular-value shifts "
-                        "diag(U_s^T dW V_s) on the target's singular vectors (baseline)")
-    c.add_argument("--cache-dir", default=None, help="SVD cache (default $HF_HOME/peft_ext/lorax_svd)")
-    c.add_argument("--no-cache", action="store_true", help="neither read nor write the SVD cache")
-    c.add_argument("--exact-max-dim", type=int, default=512, help="exact SVD up to this min(out, in), randomized above")
-    c.add_argument("--niter", type=int, default=2, help="power iterations of the randomized SVD")
-    c.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
-    c.add_argument("--allow-shape-mismatch", action="store_true",
-                   help="EXPERIMENTAL: align layers of different shapes by singular-vector index")
-    c.add_argument("--drop-modules-to-save", action="store_true",
-                   help="leave out modules_to_save / trained biases (not transferable) instead of refusing")
-    c.add_argument("--force", action="store_true",
-                   help="convert although the adapter's base_model_name_or_path is not --source-base")
+    add_dataclass_options(c, TransferOptions)
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    c.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
+    c.add_argument("--quiet", action="store_true", help="--no-progress, and no report table either (the report is "
+                   "still written to --out)")
     c.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the result with a model card")
     c.set_defaults(func=cmd_lorax_convert)
 
@@ -339,7 +347,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     if os.path.isfile(weights):  # the library reads only the header: a truncated file would be uploaded
         _check_safetensors(weights)
     info = push_adapter(args.adapter_dir, args.repo_id, private=args.private, revision=args.revision,
-                        commit_message=args.message, create_pr=args.create_pr, **_card_kwargs(args))
+                        commit_message=args.message, create_pr=args.create_pr, check_base=not args.no_check_base,
+                        **_card_kwargs(args))
     print(f"pushed {args.adapter_dir} to {args.repo_id} ({args.revision or 'main'}): {info.commit_url}")
     if info.pr_url:
         print(f"pull request: {info.pr_url}")
@@ -366,8 +375,11 @@ def cmd_card(args: argparse.Namespace) -> int:
 def add_hub_parsers(sub: argparse._SubParsersAction) -> None:
     def card_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--base-model", default=None,
-                       help="base model's Hub id for the card (default: the adapter's base_model_name_or_path)")
-        p.add_argument("--license", default="apache-2.0", help="license in the card metadata (default apache-2.0)")
+                       help="base model's Hub id, for the card and the pushed adapter_config.json (default: the "
+                            "adapter's base_model_name_or_path; a push refuses a local path there)")
+        p.add_argument("--license", default=None,
+                       help="license id in the card metadata, e.g. apache-2.0 (default: the license the adapter "
+                            "folder's README.md or the base model's card names; refused when none does)")
         p.add_argument("--calibration", default=None, help="one line on the calibration data, shown in the card")
         p.add_argument("--kind", default=None, help="card kind (default: detected): nullspace_lora, subspace_lora, "
                        "lora_export, lorax, lora")
@@ -375,12 +387,16 @@ def add_hub_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--tag", action="append", default=[], help="extra Hub tag (repeatable)")
 
     p = sub.add_parser("push", help="upload an adapter folder and its model card to the Hub in one commit")
-    p.add_argument("adapter_dir", help="adapter directory (model.save_pretrained output)")
+    p.add_argument("adapter_dir", help="adapter directory (model.save_pretrained or trainer.save_model output, or a "
+                   "Trainer checkpoint: its training state and pickles are not uploaded)")
     p.add_argument("repo_id", help="Hub repo id, namespace/name (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
     p.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
     p.add_argument("--message", default=None, help="commit message")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--no-check-base", action="store_true",
+                   help="do not look the base model up on the server pushed to (a base on another server, or a "
+                        "private repo this token cannot see); its license then comes from --license or local cards")
     card_options(p)
     p.set_defaults(func=cmd_push)
     p = sub.add_parser("card", help="render an adapter's model card (README.md) without uploading")
@@ -447,6 +463,24 @@ def _explain(e: Exception) -> tuple[int, str]:
                "with --debug and report the command and the traceback")
 
 
+class _NoKernelsPackage:
+    """Drops one log record: bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community: No module
+    named 'kernels'", logged when it is imported (peft imports it whenever it is installed) on a CPU with
+    AVX-512-BF16. It says only that the optional `kernels` package is absent; bitsandbytes then uses its own CPU
+    kernel, and no command here runs a 4-bit matmul. Any other failure to load that kernel is still shown."""
+
+    @staticmethod
+    def filter(record: object) -> bool:
+        message = record.getMessage()  # type: ignore[attr-defined]
+        return not ("gemm_4bit_forward from kernels-community" in message and "No module named 'kernels'" in message)
+
+
+def _hide_optional_kernel_notice() -> None:
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsPackage.filter)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line error of every other failure; usage errors keep argparse's exit status 2."""
 
@@ -466,7 +500,11 @@ def _add_debug(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="peft-ext", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"peft-ext {__version__}",
+                        help="print the installed version of peft-ext and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show an adapter's type and how to load it")
     p.add_argument("adapter", help="adapter directory or Hub repo id")
@@ -490,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0), or a usage error _Parser.error has already printed (2)
         return e.code if isinstance(e.code, int) else 2
     try:
+        _hide_optional_kernel_notice()
+        from . import _ensure_api
+
+        _ensure_api()  # what `import peft_ext` does outside this process: torch, peft, our types registered
         return args.func(args)
     except Exception as e:  # KeyboardInterrupt and SystemExit are not failures of the command: they pass
         status, line = _explain(e)

@@ -1,0 +1,66 @@
+"""The public API of peft_ext, which `peft_ext/__init__.py` re-exports and whose `register_types()` it calls.
+
+Apart from the package so that the `peft-ext` command can answer --help and --version without importing torch
+(see `peft_ext/__init__.py`).
+"""
+
+from .bnb_cpu import disable_bnb_cpu_repack
+from .export import export_to_lora, lora_state_dict
+from .files import save_adapter_atomic
+from .nullspace.config import NullSpaceLoraConfig
+from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
+from .nullspace.layer import NullSpaceLoraLayer
+from .nullspace.model import NullSpaceLoraModel
+from .ortho import (
+    EntrySaliency,
+    OrthoSplitConfig,
+    OrthoSplitLayer,
+    OrthoSplitModel,
+    entry_saliency,
+    ortho_alpha,
+    ortho_report,
+    orthosplit,
+    set_ortho_alpha,
+)
+from .registry import missing_type_hint, register
+from .stats import ActivationStats, StatsRecorder, cached_stats, collect_stats, data_fingerprint, model_fingerprint
+from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
+
+
+def register_types() -> None:
+    """Register our PEFT types with peft (idempotent: re-registering the same classes changes nothing)."""
+    register("nullspace_lora", NullSpaceLoraConfig, NullSpaceLoraModel, prefix=NullSpaceLoraModel.prefix)
+    register("ortho_split", OrthoSplitConfig, OrthoSplitModel, prefix=OrthoSplitModel.prefix)
+    register("subspace_lora", SubspaceLoraConfig, SubspaceLoraModel, prefix=SubspaceLoraModel.prefix)
+
+
+__all__ = [
+    "ActivationStats",
+    "EntrySaliency",
+    "OrthoSplitConfig",
+    "OrthoSplitLayer",
+    "OrthoSplitModel",
+    "NullSpaceLoraConfig",
+    "NullSpaceLoraLayer",
+    "NullSpaceLoraModel",
+    "NullSpaceReport",
+    "StatsRecorder",
+    "SubspaceLoraConfig",
+    "SubspaceLoraLayer",
+    "SubspaceLoraModel",
+    "cached_stats",
+    "collect_stats",
+    "data_fingerprint",
+    "disable_bnb_cpu_repack",
+    "entry_saliency",
+    "export_to_lora",
+    "initialize_nullspace_lora",
+    "lora_state_dict",
+    "missing_type_hint",
+    "model_fingerprint",
+    "ortho_alpha",
+    "ortho_report",
+    "orthosplit",
+    "save_adapter_atomic",
+    "set_ortho_alpha",
+]
