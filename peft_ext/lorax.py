@@ -37,10 +37,9 @@ from torch import nn
 
 from .files import atomic_directory, atomic_file
 from .linalg import top_k_svd
+from .lorax_options import METHODS, ON_LOW_SIMILARITY, TransferOptions  # noqa: F401 (re-exported)
 from .stats import canonical_name
 
-METHODS = ("lorax", "copy", "delta-sigma")
-ON_LOW_SIMILARITY = ("keep", "drop", "copy")
 REPORT_JSON = "lorax_report.json"
 REPORT_MD = "lorax_report.md"
 # peft-ext adapter types that `peft-ext export-lora` turns into a plain LoRA (which this module then converts)
@@ -150,63 +149,6 @@ def refactor(b: Tensor, a: Tensor, scale: float = 1.0, *, rank: int | None = Non
 
 
 # ================================================================================================ options & report
-@dataclass
-class TransferOptions:
-    """Every knob of a LoRA-X conversion (recorded as `settings` in the report)."""
-
-    method: str = field(default="lorax", metadata={"help": "lorax | copy (naive) | delta-sigma (singular-value copy)"})
-    rank: int | None = field(default=None, metadata={"help": "rank written per layer (default: the source rank)"})
-    energy: float | None = field(default=None, metadata={
-        "help": "instead of rank: the smallest rank keeping this share of ||delta W_t||_F^2, in (0, 1]"})
-    subspace_rank: int = field(default=64, metadata={"help": "k of the top-k SVD of each base weight (clipped)"})
-    carry_complement: bool = field(default=True, metadata={
-        "help": "also carry the part of the adapter outside the source's top subspace (ProLoRA-style)"})
-    min_similarity: float = field(default=0.0, metadata={
-        "help": "layers with min(phi_U, phi_V) below this get on_low_similarity; 0 = never"})
-    on_low_similarity: str = field(default="keep", metadata={"help": "keep | drop | copy"})
-    allow_shape_mismatch: bool = field(default=False, metadata={
-        "help": "experimental: align layers of different shapes by singular-vector index"})
-    drop_modules_to_save: bool = field(default=False, metadata={
-        "help": "leave out tensors that are not LoRA factors (modules_to_save, trained biases) instead of refusing"})
-    force: bool = field(default=False, metadata={
-        "help": "convert although the adapter's base_model_name_or_path is not source_base"})
-    cache_dir: str | None = field(default=None, metadata={
-        "help": "where base-weight SVDs are cached (default $HF_HOME/peft_ext/lorax_svd)"})
-    cache: bool = field(default=True, metadata={"help": "read/write the SVD cache"})
-    exact_max_dim: int = field(default=512, metadata={"help": "exact SVD up to this min(out, in), randomized above"})
-    oversample: int = field(default=8, metadata={"help": "randomized SVD: extra test vectors"})
-    niter: int = field(default=2, metadata={"help": "randomized SVD: power iterations"})
-    seed: int = field(default=0, metadata={"help": "randomized SVD: seed of the test vectors (fresh per matrix)"})
-    adapter_name: str = field(default="default", metadata={"help": "which adapter of a PeftModel to convert"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        if self.on_low_similarity not in ON_LOW_SIMILARITY:
-            raise ValueError(f"on_low_similarity={self.on_low_similarity!r} is unknown; choose one of "
-                             f"{', '.join(ON_LOW_SIMILARITY)}")
-        if self.rank is not None and self.energy is not None:
-            raise ValueError(f"rank={self.rank} and energy={self.energy} both given; pass one of them (or neither: "
-                             "the source rank)")
-        _positive_int(self.rank, "rank", allow_none=True)
-        _positive_int(self.subspace_rank, "subspace_rank")
-        if self.energy is not None and not (isinstance(self.energy, (int, float)) and 0.0 < self.energy <= 1.0):
-            raise ValueError(f"energy={self.energy!r} must be a share of the update's energy in (0, 1], e.g. 0.99")
-        if not (isinstance(self.min_similarity, (int, float)) and 0.0 <= self.min_similarity <= 1.0):
-            raise ValueError(f"min_similarity={self.min_similarity!r} must be in [0, 1] (phi is a normalised "
-                             "similarity); 0 transfers every layer")
-        for name in ("exact_max_dim", "oversample", "niter", "seed"):
-            _positive_int(getattr(self, name), name, minimum=0)
-
-
-def _positive_int(value: Any, name: str, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-
-
 LAYER_KEYS = ("name", "shape", "phi_u", "phi_v", "energy_kept", "rank", "action")
 
 
@@ -278,6 +220,13 @@ class TransferReport:
     def save_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
             f.write(self.to_json() + "\n")
+
+    def plot(self, path: str | os.PathLike) -> str:
+        """A PNG of φ_U/φ_V per layer (min_similarity marked) and the energy kept per layer, next to the table.
+        Needs matplotlib (`pip install 'peft-ext[demo]'`). Returns `path`."""
+        from .plots import plot_transfer_report
+
+        return plot_transfer_report(self, path)
 
     def _rows(self) -> tuple[list[str], list[list[str]]]:
         head = ["layer", "shape", "φ_U", "φ_V", "energy kept", "rank", "action"]
@@ -468,12 +417,9 @@ def _load_adapter(adapter: Any, adapter_name: str, source_base: Any = None) -> _
     name = os.fspath(adapter)
     path = name if os.path.isdir(name) else _hub_download(
         name, ["adapter_config.json", "adapter_model.safetensors"], "adapter")
-    cfg_path = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"adapter={name!r} has no adapter_config.json: pass a PEFT adapter directory "
-                         "(what `peft_model.save_pretrained(dir)` writes)")
-    with open(cfg_path) as f:
-        raw = json.load(f)
+    from .hub import read_adapter_config  # the one reader: JSON object with a peft_type, errors naming file and fix
+
+    raw = read_adapter_config(path, field="adapter")
     base = os.fspath(source_base) if _is_pathlike(source_base) else "SOURCE_BASE"
     export = f"peft-ext export-lora {name} {name.rstrip('/')}-lora --base {base}"
     _check_peft_type(str(raw.get("peft_type")), f"adapter={name!r}", f"`{export}`")
@@ -835,10 +781,10 @@ def transfer(adapter: Any, source_base: Any, target_base: Any, **options: Any) -
     svd = SvdCache(cache_dir, opts)
     fifo = bool(getattr(ad.config, "fan_in_fan_out", False))
 
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     rows, tensors, ranks, dropped = [], {}, {}, []
-    for p in tqdm(plan, desc="LoRA-X", unit="layer", disable=opts.quiet):
+    for p in progress_bar(plan, enabled=opts.progress, desc="LoRA-X", unit="layer"):
         row, factors = _transfer_layer(p, ad, src, tgt, svd, opts, fifo)
         rows.append(row)
         if factors is None:

@@ -237,7 +237,8 @@ def test_push_and_card_bad_input_is_one_line(saved, tmp_path, capsys):
     assert f"--out={str(readme)!r} exists; pass --overwrite to replace it" in _error(
         capsys, ["card", ns, "--out", readme, "--base-model", "org/base"])
     assert readme.read_text() == "my own card"
-    assert main(["card", str(ns), "--out", str(readme), "--base-model", "org/base", "--overwrite"]) == 0
+    assert main(["card", str(ns), "--out", str(readme), "--base-model", "org/base", "--overwrite", "--license",
+                 "mit"]) == 0
     assert "org/base" in readme.read_text()
     assert f"'{readme}' is a file; choose another path" in _error(
         capsys, ["card", ns, "--out", readme / "README.md", "--base-model", "org/base"])
@@ -254,19 +255,21 @@ def test_hub_failures_are_one_line(saved, tmp_path, capsys, hub_server, monkeypa
     HfApi().create_repo("tester/not-an-adapter")
     assert "Hub repo 'tester/not-an-adapter' has no adapter_config.json" in _error(
         capsys, ["inspect", "tester/not-an-adapter"])
-    line = _error(capsys, ["push", ns, "someone-else/x", "--base-model", "org/base"])
+    line = _error(capsys, ["push", ns, "someone-else/x", "--base-model", "org/base", "--no-check-base", "--license",
+                           "mit"])
     assert re.search(r"the Hub refused http://.*/api/repos/create \(HTTP 403: .*someone-else.*\); your token lacks "
                      "access", line), line
     monkeypatch.delenv("HF_TOKEN")
     hub_server.require_token = True
-    line = _error(capsys, ["push", ns, "tester/x", "--base-model", "org/base"])
+    line = _error(capsys, ["push", ns, "tester/x", "--base-model", "org/base", "--no-check-base", "--license", "mit"])
     assert re.search(r"the Hub refused http://.*/api/repos/create \(HTTP 401: .*\); no valid token was sent: run "
                      r"`hf auth login` or set HF_TOKEN", line), line
     # a conversion whose push fails says that the converted adapter is on disk and how to push it later
     out = tmp_path / "converted"
     line = _error(capsys, _convert(saved / "lora", saved / "base", saved / "base", out, "--push-to-hub", "tester/y"))
-    assert f"the adapter was written to {out}, but pushing it failed: the Hub refused" in line
-    assert "(HTTP 401: " in line and line.endswith(f"push it later with `peft-ext push {out} tester/y`")
+    # (the target base is a local folder: the push refuses it before any request, naming --base-model)
+    assert f"the adapter was written to {out}, but pushing it failed: " in line and "a local path" in line
+    assert "(--base-model)" in line and line.endswith(f"push it later with `peft-ext push {out} tester/y`")
     assert (out / "adapter_model.safetensors").is_file()
     assert hub_server.repo_ids() == ["tester/not-an-adapter"]
 

@@ -175,7 +175,7 @@ def test_pipeline_on_state_dicts_matches_formulas_and_baselines():
     b = model.base_model.model.lin.lora_B["default"].weight.detach().double()
     a = model.base_model.model.lin.lora_A["default"].weight.detach().double()
     dw = 2.0 * b @ a
-    tensors, _, rep = transfer(model, ws, ws, subspace_rank=5, cache=False, quiet=True)
+    tensors, _, rep = transfer(model, ws, ws, subspace_rank=5, cache=False, progress=False)
     got = lin_delta(tensors)
     assert rel(got, dw) <= 1e-5 and rep.layers[0].phi_u == pytest.approx(1.0, abs=1e-6)
     assert rep.baselines["copy"]["energy_kept"] == pytest.approx(1.0, abs=1e-6)
@@ -184,23 +184,23 @@ def test_pipeline_on_state_dicts_matches_formulas_and_baselines():
     top3 = ds.abs().sort(descending=True).values[:3]  # written at the source rank r = 3
     assert rep.baselines["delta-sigma"]["energy_kept"] == pytest.approx(float(top3.norm() / dw.norm()), rel=1e-4)
     wt = {"lin.weight": torch.randn(24, 18, generator=g)}
-    tensors, _, rep = transfer(model, ws, wt, subspace_rank=5, rank=5, method="delta-sigma", cache=False, quiet=True)
+    tensors, _, rep = transfer(model, ws, wt, subspace_rank=5, rank=5, method="delta-sigma", cache=False, progress=False)
     ut, vt = top(wt["lin.weight"], 5)
     got = lin_delta(tensors)
     assert rel(got, ut @ torch.diag(ds) @ vt.T) <= 1e-4 and rep.layers[0].rank == 5
-    tensors, _, rep = transfer(model, ws, wt, method="copy", cache=False, quiet=True)
+    tensors, _, rep = transfer(model, ws, wt, method="copy", cache=False, progress=False)
     got = lin_delta(tensors)
     assert rel(got, dw) <= 1e-5 and rep.layers[0].action == "copied"
     # low similarity (random target: phi ~ k/d): the user's choice decides
     tensors, _, rep = transfer(model, ws, wt, subspace_rank=5, min_similarity=0.99, on_low_similarity="copy",
-                               cache=False, quiet=True)
+                               cache=False, progress=False)
     got = lin_delta(tensors)
     assert rel(got, dw) <= 1e-5 and rep.layers[0].action == "copied" and rep.summary["copied"] == 1
-    _, _, rep = transfer(model, ws, wt, subspace_rank=5, min_similarity=0.99, cache=False, quiet=True)
+    _, _, rep = transfer(model, ws, wt, subspace_rank=5, min_similarity=0.99, cache=False, progress=False)
     assert rep.layers[0].action == "kept" and rep.summary["transferred"] == 1
     with pytest.raises(ValueError, match=r"every layer fell below min_similarity=0\.99.*on_low_similarity='keep'"):
         transfer(model, ws, wt, subspace_rank=5, min_similarity=0.99, on_low_similarity="drop", cache=False,
-                 quiet=True)
+                 progress=False)
 
 
 class _Lin(nn.Module):
@@ -219,9 +219,9 @@ def test_shape_mismatch_refused_by_default_and_experimental_when_allowed():
     ws = {"lin.weight": randn(24, 18, seed=0).float()}
     wt = {"lin.weight": randn(30, 20, seed=1).float()}
     with pytest.raises(ValueError, match=r"'lin'.*\(24, 18\).*\(30, 20\).*allow_shape_mismatch"):
-        transfer(model, ws, wt, cache=False, quiet=True)
+        transfer(model, ws, wt, cache=False, progress=False)
     with pytest.warns(UserWarning, match="EXPERIMENTAL"):
-        tensors, _, rep = transfer(model, ws, wt, subspace_rank=4, allow_shape_mismatch=True, cache=False, quiet=True)
+        tensors, _, rep = transfer(model, ws, wt, subspace_rank=4, allow_shape_mismatch=True, cache=False, progress=False)
     assert rep.settings["experimental"] and rep.settings["shape_mismatch_layers"] == ["lin"]
     assert rep.layers[0].shape == [30, 20] and "EXPERIMENTAL" in str(rep)
     b = model.base_model.model.lin.lora_B["default"].weight.double()
@@ -314,7 +314,7 @@ def test_end_to_end_vanilla_peft_matches_dense_prediction(berts, tmp_path, carry
     src, tgt, ad = berts
     out = tmp_path / "out"
     report = convert(ad, src, tgt, out, subspace_rank=K, carry_complement=carry, cache_dir=str(tmp_path / "c"),
-                     quiet=True)
+                     progress=False)
     got, expected = _outputs(_load(tgt, out)), _outputs(_expected_model(src, tgt, ad, carry=carry))
     assert (got - expected).abs().max() < 1e-4
     assert (got - _outputs(_load(tgt, ad))).abs().max() > 1e-3  # the transfer is not a no-op copy
@@ -344,7 +344,7 @@ def test_end_to_end_vanilla_peft_matches_dense_prediction(berts, tmp_path, carry
 def test_energy_option_writes_per_layer_ranks_that_peft_loads(berts, tmp_path):
     src, tgt, ad = berts
     out = tmp_path / "out"
-    report = convert(ad, src, tgt, out, subspace_rank=K, energy=0.7, cache=False, quiet=True)
+    report = convert(ad, src, tgt, out, subspace_rank=K, energy=0.7, cache=False, progress=False)
     ranks = {lt.name: lt.rank for lt in report.layers}
     assert len(set(ranks.values())) > 1
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -400,9 +400,9 @@ def test_peft_model_module_and_state_dict_inputs(berts, tmp_path):
 
     src, tgt, ad = berts
     peft_model = PeftModel.from_pretrained(BertModel.from_pretrained(src), ad)
-    from_paths, _, _ = transfer(ad, src, tgt, subspace_rank=K, cache=False, quiet=True)
+    from_paths, _, _ = transfer(ad, src, tgt, subspace_rank=K, cache=False, progress=False)
     from_objects, config, report = transfer(peft_model, BertModel.from_pretrained(src), _state(tgt), subspace_rank=K,
-                                            cache=False, quiet=True)
+                                            cache=False, progress=False)
     assert from_paths.keys() == from_objects.keys()
     assert all(torch.allclose(from_paths[k], from_objects[k], atol=1e-6) for k in from_paths)
     assert report.adapter == "<PeftModel adapter 'default'>" and report.target_base == "<state dict>"
@@ -422,7 +422,7 @@ def test_fan_in_fan_out_conv1d_layers():
             if "lora_B" in n:
                 p.normal_()
     tgt = {k: v + 0.02 * torch.randn_like(v) if v.dim() == 2 else v for k, v in src.state_dict().items()}
-    tensors, _, rep = transfer(model, src, tgt, subspace_rank=K, cache=False, quiet=True)
+    tensors, _, rep = transfer(model, src, tgt, subspace_rank=K, cache=False, progress=False)
     key = "base_model.model.h.0.attn.c_attn.lora_"
     layer = model.base_model.model.h[0].attn.c_attn
     dw = layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
@@ -453,7 +453,7 @@ def test_hub_ids_download_only_what_is_needed(berts, tmp_path, monkeypatch):
         return str(local)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    report = convert("me/adapter", "org/src", "org/tgt", tmp_path / "out", subspace_rank=K, cache=False, quiet=True)
+    report = convert("me/adapter", "org/src", "org/tgt", tmp_path / "out", subspace_rank=K, cache=False, progress=False)
     assert report.target_base == "org/tgt" and report.adapter == "me/adapter"
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tgt"
     tgt_calls = [p for r, p in calls if r == "org/tgt"]
@@ -463,7 +463,7 @@ def test_hub_ids_download_only_what_is_needed(berts, tmp_path, monkeypatch):
     assert set(tgt_calls[1]) == needed  # only the shards holding adapter layers
     assert all("safetensors" not in p or p == "adapter_model.safetensors" for r, p in calls if r == "me/adapter")
     with pytest.raises(ValueError, match=r"target_base='org/missing'.*not a local directory.*HF_ENDPOINT"):
-        convert("me/adapter", "org/src", "org/missing", tmp_path / "out2", cache=False, quiet=True)
+        convert("me/adapter", "org/src", "org/missing", tmp_path / "out2", cache=False, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -473,14 +473,14 @@ def test_svd_cache_hits_on_second_run_and_misses_when_weights_change(berts, tmp_
     real = lorax.top_k_svd
     monkeypatch.setattr(lorax, "top_k_svd", lambda w, k, **kw: calls.append(tuple(w.shape)) or real(w, k, **kw))
     cache = str(tmp_path / "cache")
-    first = convert(ad, src, tgt, tmp_path / "o1", subspace_rank=K, cache_dir=cache, quiet=True)
+    first = convert(ad, src, tgt, tmp_path / "o1", subspace_rank=K, cache_dir=cache, progress=False)
     n_layers = len(first.layers)
     # 11 layers; layer 0 (5 layers) is identical in both bases, so in-run memoisation needs one SVD for those
     assert len(calls) == 2 * n_layers - 5 and first.settings["svd_computed"] == len(calls)
     files = os.listdir(cache)
     assert len(files) == len(calls) and all(f.endswith(".safetensors") and not f.startswith(".") for f in files)
     calls.clear()
-    second = convert(ad, src, tgt, tmp_path / "o2", subspace_rank=K, cache_dir=cache, quiet=True)
+    second = convert(ad, src, tgt, tmp_path / "o2", subspace_rank=K, cache_dir=cache, progress=False)
     assert calls == [] and second.settings["svd_cache_hits"] == 2 * n_layers
     for a, b in zip(second.layers, first.layers):  # same SVDs: the same report (up to BLAS round-off)
         assert (a.name, a.rank, a.action) == (b.name, b.rank, b.action)
@@ -492,10 +492,10 @@ def test_svd_cache_hits_on_second_run_and_misses_when_weights_change(berts, tmp_
     with torch.no_grad():
         model.encoder.layer[1].attention.self.query.weight.mul_(1.5)
     model.save_pretrained(tgt, max_shard_size="20KB")
-    convert(ad, src, tgt, tmp_path / "o3", subspace_rank=K, cache_dir=cache, quiet=True)
+    convert(ad, src, tgt, tmp_path / "o3", subspace_rank=K, cache_dir=cache, progress=False)
     assert calls == [(32, 32)]
     calls.clear()
-    convert(ad, src, tgt, tmp_path / "o4", subspace_rank=K + 1, cache_dir=cache, quiet=True)  # k is in the key
+    convert(ad, src, tgt, tmp_path / "o4", subspace_rank=K + 1, cache_dir=cache, progress=False)  # k is in the key
     assert len(calls) == 2 * n_layers - 5
 
 
@@ -513,7 +513,7 @@ def test_failure_midway_leaves_no_output(berts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lorax.BaseWeights, "get", late_failure)
     with pytest.raises(KeyError, match="vanished"):
-        convert(ad, src, tgt, out, subspace_rank=K, cache=False, quiet=True)
+        convert(ad, src, tgt, out, subspace_rank=K, cache=False, progress=False)
     assert not out.exists() and _no_temp_dirs(tmp_path)
     monkeypatch.setattr(lorax.BaseWeights, "get", real_get)
 
@@ -522,17 +522,17 @@ def test_failure_midway_leaves_no_output(berts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lorax, "_write_markdown", broken_writer)
     with pytest.raises(OSError, match="disk full"):
-        convert(ad, src, tgt, out, subspace_rank=K, cache=False, quiet=True)
+        convert(ad, src, tgt, out, subspace_rank=K, cache=False, progress=False)
     assert not out.exists() and _no_temp_dirs(tmp_path)
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(OSError, match="disk full"):  # overwrite: the old directory survives a failed write
-        convert(ad, src, tgt, out, subspace_rank=K, cache=False, quiet=True, overwrite=True)
+        convert(ad, src, tgt, out, subspace_rank=K, cache=False, progress=False, overwrite=True)
     assert (out / "keep.txt").read_text() == "old" and _no_temp_dirs(tmp_path)
     monkeypatch.undo()
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        convert(ad, src, tgt, out, cache=False, quiet=True)
-    convert(ad, src, tgt, out, subspace_rank=K, cache=False, quiet=True, overwrite=True)
+        convert(ad, src, tgt, out, cache=False, progress=False)
+    convert(ad, src, tgt, out, subspace_rank=K, cache=False, progress=False, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
 
 
@@ -540,9 +540,9 @@ def test_failure_midway_leaves_no_output(berts, tmp_path, monkeypatch):
 def test_base_mismatch_refused_unless_forced(berts, tmp_path, capsys):
     src, tgt, ad = berts
     with pytest.raises(ValueError, match=r"base_model_name_or_path=.*src.*differs from source_base=.*tgt.*force"):
-        transfer(ad, tgt, tgt, cache=False, quiet=True)
-    transfer(ad, tgt, tgt, subspace_rank=K, force=True, cache=False, quiet=True)
-    transfer(ad, _state(tgt), tgt, subspace_rank=K, cache=False, quiet=True)  # a state dict skips the check
+        transfer(ad, tgt, tgt, cache=False, progress=False)
+    transfer(ad, tgt, tgt, subspace_rank=K, force=True, cache=False, progress=False)
+    transfer(ad, _state(tgt), tgt, subspace_rank=K, cache=False, progress=False)  # a state dict skips the check
     capsys.readouterr()  # the loading bars above
     assert main(["lorax", "convert", "--adapter", str(ad), "--source-base", str(tgt), "--target-base", str(tgt),
                  "--out", str(tmp_path / "o"), "--quiet"]) == 1
@@ -557,7 +557,7 @@ def test_missing_layers_named_with_the_base(berts):
     del target["encoder.layer.1.attention.self.query.weight"]
     with pytest.raises(ValueError, match=r"1 adapter layers have no weight in target_base='<state dict>': "
                                          r"encoder\.layer\.1\.attention\.self\.query;"):
-        transfer(ad, src, target, cache=False, quiet=True)
+        transfer(ad, src, target, cache=False, progress=False)
 
 
 @pytest.mark.parametrize("peft_type", ["NULLSPACE_LORA", "SUBSPACE_LORA", "IA3"])
@@ -571,13 +571,13 @@ def test_non_lora_adapters_refused(tmp_path, peft_type):
     message = (f"no conversion path from {peft_type}" if peft_type == "IA3"
                else re.escape(f"`peft-ext export-lora {ad} {ad}-lora --base {src}`"))
     with pytest.raises(ValueError, match=message):
-        transfer(ad, src, {}, quiet=True)
+        transfer(ad, src, {}, progress=False)
     if peft_type == "NULLSPACE_LORA":  # the same adapter type as an in-memory PeftModel
         from peft_ext import NullSpaceLoraConfig
 
         model = get_peft_model(tiny_bert(), NullSpaceLoraConfig(r=2, target_modules=["query"]))
         with pytest.raises(ValueError, match=r"NULLSPACE_LORA.*peft_ext\.export_to_lora\(model, LORA_DIR"):
-            transfer(model, {}, {}, quiet=True)
+            transfer(model, {}, {}, progress=False)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -591,9 +591,9 @@ def test_untransferable_adapters_refused(kwargs, message):
     base = tiny_bert()
     model = get_peft_model(tiny_bert(), LoraConfig(**{"r": 2, "target_modules": ["query"], **kwargs}))
     with pytest.raises(ValueError, match=message):
-        transfer(model, base, base, cache=False, quiet=True)
+        transfer(model, base, base, cache=False, progress=False)
     if "modules_to_save" in kwargs:
-        _, config, _ = transfer(model, base, base, subspace_rank=4, drop_modules_to_save=True, cache=False, quiet=True)
+        _, config, _ = transfer(model, base, base, subspace_rank=4, drop_modules_to_save=True, cache=False, progress=False)
         assert config.modules_to_save is None
 
 
@@ -606,7 +606,7 @@ def test_conv_lora_refused():
     base = Conv()
     model = get_peft_model(Conv(), LoraConfig(r=2, target_modules=["conv"]))
     with pytest.raises(ValueError, match=r"'conv' has a 4-D lora_A.*convolution"):
-        transfer(model, base, base, cache=False, quiet=True)
+        transfer(model, base, base, cache=False, progress=False)
 
 
 @pytest.mark.parametrize("options,message", [
@@ -621,7 +621,7 @@ def test_conv_lora_refused():
 def test_bad_options_refused_before_any_work(berts, tmp_path, options, message):
     src, tgt, ad = berts
     with pytest.raises(ValueError, match=message):
-        convert(ad, src, tgt, tmp_path / "out", cache=False, quiet=True, **options)
+        convert(ad, src, tgt, tmp_path / "out", cache=False, progress=False, **options)
     assert not (tmp_path / "out").exists()
 
 
@@ -632,9 +632,12 @@ def test_cli_convert_and_push_to_a_hub_then_load_by_repo_id(berts, tmp_path, hub
                  "--out", str(out), "--push-to-hub", "not a repo"]) == 2
     assert "peft-ext: error: --push-to-hub='not a repo' is not a Hub repo id" in capsys.readouterr().err
     assert not out.exists() and hub_server.repo_ids() == []
-    with pytest.warns(UserWarning):  # the recorded target base is a local path: left out of the card's metadata
-        assert main(["lorax", "convert", "--adapter", str(ad), "--source-base", str(src), "--target-base", str(tgt),
-                     "--out", str(out), "--subspace-rank", str(K), "--quiet", "--push-to-hub", "tester/style-v2"]) == 0
+    # the target base is a local folder: the converted adapter is written, the push refused (it would record a path)
+    assert main(["lorax", "convert", "--adapter", str(ad), "--source-base", str(src), "--target-base", str(tgt),
+                 "--out", str(out), "--subspace-rank", str(K), "--quiet", "--push-to-hub", "tester/style-v2"]) == 1
+    assert "(--base-model)" in capsys.readouterr().err and (out / "adapter_model.safetensors").is_file()
+    hub_server.add_repo("tester/tgt", {"README.md": b"---\nlicense: mit\n---\n"})  # the target base, on the Hub
+    assert main(["push", str(out), "tester/style-v2", "--base-model", "tester/tgt"]) == 0
     assert "pushed" in capsys.readouterr().out
     pulled = _load(tgt, "tester/style-v2")  # PeftModel.from_pretrained by repo id, through the local Hub
     assert (_outputs(pulled) - _outputs(_load(tgt, out))).abs().max() == 0

@@ -46,7 +46,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from peft_ext.files import atomic_file
 
 from .spectral import SubspaceTracker, chance_energy, projection_energy
-from .targets import Target, find_targets
+from .targets import Target, find_targets, split_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +148,11 @@ class SpectralMonitorCallback(AttachableCallback):
             raise ValueError(f"spec_every must be a positive integer (checks every N optimizer updates), got {every!r}")
         if not isinstance(topk, int) or topk < 1:
             raise ValueError(f"spec_topk must be a positive integer, got {topk!r}")
-        track = tuple(track)
+        track = tuple(split_patterns(track, "spec_track"))
         unknown = set(track) - {"weight", "grad", "momentum"}
         if unknown or "weight" not in track:
             raise ValueError(f"spec_track must include 'weight' and may add 'grad', 'momentum'; got {track}")
-        self.patterns = [targets] if isinstance(targets, str) else list(targets)
+        self.patterns = split_patterns(targets, "spec_targets")  # "q_proj,v_proj" as --spec-targets splits it
         self.every, self.topk, self.track = every, topk, track
         # exact SVD only for small matrices: at min dim 128 it is already 3-4x the randomized cost, and at ViT-S sizes
         # (384) ~10x (benchmarks/monitor_overhead.py); more `niter` where spectra are flat (e.g. fresh initialisation)

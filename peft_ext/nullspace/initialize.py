@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import all_finite
 from ..linalg import eigh_tail, energy_ratio
 from ..stats import ActivationStats, collect_stats, canonical_name
 from .config import NullSpaceLoraConfig
@@ -39,6 +40,10 @@ class LayerReport:
     heldout_ratio: float  # sqrt(sum ||A x||^2 / sum ||x||^2) on held-out tokens
     init_output_ratio: float  # sqrt(sum ||dW x||^2 / sum ||x||^2) on held-out tokens, right after init
     flags: list[str] = field(default_factory=list)
+    # eigenvalues of the calibration covariance (ascending, clamped at 0) at these indices: the whole r-tail and up to
+    # peft_ext.plots.SPECTRUM_POINTS in all (plots.spectrum_sample); empty in reports written before they were kept
+    spectrum_index: list[int] = field(default_factory=list)
+    spectrum: list[float] = field(default_factory=list)
 
     def check(self) -> None:
         """Append a flag for every threshold this layer misses. Written so that NaN fails them too: `nan > x` is
@@ -93,6 +98,13 @@ class NullSpaceReport:
 
         with atomic_file(path, field="path") as tmp, open(tmp, "w") as f:
             f.write(self.to_json())
+
+    def plot(self, path: str, *, max_layers: int = 16) -> str:
+        """A PNG of each layer's calibration spectrum (log scale), its r-tail marked, λmin/λmax annotated: one panel
+        per layer, the first `max_layers`. Needs matplotlib (`pip install 'peft-ext[demo]'`). Returns `path`."""
+        from ..plots import plot_nullspace_report
+
+        return plot_nullspace_report(self, path, max_layers=max_layers)
 
     def __str__(self) -> str:
         head = ["layer", "d_in", "r", "tokens", "λmin/λmax", "tail energy", "‖Ax‖/‖x‖", "‖ΔWx‖/‖x‖ init", "flags"]
@@ -213,7 +225,7 @@ def initialize_nullspace_lora(
         key = (owner, r)
         if key not in decomps:
             decomps[key] = eigh_tail(stats.covariance(name), r, dtype=torch.float64)
-            if not all(bool(torch.isfinite(t).all()) for t in decomps[key]):
+            if not all_finite(*decomps[key]):
                 raise ValueError(f"the eigendecomposition of the input covariance of layer {name!r} is not finite "
                                  "(values too large for float64?); check the calibration data")
         plan[name] = key
@@ -276,8 +288,6 @@ def _user_stacklevel() -> int:
     return 1
 
 
-
-
 def _verify(name: str, layer: NullSpaceLoraLayer, adapter_name: str,
             decomp: tuple[torch.Tensor, torch.Tensor, torch.Tensor], stats: ActivationStats,
             heldout_stats: ActivationStats | None) -> LayerReport:
@@ -289,6 +299,9 @@ def _verify(name: str, layer: NullSpaceLoraLayer, adapter_name: str,
     delta_in_out = delta.T if layer.fan_in_fan_out else delta  # (out, in)
     lam = all_vals.clamp_min(0)
     lmax = float(lam[-1])
+    from ..plots import spectrum_sample
+
+    spectrum_index, spectrum = spectrum_sample(lam.tolist(), layer.r[adapter_name])
     rep = LayerReport(
         layer=name,
         in_features=layer.in_features,
@@ -300,6 +313,8 @@ def _verify(name: str, layer: NullSpaceLoraLayer, adapter_name: str,
         tail_energy=float(tail_vals.clamp_min(0).sum() / lam.sum()) if lam.sum() > 0 else 0.0,
         heldout_ratio=math.sqrt(max(energy_ratio(a, check_cov), 0.0)),
         init_output_ratio=math.sqrt(max(energy_ratio(delta_in_out, check_cov), 0.0)),
+        spectrum_index=spectrum_index,
+        spectrum=spectrum,
     )
     rep.check()
     return rep
@@ -367,7 +382,7 @@ def _check_layer_stats(stats: ActivationStats, name: str, layer: NullSpaceLoraLa
             f"{layer.in_features}: they come from {source}, not this model. Recollect them on this model."
         )
     # all-zero inputs leave nothing to compare against: the verification would divide by a zero trace after writing
-    if not float(torch.trace(stats.sums[stats.owner(name)])) > 0:
+    if not stats.trace(name) > 0:
         raise ValueError(
             f"{what} inputs of layer {name!r} are all zero over {stats.token_count(name)} tokens, so every direction "
             "is 'null' and none is preferred; exclude the layer (exclude_modules) or use data that reaches it"

@@ -11,6 +11,7 @@ from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._checks import all_finite
 from .._tuners import CheckTargetsFirst, install_layer, planned_targets, unsupported_linear_reason
 from .config import OrthoSplitConfig
 from .layer import MERGE_ONE_PER_LAYER, VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
@@ -150,7 +151,7 @@ class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
             elif safe_merge:
                 new = [n for n in requested if n in module.ortho_values and n not in module.merged_adapters]
                 with torch.no_grad():
-                    if new and not torch.isfinite(module.effective_weight(new[0])).all():
+                    if new and not all_finite(module.effective_weight(new[0])):
                         broken.append(f"{key!r} (adapter {new[0]!r})")
         if broken:
             raise ValueError(
@@ -179,8 +180,8 @@ class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
 
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ImportError(
-                    f"OrthoSplitConfig.base_kind={config.base_kind!r} needs bitsandbytes (pip install bitsandbytes); "
-                    "base_kind='nf4' or 'int8' simulate the same rounding in pure torch"
+                    f"OrthoSplitConfig.base_kind={config.base_kind!r} needs bitsandbytes, which is not installed: pip "
+                    "install 'peft-ext[quant]'; base_kind='nf4' or 'int8' simulate the same rounding in pure torch"
                 )
 
     def _create_and_replace(
