@@ -4,10 +4,11 @@ Used by NullSpaceLoRA (its tail eigenvectors) and later by OrthoSplit (an OBS-st
 
 * any batch size; padding tokens are dropped with the batch's attention mask;
 * sums are accumulated in float64 by default (configurable), normalised only when read, and stored packed: a sum of
-  x x^T is symmetric, so only its upper triangle is kept (d (d + 1) / 2 numbers instead of d^2). Float64 sums then
-  take no more memory than float32 full matrices (a SmolLM2 decoder layer: 13.4 MB for its four distinct inputs,
-  where PEFT's CorDA holds seven float32 covariances, 17.4 MB); `covariance(name)` unpacks one layer at a time;
-* layers that read the very same input tensor (q/k/v of an attention block, gate/up of a Llama MLP) are computed
+  x x^T is symmetric, so only its 128 x 128 tiles on and above the diagonal are kept and computed (a blocked
+  symmetric rank-k update: about half the numbers and half the products of the full d x d sum, no d x d temporary).
+  Float64 sums then take less memory than float32 full matrices (a SmolLM2 decoder layer: 14.9 MB for its four
+  distinct inputs, where PEFT's CorDA holds seven float32 covariances, 17.4 MB); `covariance(name)` unpacks one
+  layer at a time;* layers that read the very same input tensor (q/k/v of an attention block, gate/up of a Llama MLP) are computed
   once: on the first batch each layer either owns its statistics or is an alias of the layer whose input it shares;
 * 2-D inputs (a BERT pooler) and 3-D inputs (tokens) both work;
 * a NaN/Inf input raises an error naming the layer and the batch;
@@ -42,51 +43,88 @@ from ._progress import progress_bar
 from .bnb_cpu import bnb_cpu_repack_disabled
 
 FORMAT = "peft_ext.activation_stats"
-FORMAT_VERSION = "2"  # 2: each sum stored packed (upper triangle, row-major, 1-D); 1: full (d, d) matrices
+FORMAT_VERSION = "2"  # 2: each sum packed (1-D, pack_symmetric's 128 x 128 tiles; header block_size); 1: (d, d)
 READABLE_VERSIONS = ("1", "2")
 
 
 # ------------------------------------------------------------------------------------ packed symmetric sums
 
 
-@functools.lru_cache(maxsize=16)
-def _triu_mask(n: int, device: str) -> torch.Tensor:
-    """(n, n) bool, True on and above the diagonal (1 byte per entry; one per size and device in use)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu_()
+BLOCK = 128  # side of the blocks a packed sum is stored in (fixed: it defines the file layout)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(n: int) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The blocks on and above the diagonal of an (n, n) matrix cut into BLOCK x BLOCK tiles (the last row/column of
+    tiles narrower): (row0, row1, col0, col1, offset) in storage order, row of tiles by row of tiles."""
+    edges = list(range(0, n, BLOCK)) + [n]
+    out, offset = [], 0
+    for i in range(len(edges) - 1):
+        for j in range(i, len(edges) - 1):
+            r0, r1, c0, c1 = edges[i], edges[i + 1], edges[j], edges[j + 1]
+            out.append((r0, r1, c0, c1, offset))
+            offset += (r1 - r0) * (c1 - c0)
+    return tuple(out)
 
 
 def packed_length(n: int) -> int:
-    """Numbers in the packed upper triangle of an (n, n) symmetric matrix."""
-    return n * (n + 1) // 2
+    """Numbers a packed (n, n) symmetric matrix takes: its tiles on and above the diagonal, (n^2 + sum b_i^2) / 2,
+    about n (n + BLOCK) / 2 (half of n^2 for large n)."""
+    r0, r1, c0, c1, offset = _layout(n)[-1]
+    return offset + (r1 - r0) * (c1 - c0)
 
 
 def packed_dim(length: int) -> int | None:
-    """n such that packed_length(n) == length, or None when `length` is not a triangular number."""
-    n = (math.isqrt(8 * length + 1) - 1) // 2
-    return n if n > 0 and packed_length(n) == length else None
+    """n such that packed_length(n) == length, or None when no n gives that length."""
+    if length < 1:
+        return None
+    guess = math.isqrt(2 * length)
+    for n in range(max(1, guess - BLOCK), guess + 2):
+        if packed_length(n) == length:
+            return n
+    return None
 
 
 def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
-    """The upper triangle of a square matrix, diagonal included, row by row, as a 1-D tensor."""
-    return m.masked_select(_triu_mask(m.shape[0], str(m.device)))
+    """A symmetric (n, n) matrix as 1-D storage: its BLOCK x BLOCK tiles on and above the diagonal, each row-major,
+    row of tiles by row of tiles (the diagonal tiles whole). The inverse is `unpack_symmetric`."""
+    return torch.cat([m[r0:r1, c0:c1].reshape(-1) for r0, r1, c0, c1, _ in _layout(m.shape[0])])
+
+
+def _tiles(packed: torch.Tensor, n: int):
+    for r0, r1, c0, c1, offset in _layout(n):
+        yield r0, r1, c0, c1, packed[offset : offset + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
 
 
 def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
-    """The symmetric (n, n) matrix whose packed upper triangle is `packed` (inverse of `pack_symmetric`)."""
-    n = packed_dim(packed.numel())
-    if packed.dim() != 1 or n is None:
-        raise ValueError(f"a packed symmetric matrix is 1-D with n(n+1)/2 entries, got shape {tuple(packed.shape)}")
-    mask = _triu_mask(n, str(packed.device))
+    """The symmetric (n, n) matrix stored in `packed` (see `pack_symmetric`)."""
+    n = packed_dim(packed.numel()) if packed.dim() == 1 else None
+    if n is None:
+        raise ValueError(f"a packed symmetric matrix is 1-D with packed_length(n) entries, got shape "
+                         f"{tuple(packed.shape)}")
     full = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
-    full.masked_scatter_(mask, packed)  # the upper triangle, row by row
-    full.T.masked_scatter_(mask, packed)  # the same numbers through the transpose: the lower triangle
+    for r0, r1, c0, c1, tile in _tiles(packed, n):
+        full[r0:r1, c0:c1] = tile
+        if r0 != c0:
+            full[c0:c1, r0:r1] = tile.T
     return full
 
 
 def packed_diagonal_index(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Positions of the diagonal entries (i, i) in a packed upper triangle: i n - i (i - 1) / 2."""
-    i = torch.arange(n, device=device, dtype=torch.int64)
-    return i * n - i * (i - 1) // 2
+    """Positions of the diagonal entries (i, i) in packed storage."""
+    parts = [offset + torch.arange(r1 - r0, device=device) * (r1 - r0 + 1)
+             for r0, r1, c0, c1, offset in _layout(n) if r0 == c0]
+    return torch.cat(parts)
+
+
+def add_gram_(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """packed += pack_symmetric(x^T x) for rows x (tokens, n), computing only the tiles on and above the diagonal
+    (a blocked symmetric rank-k update: (n^2 + sum b_i^2) / 2 products per token instead of n^2, and no (n, n)
+    temporary)."""
+    n = x.shape[1]
+    for r0, r1, c0, c1, tile in _tiles(packed, n):
+        tile.addmm_(x[:, r0:r1].T, x[:, c0:c1])
+    return packed
 
 
 def _sum_dim(s: torch.Tensor) -> int | None:
@@ -188,7 +226,7 @@ def linear_in_features(module: nn.Module) -> int | None:
 class ActivationStats:
     """Per-layer sums of x x^T and token counts. Read normalised covariances with `covariance(name)`.
 
-    `sums` may hold (d, d) matrices or packed upper triangles (1-D, `pack_symmetric`); collected statistics are
+    `sums` may hold (d, d) matrices or packed sums (1-D, `pack_symmetric`); collected statistics are
     packed. `stats.sums[name]` always gives the (d, d) matrix.
     """
 
@@ -327,6 +365,7 @@ class ActivationStats:
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "block_size": str(BLOCK),
             "tokens": json.dumps({n: int(self.tokens[n]) for n in self._sums}),
             "aliases": json.dumps(self.aliases),
             "order": json.dumps(list(self._sums)),
@@ -362,6 +401,11 @@ class ActivationStats:
                         f"{' or '.join(map(repr, READABLE_VERSIONS))}: {redo} with this version of peft_ext (or use "
                         "the peft_ext that wrote it)"
                     )
+                if version != "1" and header.get("block_size") != str(BLOCK):
+                    raise ValueError(
+                        f"{path!r} stores its sums in tiles of block_size={header.get('block_size')!r}, this peft_ext "
+                        f"in tiles of {BLOCK}: {redo} with this version of peft_ext"
+                    )
                 fields = {}
                 for key, kind in (("order", list), ("tokens", dict), ("aliases", dict), ("metadata", dict)):
                     raw = header.get(key, "{}" if key == "metadata" else None)
@@ -385,7 +429,7 @@ class ActivationStats:
                     if sums[n].dim() != (2 if version == "1" else 1):
                         raise ValueError(
                             f"{path!r}: layer {n!r} has a tensor of shape {tuple(sums[n].shape)}, but format_version "
-                            f"{version} stores {'(d, d) matrices' if version == '1' else 'packed 1-D triangles'}: "
+                            f"{version} stores {'(d, d) matrices' if version == '1' else 'packed 1-D sums'}: "
                             f"the file is damaged or was edited; {redo}"
                         )
         except SafetensorError as e:
@@ -558,7 +602,7 @@ class StatsRecorder:
         self.share_inputs = share_inputs
         self._names = {id(m): n for n, m in self.targets.items()}
         self._handles: list[Any] = []
-        self.sums: dict[str, torch.Tensor] = {}  # packed upper triangles (pack_symmetric), one per distinct input
+        self.sums: dict[str, torch.Tensor] = {}  # packed (pack_symmetric), one per distinct input
         self.tokens: dict[str, int] = {}
         self._diagonal: dict[str, torch.Tensor] = {}  # where each packed sum keeps its diagonal
         self.aliases: dict[str, str] = {}
@@ -621,8 +665,7 @@ class StatsRecorder:
             acc = self.sums[name] = torch.zeros(packed_length(d), dtype=self.dtype, device=xs.device)
             self._diagonal[name] = packed_diagonal_index(d, xs.device)
             self.tokens[name] = 0
-        # the full (d, d) product exists only for this layer and this batch; the sum keeps its upper triangle
-        acc.add_(pack_symmetric(xs.T @ xs))
+        add_gram_(acc, xs)  # only the tiles on and above the diagonal, straight into the sum
         # A NaN/Inf anywhere in a row shows up in its sum of squares on the diagonal, and the sums were finite
         # before this batch: checking d numbers names the batch as surely as checking every input (25x cheaper).
         if not torch.isfinite(acc[self._diagonal[name]]).all():
@@ -665,7 +708,7 @@ def _stats_problem(sums: Any, tokens: Any, aliases: Any) -> str | None:
             return f"the sum for layer {name!r} has dtype {s.dtype}; statistics are float32 or float64"
         if _sum_dim(s) is None:
             return (f"the sum for layer {name!r} has shape {tuple(s.shape)}, neither the (d, d) of a sum of x x^T "
-                    "nor its packed upper triangle (1-D, d (d + 1) / 2 entries)")
+                    "nor its packed form (1-D, packed_length(d) entries)")
         if name not in tokens:
             shown_names = sorted(map(str, tokens))[:4]
             return (f"the token table has no entry for layer {name!r} (it has {len(tokens)} entries, e.g. "

@@ -186,17 +186,19 @@ def _rewrite(path, edit_tensors=None, **header):
         (lambda t: t.update({"sum::q": t["sum::q"].to(torch.int64)}), {},
          r"the sum for layer 'q' has dtype torch\.int64; statistics are float32 or float64"),
         (lambda t: t.update({"sum::q": t["sum::q"][:5].contiguous()}), {},
-         r"the sum for layer 'q' has shape \(5,\), neither the \(d, d\) of a sum of x x\^T nor its packed upper"),
+         r"the sum for layer 'q' has shape \(5,\), neither the \(d, d\) of a sum of x x\^T nor its packed form"),
         (lambda t: t.update({"sum::q": torch.zeros(8, 8, dtype=t["sum::q"].dtype)}), {},
-         r"layer 'q' has a tensor of shape \(8, 8\), but format_version 2 stores packed 1-D triangles"),
+         r"layer 'q' has a tensor of shape \(8, 8\), but format_version 2 stores packed 1-D sums"),
         (lambda t: t["sum::out"].__setitem__(1, float("inf")), {},
-         r"the sum for layer 'out' holds 1 non-finite \(NaN/Inf\) value\(s\) of 78"),
-        # (3, 3) of an 8 x 8 packed upper triangle sits at 3 * 8 - 3 * 2 / 2 = 21
-        (lambda t: t["sum::q"].__setitem__(21, -1.0), {}, r"the sum for layer 'q' has a negative diagonal entry"),
+         r"the sum for layer 'out' holds 1 non-finite \(NaN/Inf\) value\(s\) of 144"),
+        # below 128 the packed sum is one tile, the whole matrix row-major: (3, 3) of 8 x 8 sits at 3 * 8 + 3 = 27
+        (lambda t: t["sum::q"].__setitem__(27, -1.0), {}, r"the sum for layer 'q' has a negative diagonal entry"),
+        (None, {"block_size": "64"}, r"stores its sums in tiles of block_size='64', this peft_ext in tiles of 128"),
         (None, {"aliases": json.dumps({"k": "nope"})}, r"alias 'k' points at 'nope', which has no statistics"),
     ],
     ids=["version", "no-version", "token-missing", "token-negative", "token-float", "tokens-json", "no-order",
-         "aliases-type", "tensor-missing", "dtype", "shape", "full-in-v2", "inf", "negative-diagonal", "alias"],
+         "aliases-type", "tensor-missing", "dtype", "shape", "full-in-v2", "inf", "negative-diagonal", "block-size",
+         "alias"],
 )
 def test_load_names_the_file_and_what_is_wrong(tmp_path, edit, header, message):
     path = _saved_stats(tmp_path)
@@ -304,20 +306,35 @@ def test_fingerprint_of_a_tensor_above_float32_exact_integers():
 
 
 # ------------------------------------------------------------------ packed symmetric storage (issue 14, section 3)
-def test_pack_unpack_round_trip_and_diagonal_positions():
-    from peft_ext.stats import pack_symmetric, packed_diagonal_index, packed_dim, packed_length, unpack_symmetric
+@pytest.mark.parametrize("n", [1, 5, 128, 129, 300])
+def test_pack_unpack_round_trip_diagonal_positions_and_gram_update(n):
+    from peft_ext.stats import (BLOCK, add_gram_, pack_symmetric, packed_diagonal_index, packed_dim, packed_length,
+                                unpack_symmetric)
 
-    x = torch.randn(7, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n + 3, n, dtype=torch.float64, generator=g)
     m = x.T @ x
     m = (m + m.T) / 2
     p = pack_symmetric(m)
-    assert p.shape == (packed_length(5),) == (15,)
-    # row-major upper triangle: row 0 holds m[0, 0..4], row 1 m[1, 1..4], ...
-    assert torch.equal(p[:5], m[0]) and torch.equal(p[5:9], m[1, 1:]) and p[-1] == m[4, 4]
+    edges = list(range(0, n, BLOCK)) + [n]
+    sizes = [b - a for a, b in zip(edges, edges[1:])]
+    assert p.shape == (packed_length(n),) == ((n * n + sum(b * b for b in sizes)) // 2,)
+    assert p.numel() <= n * (n + BLOCK) / 2 and packed_dim(p.numel()) == n
+    assert torch.equal(p[: min(n, BLOCK)], m[0, : min(n, BLOCK)])  # first tile, first row
     assert torch.equal(unpack_symmetric(p), m)
-    assert torch.equal(p[packed_diagonal_index(5)], m.diagonal())
-    assert [packed_dim(k) for k in (1, 3, 6, 15, 5, 0)] == [1, 2, 3, 5, None, None]
-    with pytest.raises(ValueError, match=r"1-D with n\(n\+1\)/2 entries, got shape \(5,\)"):
+    assert torch.equal(p[packed_diagonal_index(n)], m.diagonal())
+    # the blocked update computes only the tiles on and above the diagonal, and equals the full product's
+    acc = torch.zeros(packed_length(n), dtype=torch.float64)
+    add_gram_(add_gram_(acc, x[:2]), x[2:])
+    torch.testing.assert_close(unpack_symmetric(acc), x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_dim_and_unpack_refuse_lengths_no_size_has():
+    from peft_ext.stats import packed_dim, unpack_symmetric
+
+    assert [packed_dim(k) for k in (1, 4, 9, 25, 16513)] == [1, 2, 3, 5, 129]  # below 128: one tile, n^2
+    assert packed_dim(5) is None and packed_dim(0) is None
+    with pytest.raises(ValueError, match=r"1-D with packed_length\(n\) entries, got shape \(5,\)"):
         unpack_symmetric(torch.zeros(5))
 
 
@@ -336,7 +353,7 @@ def test_collected_sums_are_packed_and_equal_the_full_sum():
     x = torch.cat(xs)
     want = x.T @ x
     stored = stats._sums["q"]
-    assert stored.dim() == 1 and stored.numel() == 8 * 9 // 2
+    assert stored.dim() == 1 and stored.numel() == 8 * 8  # one tile below 128
     torch.testing.assert_close(stats.covariance("q"), want / x.shape[0], rtol=1e-12, atol=1e-12)
     assert stats._sums["q"].dim() == 1  # covariance() did not keep a full copy
     assert stats.trace("q") == pytest.approx(float(want.trace()), rel=1e-12)
