@@ -121,4 +121,5 @@ def check_finite(t: Any, name: str, *, why: str | None = None, fix: str | None =
         raise ValueError(msg)
 
 
-__all__ = ["all_finite", "check_finite", "check_int", "check_number", "describe_bounds", "is_real", "nonfinite_count", "shown"]
+__all__ = ["all_finite", "check_finite", "check_int", "check_number", "describe_bounds", "is_real", "nonfinite_count",
+           "shown"]

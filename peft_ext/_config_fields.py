@@ -8,18 +8,9 @@ config class, the field, the value with its type, and the fix, as the configs' o
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-
-def is_real(value: object) -> bool:
-    """A finite int or float (not a bool: True is an int to Python but never a meant number)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def shown(value: object) -> str:
-    """`value!r`, with its type when the repr alone hides it (a "0.1" string looks like a number in a message)."""
-    return repr(value) if value is None or isinstance(value, (bool, int, float)) else f"{value!r} ({type(value).__name__})"
+from ._checks import shown
 
 
 def check_bool(config: Any, cls_name: str, field: str) -> None:

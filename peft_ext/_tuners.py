@@ -14,6 +14,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._checks import all_finite, check_finite
 from .bnb_cpu import check_4bit_dequantize, disable_bnb_cpu_repack
 
 
@@ -59,8 +60,7 @@ class DeltaMergeMixin:
             delta = self.get_delta_weight(name).detach()
             if safe_merge:
                 weight = weight.clone() + delta.to(weight.dtype)
-                if not torch.isfinite(weight).all():
-                    raise ValueError(f"NaNs/Infs in the merged weight: adapter {name!r} is broken")
+                check_finite(weight, f"the merged weight of adapter {name!r}", why="the adapter is broken")
             else:
                 weight += delta.to(weight.dtype)
             self.set_base_weight(weight)
@@ -202,7 +202,7 @@ class SafeMergeFirst:
             weight = layer.get_base_weight().clone()
             for name in names:
                 weight += layer.get_delta_weight(name).to(weight.dtype)
-            if not torch.isfinite(weight).all():
+            if not all_finite(weight):
                 broken.append(f"{key!r} (adapter(s) {names})")
         if broken:
             raise ValueError(

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ._checks import check_finite
+
 
 def symmetric_eigh(cov: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a symmetric matrix, eigenvalues ascending.
@@ -75,11 +77,7 @@ def _as_matrix(x: Any, name: str) -> torch.Tensor:
     x = x.detach()
     if x.dtype != torch.float64:
         x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"{name} contains NaN or Inf (shape {tuple(x.shape)}): its spectrum is undefined; "
-            "look for a diverged step, or skip this check"
-        )
+    check_finite(x, name, why="its spectrum is undefined", fix="look for a diverged step, or skip this check")
     return x
 
 

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._checks import all_finite, nonfinite_count
 from ._progress import progress_bar
 from .bnb_cpu import bnb_cpu_repack_disabled
 
@@ -668,7 +669,7 @@ class StatsRecorder:
         add_gram_(acc, xs)  # only the tiles on and above the diagonal, straight into the sum
         # A NaN/Inf anywhere in a row shows up in its sum of squares on the diagonal, and the sums were finite
         # before this batch: checking d numbers names the batch as surely as checking every input (25x cheaper).
-        if not torch.isfinite(acc[self._diagonal[name]]).all():
+        if not all_finite(acc[self._diagonal[name]]):
             raise ValueError(
                 f"non-finite (NaN/Inf) input to layer {name!r} in calibration batch {self._batch_index}; "
                 "check the data of that batch and the model's dtype (fp16 overflow?)"
@@ -716,10 +717,10 @@ def _stats_problem(sums: Any, tokens: Any, aliases: Any) -> str | None:
         count = tokens[name]
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             return f"the token count of layer {name!r} is {count!r}; a count is an integer >= 0"
+        bad = nonfinite_count(s)
+        if bad:
+            return f"the sum for layer {name!r} holds {bad} non-finite (NaN/Inf) value(s) of {s.numel()}"
         if s.device.type != "meta":
-            bad = int((~torch.isfinite(s)).sum())
-            if bad:
-                return f"the sum for layer {name!r} holds {bad} non-finite (NaN/Inf) value(s) of {s.numel()}"
             diag = _sum_diagonal(s)
             if bool((diag < 0).any()):
                 return (f"the sum for layer {name!r} has a negative diagonal entry (a sum of squares), "

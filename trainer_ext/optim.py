@@ -104,6 +104,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from peft_ext._checks import check_int, check_number
+
 from .spectral import SubspaceTracker, low_rank_top_k, sigma_max
 
 __all__ = [
@@ -164,18 +166,6 @@ def _patterns(value: Any, field: str) -> tuple[str, ...]:
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
-
-
-def _positive(value: Any, field: str, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{_FN}: {field} must be a positive number, got {field}={value!r}; {fix}")
-    return float(value)
-
-
-def _int_at_least(value: Any, field: str, lo: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{_FN}: {field} must be an integer >= {lo}, got {field}={value!r}; {fix}")
-    return value
 
 
 def _is_deepspeed(model: Any) -> bool:
@@ -615,33 +605,23 @@ def create_directional_optimizer(
         )
     if weight_decay is None:
         weight_decay = 0.0
-    lr = _positive(lr, "lr", "pass the base learning rate, e.g. lr=1e-4")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"{_FN}: weight_decay must be >= 0, got weight_decay={weight_decay!r}; use 0.0 for none")
-    magnitude_lr_ratio = _positive(
-        magnitude_lr_ratio, "magnitude_lr_ratio", "use 1.0 to give magnitude parameters the base lr"
-    )
+    where = f"{_FN}: "
+    lr = check_number(lr, "lr", gt=0, where=where, fix="pass the base learning rate, e.g. lr=1e-4")
+    weight_decay = check_number(weight_decay, "weight_decay", ge=0, where=where, fix="use 0.0 for none")
+    magnitude_lr_ratio = check_number(magnitude_lr_ratio, "magnitude_lr_ratio", gt=0, where=where,
+                                      fix="use 1.0 to give magnitude parameters the base lr")
     if spectral_clamp is not None:
-        spectral_clamp = _positive(spectral_clamp, "spectral_clamp", "pass a positive c (bound c / sqrt(d_in)) or None")
-    if isinstance(amplify, bool) or not isinstance(amplify, (int, float)) or not math.isfinite(amplify) or amplify < 1:
-        raise ValueError(
-            f"{_FN}: amplify must be a number >= 1, got amplify={amplify!r}; use 1.0 for no amplification"
-        )
-    amplify = float(amplify)
+        spectral_clamp = check_number(spectral_clamp, "spectral_clamp", gt=0, where=where,
+                                      fix="pass a positive c (bound c / sqrt(d_in)) or None")
+    amplify = check_number(amplify, "amplify", ge=1, where=where, fix="use 1.0 for no amplification")
     if amplify_mode not in AMPLIFY_MODES:
         raise ValueError(f"{_FN}: amplify_mode must be one of {AMPLIFY_MODES}, got amplify_mode={amplify_mode!r}")
-    amplify_rank = _int_at_least(amplify_rank, "amplify_rank", 1, "the subspace needs at least one direction")
-    amplify_every = _int_at_least(amplify_every, "amplify_every", 1, "e.g. amplify_every=10")
-    stability_checks = _int_at_least(stability_checks, "stability_checks", 1, "e.g. stability_checks=3")
-    if (
-        isinstance(stability_threshold, bool)
-        or not isinstance(stability_threshold, (int, float))
-        or not 0 < stability_threshold <= 1
-    ):
-        raise ValueError(
-            f"{_FN}: stability_threshold must be in (0, 1] (a mean principal cosine), got "
-            f"stability_threshold={stability_threshold!r}; e.g. 0.9"
-        )
+    amplify_rank = check_int(amplify_rank, "amplify_rank", ge=1, where=where,
+                             fix="the subspace needs at least one direction")
+    amplify_every = check_int(amplify_every, "amplify_every", ge=1, where=where, fix="e.g. amplify_every=10")
+    stability_checks = check_int(stability_checks, "stability_checks", ge=1, where=where, fix="e.g. stability_checks=3")
+    check_number(stability_threshold, "stability_threshold", gt=0, le=1, where=where, why="a mean principal cosine",
+                 fix="e.g. 0.9")
     magnitude_patterns = _patterns(magnitude_patterns, "magnitude_patterns")
     no_decay_patterns = _patterns(no_decay_patterns, "no_decay_patterns")
     clamp_patterns = _patterns(clamp_patterns, "clamp_patterns")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from peft_ext._checks import check_finite, check_number
 from peft_ext.linalg import _as_matrix, _check_int, _check_k, _randn, top_k_svd  # noqa: F401
 
 __all__ = [
@@ -32,12 +33,6 @@ __all__ = [
     "relative_change",
     "SubspaceTracker",
 ]
-
-# Start vectors that the caller did not supply come from a generator with this seed, never from the global RNG:
-# a monitoring check must not shift the random stream that dropout and data shuffling consume, or switching the
-# monitor on would change the training run it is supposed to observe.
-_DEFAULT_SEED = 0
-
 
 # --------------------------------------------------------------------------------------------------- validation
 
@@ -209,8 +204,7 @@ def relative_change(s_prev: torch.Tensor, s: torch.Tensor) -> float:
     sp = s_prev.detach().to(dtype)
     sn = s.detach().to(device=sp.device, dtype=dtype)
     for name, x in (("s_prev", sp), ("s", sn)):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf: the relative change is undefined")
+        check_finite(x, name, why="the relative change is undefined")
     diff = float((sn - sp).norm())
     base = float(sp.norm())
     if base == 0.0:
@@ -326,8 +320,7 @@ class SubspaceTracker:
         False while fewer comparisons exist (the first check has none, so this needs `checks + 1` updates): a
         subspace is not declared settled before it was seen to stay put.
         """
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number (a cosine, typically in [0, 1]), got {threshold!r}")
+        check_number(threshold, "threshold", why="a cosine, typically in [0, 1]")
         checks = _check_int(
             checks, "checks", 1, self.max_history,
             hint=f"; only the last max_history={self.max_history} comparisons are kept",

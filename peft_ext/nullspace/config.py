@@ -5,7 +5,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .._config_fields import check_bool, check_shared_fields, is_real, shown
+from .._checks import check_number
+from .._config_fields import check_bool, check_shared_fields, shown
 from .._tuners import validate_target_fields
 from ..registry import ensure_peft_type
 
@@ -76,17 +77,12 @@ class NullSpaceLoraConfig(PeftConfig):
         if self.nullspace_alpha is None:
             self.nullspace_alpha = float(self.r)
         # finite as well as positive: a NaN or inf scaling passes `<= 0` and turns B into NaN a few steps later
-        if not is_real(self.nullspace_alpha) or self.nullspace_alpha <= 0:
-            raise ValueError(
-                f"NullSpaceLoraConfig.nullspace_alpha must be a finite number > 0 (the adapter output is scaled by "
-                f"nullspace_alpha / r), got nullspace_alpha={shown(self.nullspace_alpha)}; leave it unset for "
-                f"nullspace_alpha = r = {self.r}"
-            )
-        if not is_real(self.nullspace_dropout) or not 0.0 <= self.nullspace_dropout < 1.0:
-            raise ValueError(
-                f"NullSpaceLoraConfig.nullspace_dropout must be a number in [0, 1), got "
-                f"nullspace_dropout={shown(self.nullspace_dropout)}; e.g. 0.1, or 0.0 for no dropout"
-            )
+        where = "NullSpaceLoraConfig."
+        check_number(self.nullspace_alpha, "nullspace_alpha", gt=0, noun="a finite number", where=where,
+                     why="the adapter output is scaled by nullspace_alpha / r",
+                     fix=f"leave it unset for nullspace_alpha = r = {self.r}")
+        check_number(self.nullspace_dropout, "nullspace_dropout", ge=0, lt=1, where=where,
+                     fix="e.g. 0.1, or 0.0 for no dropout")
         check_bool(self, "NullSpaceLoraConfig", "fan_in_fan_out")
         if self.bias not in ("none", "all", "nullspace_only"):
             raise ValueError(

@@ -6,6 +6,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._checks import nonfinite_count
 from .._tuners import CheckTargetsFirst, SafeMergeFirst, install_layer, planned_targets
 from .config import NullSpaceLoraConfig
 from .layer import Linear, NullSpaceLoraLayer
@@ -155,7 +156,7 @@ def _check_saved_adapter(tuner_cls, model: nn.Module, adapter_name: str, loaded:
                 f"makes it {shape}: the weights and the config (r, mode) come from different adapters, or the base "
                 f"model differs; {redo}"
             )
-        if value.device.type != "meta" and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        bad = nonfinite_count(value)
+        if bad:
             raise ValueError(f"{where}: {shown(key)!r} holds {bad} NaN/Inf value(s): training diverged or the file is "
                              "damaged; load an earlier checkpoint")

@@ -5,7 +5,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .._config_fields import check_bool, check_shared_fields, is_real, shown
+from .._checks import check_number
+from .._config_fields import check_bool, check_shared_fields, shown
 from .._tuners import validate_target_fields
 from ..registry import ensure_peft_type
 from .quant import BASE_KINDS
@@ -97,19 +98,12 @@ class OrthoSplitConfig(PeftConfig):
         name = "OrthoSplitConfig"
         if self.base_kind not in BASE_KINDS:
             raise ValueError(f"{name}.base_kind must be one of {BASE_KINDS}, got base_kind={shown(self.base_kind)}")
-        if not is_real(self.density) or not 0 < self.density < 1:
-            raise ValueError(
-                f"{name}.density must be a number strictly between 0 and 1 (the fraction of entries in the ortho "
-                f"stream), got density={shown(self.density)}; e.g. density=0.01 for 1%"
-            )
+        check_number(self.density, "density", gt=0, lt=1, where=f"{name}.",
+                     why="the fraction of entries in the ortho stream", fix="e.g. density=0.01 for 1%")
         if self.selector not in SELECTORS:
             raise ValueError(f"{name}.selector must be one of {SELECTORS}, got selector={shown(self.selector)}")
-        if not is_real(self.contrastive_lambda) or self.contrastive_lambda < 0:
-            raise ValueError(
-                f"{name}.contrastive_lambda must be a number >= 0, got contrastive_lambda={shown(self.contrastive_lambda)}"
-            )
-        if not is_real(self.obs_damp) or self.obs_damp <= 0:
-            raise ValueError(f"{name}.obs_damp must be a number > 0, got obs_damp={shown(self.obs_damp)}; the default is 0.01")
+        check_number(self.contrastive_lambda, "contrastive_lambda", ge=0, where=f"{name}.")
+        check_number(self.obs_damp, "obs_damp", gt=0, where=f"{name}.", fix="the default is 0.01")
         if self.layout not in LAYOUTS:
             raise ValueError(f"{name}.layout must be one of {LAYOUTS}, got layout={shown(self.layout)}")
         if self.values_dtype not in VALUE_DTYPES:

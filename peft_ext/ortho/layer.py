@@ -19,7 +19,6 @@ saved adapter stays small and a float32 model loads it back to the bit.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Optional
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
+from .._checks import check_finite, check_number
 from .._tuners import KeepAdapterDtype, init_layer_shapes
 from ..bnb_cpu import check_4bit_dequantize, import_bitsandbytes, keep_4bit_layout
 from .quant import BITSANDBYTES, quantize
@@ -43,11 +43,9 @@ VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 def check_alpha(alpha: Any, field: str = "alpha") -> float:
     """`alpha` as a float, or a ValueError naming the value (bools, strings, NaN and infinities are refused)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and torch.isfinite(alpha).item():
-            return float(alpha.item())
-        raise ValueError(f"{field} must be a finite real number (0 drops the ortho stream, 1 restores it), got {alpha!r}")
-    return float(alpha)
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and torch.isfinite(alpha).item():
+        return float(alpha.item())
+    return check_number(alpha, field, why="0 drops the ortho stream, 1 restores it")
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -364,8 +362,8 @@ class Linear(nn.Module, OrthoSplitLayer):
         name = names[0]
         weight = self.get_base_weight()
         new = transpose(self.effective_weight(name).detach(), self.fan_in_fan_out).to(weight.dtype)
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"NaNs/Infs in the merged weight: adapter {name!r} is broken")
+        if safe_merge:
+            check_finite(new, f"the merged weight of adapter {name!r}", why="the adapter is broken")
         self._unmerged = weight.detach().clone()
         self.set_base_weight(new)
         self.merged_adapters.append(name)
