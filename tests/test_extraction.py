@@ -323,3 +323,40 @@ def test_spectral_trainer_wires_extraction_from_arguments(tmp_path):
     assert groups["magnitude"]["lr"] == pytest.approx(10 * groups["default"]["lr"])
     with pytest.raises(ValueError, match="extract_basis must be"):
         SpectralTrainingArguments(**_args(tmp_path), extract_warmup=3, extract_basis="bottom")
+
+
+def test_request_extraction_in_a_hand_written_loop_matches_extracting_between_steps():
+    """The optimizer's post-step hook does the split right after the requested step: the same weights, cores and
+    moments as splitting by hand between that step and the next (the former callback), and W's stale gradient is
+    dropped."""
+    from trainer_ext.extraction import extraction_result, request_extraction
+
+    def run(by_request):
+        torch.manual_seed(0)
+        model = TinyViT()
+        mods = prepare_extraction(model, k=K)
+        opt = _opt(model)
+        attach_projection(opt, mods)
+        for step in range(5):
+            if by_request and step == 2:
+                request_extraction(opt, seed=1)
+                assert extraction_result(opt) is None  # nothing happens before the step
+            opt.zero_grad()
+            _loss(model, seed=step).backward()
+            opt.step()
+            if by_request and step == 2:
+                done = extraction_result(opt)
+                assert done["modules"] == len(mods) and 0 < done["energy"] <= 1
+                assert all(m.is_extracted and m.weight.grad is None for m in mods)
+                assert extraction_result(opt) is None  # taken once
+            if not by_request and step == 2:
+                gen = torch.Generator().manual_seed(1)
+                for m in mods:
+                    extract_(m, generator=gen)
+                handle_moments(opt, mods)
+        return {k: v.clone() for k, v in model.state_dict().items()}, opt.state[mods[0].weight]["exp_avg"].clone()
+
+    (sd_a, m_a), (sd_b, m_b) = run(True), run(False)
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a) and torch.equal(m_a, m_b)
+    with pytest.raises(ValueError, match="attach_projection"):
+        request_extraction(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))

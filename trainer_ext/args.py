@@ -2,7 +2,7 @@
 
 Every field is also a command-line flag through HfArgumentParser, dashed or not: `--spec-monitor --spec-every 100
 --spec-topk 8 --spec-targets attn.qkv,attn.proj,mlp.fc1,mlp.fc2`, and `--log-wandb --wandb-project NAME` map onto
-`report_to`/`project`. `--extract-warmup 50 --extract-rank 8 --magnitude-lr-ratio 10` turns on E4 warm-up extraction.
+`report_to`/`project`. `--extract-warmup 50 --extract-rank 8 --magnitude-lr-ratio 10` turns on warm-up extraction.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class SpectralTrainingArguments(TrainingArguments):
     stability_threshold: float = field(default=0.9, metadata={"help": "Mean principal cosine that counts as stable."})
     stability_checks: int = field(default=3, metadata={"help": "Consecutive stable checks before amplifying."})
     extract_warmup: int = field(
-        default=0, metadata={"help": "E4 warm-up extraction: after N optimizer updates split each extract_targets matrix "
+        default=0, metadata={"help": "Warm-up extraction: after N optimizer updates split each extract_targets matrix "
                              "into W = R + U C V^T (function-preserving); C trains at lr * magnitude_lr_ratio. 0 = off."}
     )
     extract_rank: int = field(default=8, metadata={"help": "k, the rank of the extracted core C (k x k)."})
@@ -52,7 +52,7 @@ class SpectralTrainingArguments(TrainingArguments):
         metadata={"help": "Comma-separated nn.Linear modules to extract (same pattern syntax as spec_targets)."},
     )
     extract_basis: str = field(
-        default="top", metadata={"help": "'top' (W's top-k singular subspaces, E4) or 'random' (the control)."}
+        default="top", metadata={"help": "'top' (W's top-k singular subspaces) or 'random' (the data-blind control)."}
     )
     extract_moments: str = field(
         default="project", metadata={"help": "W's Adam moments at extraction: 'project' (to the complement) or 'reset'."}

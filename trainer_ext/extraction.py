@@ -1,4 +1,4 @@
-"""Warm-up extraction (E4): train full-rank for N steps, then split each target matrix into a residual and a small
+"""Warm-up extraction: train full-rank for N steps, then split each target matrix into a residual and a small
 trainable core on its top-k singular subspaces, ``W = R + U C V^T``, without changing the model's function.
 
 Usage, in this order (the core must be in a parameter group before the optimizer and its LR scheduler exist)::
@@ -23,7 +23,8 @@ name-based optimizer grouping are unchanged, and adds
 
 Forward: ``F.linear(x, weight, bias) + ((x @ V) @ C^T) @ U^T`` (second term only once extracted).
 
-`extract_(module)` (called by `WarmupExtractionCallback` at ``global_step == warmup_steps``): ``U, S, V`` = top-k
+`extract_(module)` (run by the optimizer's post-step hook right after update ``warmup_steps``, when
+`WarmupExtractionCallback` asked for it with `request_extraction`): ``U, S, V`` = top-k
 SVD of W (`peft_ext.linalg.top_k_svd`), ``C = U^T W V`` (= diag(S) up to round-off on the exact path; computing it
 this way keeps ``R + U C V^T == W`` exactly even for the randomized path), ``W.data <- W - U C V^T`` in place (same
 Parameter object, so the optimizer keeps its reference). Computed in float64, stored in the weight's dtype.
@@ -42,7 +43,10 @@ Keeping R out of the subspace (`attach_projection(optimizer, modules)`, installe
       off-complement part of W to its pre-step value: with ``off(M) = U U^T M + M V V^T - U U^T M V V^T`` it sets
       ``W <- W - off(W_after - W_before)``. ``off`` only needs ``U^T M`` (k, in) and ``M V`` (out, k), which the pre-step
       hook records, so no copy of W is kept. R's realised update is thus exactly in the complement: R never moves
-      inside the subspace, whatever the optimizer.
+      inside the subspace, whatever the optimizer;
+    * the extraction itself: after a `request_extraction(optimizer, ...)`, the post-step hook of the next step that
+      happens splits the unextracted modules and handles W's moments, so every write to W and to the optimizer
+      state happens inside the optimizer's step; the callback only decides when.
 
 Optimizer moments of W at extraction (`moments=`)
     ``"project"`` (default): ``exp_avg`` / ``momentum_buffer`` <- ``(I - U U^T) M (I - V V^T)``; ``exp_avg_sq`` and
@@ -69,10 +73,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
 
+from peft_ext._checks import check_int
 from peft_ext.linalg import top_k_svd
 
+from .callbacks import AttachableCallback, emit_log
 from .optim import DEFAULT_MAGNITUDE_PATTERNS
 from .targets import pattern_regex
 
@@ -86,8 +91,10 @@ __all__ = [
     "attach_projection",
     "extract_",
     "extractable_modules",
+    "extraction_result",
     "handle_moments",
     "prepare_extraction",
+    "request_extraction",
 ]
 
 DEFAULT_EXTRACTION_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -95,12 +102,6 @@ EXTRACTION_MAGNITUDE_PATTERNS: tuple[str, ...] = DEFAULT_MAGNITUDE_PATTERNS + (r
 MOMENTS = ("project", "reset")
 BASES = ("top", "random")
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
-
-
-def _int_at_least(value: Any, field: str, lo: int, fix: str, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{fn}: {field} must be an integer >= {lo}, got {field}={value!r}; {fix}")
-    return value
 
 
 class ExtractableLinear(nn.Linear):
@@ -172,7 +173,7 @@ def prepare_extraction(
     ``create_directional_optimizer(..., magnitude_patterns=EXTRACTION_MAGNITUDE_PATTERNS)``.
     A plain model only (no PEFT adapters: the weight is trained full-rank during the warm-up)."""
     fn = "prepare_extraction"
-    k = _int_at_least(k, "k", 1, "the core needs at least one direction, e.g. k=8", fn)
+    k = check_int(k, "k", ge=1, where=f"{fn}: ", fix="the core needs at least one direction, e.g. k=8")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
     patterns = [targets] if isinstance(targets, str) else list(targets)
@@ -237,14 +238,15 @@ def extract_(
 
     ``basis="top"``: U, V = W's top-k singular vectors. ``basis="random"``: U, V = orthonormal bases of uniformly
     random k-dimensional subspaces (QR of Gaussian matrices drawn from `generator`), ``C = U^T W V``: the same
-    function-preserving split in directions that know nothing about W or the data, the control (B2) that shows
-    whether the chosen directions matter or only the extra high-LR parameters do."""
+    function-preserving split in directions that know nothing about W or the data: the control that shows whether
+    the chosen directions matter or only the extra high-LR parameters do."""
     if not isinstance(module, ExtractableLinear):
         raise TypeError(f"extract_: module must be an ExtractableLinear (see prepare_extraction), got {type(module).__name__}")
     if module.is_extracted:
         raise ValueError("extract_: module is already extracted (extracted=True); extract each module once")
     if basis not in BASES:
-        raise ValueError(f"extract_: basis must be one of {BASES}, got basis={basis!r}; 'top' is E4, 'random' its control")
+        raise ValueError(f"extract_: basis must be one of {BASES}, got basis={basis!r}; 'top' (the top-k singular "
+                         "subspaces) or 'random' (the data-blind control)")
     w = module.weight
     w64 = w.detach().double()
     if basis == "top":
@@ -289,11 +291,14 @@ def handle_moments(optimizer: Any, modules: Iterable[ExtractableLinear], moments
 
 
 class _Projection:
-    """The two step hooks of `attach_projection` (module docstring)."""
+    """The two step hooks of `attach_projection` (module docstring), and the extraction they carry out when
+    `request_extraction` asked for one: right after the next optimizer step, in the post-step hook."""
 
     def __init__(self, modules: list[ExtractableLinear]) -> None:
         self.modules = modules
         self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pending: dict[str, Any] | None = None  # extract_ settings of a requested extraction
+        self.done: dict[str, float] | None = None  # {"modules", "energy"} of the last extraction, until taken
 
     @torch.no_grad()
     def pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -315,6 +320,22 @@ class _Projection:
             b = w @ v - b0  # (W_after - W_before) V
             w.sub_(u @ a + b @ v.T - u @ (a @ v) @ v.T)
         self.before = {}
+        if self.pending is not None:
+            settings, self.pending = self.pending, None
+            self._extract(optimizer, **settings)
+
+    def _extract(self, optimizer: Any, *, moments: str, seed: int, **extract_kwargs: Any) -> None:
+        todo = [m for m in self.modules if not m.is_extracted]
+        if not todo:
+            return
+        gen = torch.Generator().manual_seed(seed)
+        energies = [extract_(m, generator=gen, **extract_kwargs)["energy"] for m in todo]
+        handle_moments(optimizer, todo, moments)
+        for m in todo:
+            # W's gradient of this step belongs to the weight before the split: it is no gradient of R (nor of C),
+            # and the optimizer has used it; dropped, nothing after this step can read it as one
+            m.weight.grad = None
+        self.done = {"modules": float(len(todo)), "energy": sum(energies) / len(energies)}
 
 
 def attach_projection(optimizer: Any, modules: Iterable[ExtractableLinear]) -> tuple[Any, Any]:
@@ -328,37 +349,67 @@ def attach_projection(optimizer: Any, modules: Iterable[ExtractableLinear]) -> t
     proj = _Projection(list(modules))
     handles = (opt.register_step_pre_hook(proj.pre), opt.register_step_post_hook(proj.post))
     opt._extraction_hooks = handles
+    opt._extraction_projection = proj
     return handles
 
 
-class WarmupExtractionCallback(TrainerCallback):
+def _projection(optimizer: Any) -> _Projection:
+    proj = getattr(_inner(optimizer), "_extraction_projection", None)
+    if proj is None:
+        raise ValueError("the optimizer has no extraction hooks: call attach_projection(optimizer, modules) first")
+    return proj
+
+
+def request_extraction(optimizer: Any, *, moments: str = "project", exact_max_dim: int = 512, niter: int = 4,
+                       seed: int = 0, basis: str = "top") -> None:
+    """Extract the modules of `attach_projection(optimizer, ...)` that are not extracted yet right after the
+    optimizer's next step, in its post-step hook: `extract_` each (one generator seeded with `seed` across them),
+    then `handle_moments(optimizer, ..., moments)`. A step that does not happen (GradScaler skips one on overflow)
+    defers it to the next. `WarmupExtractionCallback` calls this before update `warmup_steps`; a hand-written loop
+    can call it itself. `extraction_result(optimizer)` then gives what was done."""
+    if moments not in MOMENTS:
+        raise ValueError(f"request_extraction: moments must be one of {MOMENTS}, got moments={moments!r}; use 'project'")
+    if basis not in BASES:
+        raise ValueError(f"request_extraction: basis must be one of {BASES}, got basis={basis!r}; 'top' (the top-k "
+                         "singular subspaces) or 'random' (the data-blind control)")
+    _projection(optimizer).pending = dict(moments=moments, exact_max_dim=exact_max_dim, niter=niter, seed=seed,
+                                          basis=basis)
+
+
+def extraction_result(optimizer: Any) -> dict[str, float] | None:
+    """{"modules": how many were extracted, "energy": their mean ||C||^2/||W||^2} of the extraction the optimizer's
+    hooks carried out since the last call, or None (nothing requested, or the requested step did not happen yet)."""
+    proj = _projection(optimizer)
+    done, proj.done = proj.done, None
+    return done
+
+
+class WarmupExtractionCallback(AttachableCallback):
     """Extract every `ExtractableLinear` of the model once, at the end of optimizer update `warmup_steps`.
 
-    On train begin it checks the model was prepared and installs the projection hooks on the optimizer; at
-    ``on_step_end`` with ``global_step >= warmup_steps`` it extracts the modules not yet extracted (a run resumed
-    after the warm-up finds them extracted and does nothing), handles W's moments (`moments`, module docstring) and
-    logs ``extraction/step``, ``extraction/modules`` and ``extraction/energy`` (mean ||C||^2/||W||^2). Bind it with
-    `attach(trainer)` so the values go through `trainer.log`; unbound they go to `state.log_history`."""
+    It only decides when. On train begin it checks the model was prepared and installs the projection hooks on the
+    optimizer; before update `warmup_steps` (or any later one while modules are unextracted) it asks the optimizer's
+    post-step hook to extract them right after that update (`request_extraction`; a run resumed after the warm-up
+    finds them extracted and asks nothing). The hook splits the weights and handles W's moments (`moments`, module
+    docstring); at that step's end the callback logs ``extraction/step``, ``extraction/modules`` and
+    ``extraction/energy`` (mean ||C||^2/||W||^2) through `callbacks.emit_log`. Bind it with `attach(trainer)` so the
+    values reach the `report_to` backends; unbound they go to `state.log_history` only."""
 
     def __init__(self, warmup_steps: int, *, moments: str = "project", exact_max_dim: int = 512, niter: int = 4,
                  seed: int = 0, basis: str = "top") -> None:
         fn = "WarmupExtractionCallback"
-        self.warmup_steps = _int_at_least(warmup_steps, "warmup_steps", 1, "extract after at least one update", fn)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", ge=1, where=f"{fn}: ",
+                                      fix="extract after at least one update")
         if moments not in MOMENTS:
             raise ValueError(f"{fn}: moments must be one of {MOMENTS}, got moments={moments!r}; use 'project'")
         if basis not in BASES:
-            raise ValueError(f"{fn}: basis must be one of {BASES}, got basis={basis!r}; 'top' is E4, 'random' its control")
+            raise ValueError(f"{fn}: basis must be one of {BASES}, got basis={basis!r}; 'top' (the top-k singular "
+                             "subspaces) or 'random' (the data-blind control)")
         self.moments, self.exact_max_dim, self.niter, self.seed = moments, exact_max_dim, niter, seed
         self.basis = basis
-        self.trainer = None
         self.modules: list[ExtractableLinear] = []
         self.extracted_at: int | None = None
-
-    def attach(self, trainer) -> WarmupExtractionCallback:
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        self.trainer = trainer
-        return self
+        self._optimizer = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "deepspeed", None):
@@ -382,29 +433,28 @@ class WarmupExtractionCallback(TrainerCallback):
                 "the optimizer is created (its param groups cannot be extended once the LR scheduler exists)"
             )
         attach_projection(optimizer, self.modules)
+        self._optimizer = optimizer
 
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step < self.warmup_steps:
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # only decides when: the update about to happen is update number global_step + 1, and once it is the last
+        # warm-up update (or later, after a resume from an unextracted checkpoint) the optimizer's post-step hook
+        # splits the weights right after it, before anything else sees the model
+        if self._optimizer is None or state.global_step + 1 < self.warmup_steps:
             return
-        todo = [m for m in self.modules if not m.is_extracted]
-        if not todo:
+        if any(not m.is_extracted for m in self.modules):
+            request_extraction(self._optimizer, moments=self.moments, exact_max_dim=self.exact_max_dim,
+                               niter=self.niter, seed=self.seed, basis=self.basis)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = extraction_result(self._optimizer) if self._optimizer is not None else None
+        if done is None:
             return
         if state.global_step > self.warmup_steps:
             logger.warning("warm-up extraction at step %d, later than warmup_steps=%d (resumed from an unextracted "
                            "checkpoint?)", state.global_step, self.warmup_steps)
-        gen = torch.Generator().manual_seed(self.seed)
-        energies = [
-            extract_(m, exact_max_dim=self.exact_max_dim, niter=self.niter, generator=gen, basis=self.basis)["energy"]
-            for m in todo
-        ]
-        if optimizer is not None:
-            handle_moments(optimizer, todo, self.moments)
         self.extracted_at = state.global_step
-        values = {"extraction/step": float(state.global_step), "extraction/modules": float(len(todo)),
-                  "extraction/energy": sum(energies) / len(energies)}
-        if self.trainer is not None:
-            self.trainer.log(values)
-        else:
-            state.log_history.append({**values, "step": state.global_step})
-        logger.info("warm-up extraction at step %d: %d modules, mean energy %.4f", state.global_step, len(todo),
-                    values["extraction/energy"])
+        values = {"extraction/step": float(state.global_step), "extraction/modules": done["modules"],
+                  "extraction/energy": done["energy"]}
+        logger.info("warm-up extraction at step %d: %d modules, mean energy %.4f", state.global_step,
+                    int(done["modules"]), values["extraction/energy"])
+        return emit_log(self, args, state, control, values)
