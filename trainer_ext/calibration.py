@@ -82,7 +82,7 @@ from peft_ext.nullspace.initialize import (
     warn_flagged_layers,
 )
 
-from .callbacks import AttachableCallback, _dist, emit_log
+from .callbacks import AttachableCallback, collective_group, emit_log
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class NullSpaceCalibrationCallback(AttachableCallback):
                 "initialize_nullspace_lora(model, data, reinitialize=True) yourself before training"
             )
         _refuse_sharded_parameters(layers, adapter)
-        rank, world = _dist()
+        rank, world = collective_group()
         main = state.is_world_process_zero
         collator = self.data_collator or getattr(train_dataloader, "collate_fn", None)
         seed = args.data_seed if getattr(args, "data_seed", None) is not None else args.seed

@@ -42,7 +42,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from peft_ext._checks import all_finite
 from peft_ext.files import atomic_file
 
 from .spectral import SubspaceTracker, chance_energy, projection_energy
@@ -54,14 +56,12 @@ DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 STATE_FILE = "spectral_monitor_rank{rank}.safetensors"
 
 
-def _finite(x) -> bool:
-    """True when a tensor (or each tensor of a LoRA pair) holds no NaN/Inf."""
-    if isinstance(x, tuple):
-        return all(_finite(t) for t in x)
-    return bool(torch.isfinite(x).all())
-
-
-def _dist() -> tuple[int, int]:
+def collective_group() -> tuple[int, int]:
+    """(rank, world size) of the process group that collectives (all_gather, all_reduce, broadcast) span:
+    torch.distributed's when it is up, else (0, 1). For work that is split across processes and then reduced, so
+    the split matches the reduction. Asked of torch.distributed, not of a default `accelerate.PartialState()`, which
+    under some launches reports 1 process while the gloo group is up (DESIGN.md section 4). Inside Trainer events,
+    who writes and logs comes from the Trainer itself (`state.is_world_process_zero`, `args.process_index`)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -185,7 +185,7 @@ class SpectralMonitorCallback(AttachableCallback):
                 f"spec_topk={self.topk} is larger than the smaller dimension of {too_small[:4]}; "
                 "choose a smaller spec_topk or other spec_targets"
             )
-        rank, world = _dist()
+        rank, world = args.process_index, args.world_size
         self._mine = [t for i, t in enumerate(self.targets) if i % world == rank]
         self.trackers = {
             t.name: SubspaceTracker(self.topk, exact_max_dim=self.exact_max_dim, niter=self.niter, seed=self.seed + i)
@@ -209,7 +209,7 @@ class SpectralMonitorCallback(AttachableCallback):
         for t in self._mine:
             m = t.matrix()
             grad = t.param.grad if t.param is not None and "grad" in self.track else None
-            bad = [what for what, x in (("weight", m), ("gradient", grad)) if x is not None and not _finite(x)]
+            bad = [what for what, x in (("weight", m), ("gradient", grad)) if x is not None and not all_finite(x)]
             if bad:
                 self._skipped[t.name] = " and ".join(bad)
                 continue
@@ -238,7 +238,7 @@ class SpectralMonitorCallback(AttachableCallback):
             moment = opt_state.get(t.param, {}).get("exp_avg", opt_state.get(t.param, {}).get("momentum_buffer"))
             if moment is None:
                 continue
-            if not _finite(moment):
+            if not all_finite(moment):
                 self._skip(t.name, "optimizer moment")
                 continue
             self._pending[t.name].update(self._energy(t, "momentum", moment, self.trackers[t.name]))
@@ -262,8 +262,7 @@ class SpectralMonitorCallback(AttachableCallback):
         self._pending, self._skipped, self._before = {}, {}, {}
         if not values and not skipped:  # no measurement this step (e.g. the first step after a resume)
             return
-        rank, _ = _dist()
-        if skipped and rank == 0:
+        if skipped and state.is_world_process_zero:
             logger.warning(
                 "spectral monitor, step %d: skipped %d of %d matrices whose values are not finite (nothing logged for "
                 "them at this check; their next finite check compares against their last logged one): %s",
@@ -309,7 +308,7 @@ class SpectralMonitorCallback(AttachableCallback):
 
     def _gather(self, values: dict[str, float], skipped: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
         """Merge every rank's share, in target order, so all ranks log identical dicts (and rank 0 warns for all)."""
-        rank, world = _dist()
+        _, world = collective_group()
         if world > 1:
             parts: list[Any] = [None] * world
             torch.distributed.all_gather_object(parts, (values, skipped))
@@ -322,8 +321,8 @@ class SpectralMonitorCallback(AttachableCallback):
 
     # ------------------------------------------------------------------ checkpoint / resume
     def on_save(self, args, state, control, **kwargs):
-        rank, _ = _dist()
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        rank = args.process_index
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
             return
         tensors: dict[str, torch.Tensor] = {}
@@ -339,14 +338,13 @@ class SpectralMonitorCallback(AttachableCallback):
         # leave a checkpoint counted as complete with a half-written monitor state
         with atomic_file(os.path.join(folder, STATE_FILE.format(rank=rank)), field="checkpoint") as tmp:
             save_file(tensors, tmp, metadata=meta)
-        if rank == 0:
+        if state.is_world_process_zero:
             with atomic_file(os.path.join(folder, "spectral_records.json"), field="checkpoint") as tmp, open(tmp, "w") as f:
                 json.dump(self.records, f)
 
     def _restore(self, args, state) -> None:
-        rank, _ = _dist()
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        path = os.path.join(folder, STATE_FILE.format(rank=rank))
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE.format(rank=args.process_index))
         if not os.path.isfile(path):
             logger.warning("spectral monitor: no saved state in %s; the first check after resume has no cosines", folder)
             return
@@ -367,8 +365,7 @@ class SpectralMonitorCallback(AttachableCallback):
 
     # ------------------------------------------------------------------ end of training
     def on_train_end(self, args, state, control, **kwargs):
-        rank, _ = _dist()
-        if rank != 0 or not self.records:
+        if not state.is_world_process_zero or not self.records:
             return
         out = self.output_dir or os.path.join(args.output_dir, "spectral")
         os.makedirs(out, exist_ok=True)

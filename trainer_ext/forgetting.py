@@ -33,8 +33,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from accelerate.utils import send_to_device
 
-from .callbacks import AttachableCallback, _dist, emit_log
+from .callbacks import AttachableCallback, collective_group, emit_log
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ def _eval(model):
 def scored_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(log-probabilities at the scored positions (n, vocab), their targets (n,), n) for one batch: every token after
     the first, padding excluded."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = send_to_device(batch, next(model.parameters()).device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = batch["attention_mask"][:, 1:].bool()
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[mask]
@@ -129,7 +129,7 @@ class ForgettingCallback(AttachableCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        rank, world = _dist()
+        rank, world = collective_group()
         mine = self.texts[rank::world]  # this rank's share; the sums are all-reduced
         self._batches = reference_batches(self.tokenizer, mine, self.max_length, self.batch_size)
         if self.base == "disable_adapter" and not hasattr(model, "disable_adapter"):
@@ -167,7 +167,7 @@ class ForgettingCallback(AttachableCallback):
     def measure(self, model) -> dict[str, float]:
         """The forgetting metrics of `model` now (also usable outside training)."""
         sums = nll_kl_sums(model, self._batches, self._base_logprobs if self.base == "cache" else None)
-        rank, world = _dist()
+        _, world = collective_group()
         if world > 1:
             backend_device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
             sums = sums.to(backend_device)
