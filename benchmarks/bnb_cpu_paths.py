@@ -31,7 +31,7 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # calibration.py's helpers and peft_ext from this checkout
-from calibration import machine_info, write_json  # noqa: E402
+from recipes.common import machine_info, write_json  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -27,7 +27,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,9 @@ import time
 
 import psutil
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes/ of this checkout
+from recipes.common import machine_info, write_json  # noqa: E402,F401 (the other benchmarks import them from here too)
 
 VARIANTS = ("floor", "ours", "ours+eigh", "corda-cov", "corda-full")
 MEMORY_NOTE = (
@@ -246,15 +248,6 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-def machine_info() -> dict:
-    cpu_model = ""
-    if os.path.exists("/proc/cpuinfo"):  # platform.processor() is often empty or just "x86_64" on Linux
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {"processor": platform.processor(), "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-
-
 def ratios(res: dict) -> list[tuple[str, float, str]]:
     """(label, value, verdict) for the comparisons measured in this run; variants not run are left out."""
     t = {k: v["median_s"] for k, v in res.items()}
@@ -300,13 +293,6 @@ def report(res: dict, args: argparse.Namespace, machine: dict) -> None:
     if busy:
         print(f"WARNING: other processes were using CPU during {', '.join(busy)}: those timings are inflated; rerun on "
               "an idle machine before trusting the ratios.")
-
-
-def write_json(path: str, payload: dict, indent: int | None = None) -> None:
-    """Write a benchmark's JSON (results for update_readme.py, or a worker's result), creating its folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=indent)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "recipes")]
-from calibration import OtherLoad, machine_info, write_json  # noqa: E402
+from calibration import OtherLoad  # noqa: E402
+from recipes.common import machine_info, write_json  # noqa: E402
 
 import torch  # noqa: E402
 

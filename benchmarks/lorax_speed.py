@@ -48,7 +48,8 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # calibration.py's load meter, recipes/ and peft_ext from this checkout
-from calibration import OtherLoad, write_json  # noqa: E402
+from calibration import OtherLoad  # noqa: E402
+from recipes.common import write_json  # noqa: E402
 from monitor_overhead import IdleWaiter  # noqa: E402  (same idle wait as there)
 
 SPEEDUP_TARGET = 20.0

@@ -59,7 +59,8 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "recipes")]  # + trainer_ext, zoo
 import zoo  # noqa: E402  (the recipes' timm-named ViT)
-from calibration import OtherLoad, machine_info, write_json  # noqa: E402  (same helpers as there)
+from calibration import OtherLoad  # noqa: E402  (same load meter as there)
+from recipes.common import machine_info, write_json  # noqa: E402
 
 TARGETS = {100: 1.0, 10: 5.0}  # every -> allowed overhead in %
 MONITOR_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

@@ -55,7 +55,8 @@ from torch.overrides import TorchFunctionMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # calibration.py's helpers, recipes/ and peft_ext from this checkout
-from calibration import OtherLoad, make_tokens, write_json  # noqa: E402
+from calibration import OtherLoad, make_tokens  # noqa: E402
+from recipes.common import write_json  # noqa: E402
 
 TARGET = 1.02  # nullspace / lora step time
 DEFAULT_TARGETS = {"minilm": "query,key,value", "llama-tiny": "q_proj,k_proj,v_proj"}

@@ -13,7 +13,6 @@ base stream alone; and bnb_nf4 at alpha=0 and 1 against a plain bitsandbytes Lin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -179,9 +178,9 @@ def main(argv=None) -> dict:
     rows = latency(shapes, densities, args.tokens if not args.quick else 1024, 5 if args.quick else args.repeats, log)
     result = {"device": dev, "torch": torch.__version__, "checks": checks, "latency": rows, "printed": "\n".join(lines)}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from recipes.common import write_json
+
+        write_json(args.json, result, indent=1)
     return result
 
 

@@ -59,7 +59,8 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # calibration.py's helpers, recipes/ and peft_ext from this checkout
-from calibration import OtherLoad, write_json  # noqa: E402
+from calibration import OtherLoad  # noqa: E402
+from recipes.common import write_json  # noqa: E402
 
 ALPHA0_TARGET = 1.05  # alpha=0 / base stream alone
 ALPHA1_TARGET = 1.3  # alpha=1 / dense, at TARGET_DENSITY on layers with >= TARGET_NUMEL entries

@@ -3,22 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 
 import torch
 
 
-def machine() -> str:
-    """One line naming the machine figures came from, recorded next to every result."""
-    cpu = platform.processor() or platform.machine()
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none: platform.processor() is often empty or just
+    "x86_64" on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads{gpu}, torch {torch.__version__}"
+        return ""
+
+
+def machine_info() -> dict:
+    """The machine figures came from, as the benchmarks record it in their JSON ("machine"): processor, cpu_model,
+    cpu_count, torch, torch_threads, python, and gpu when CUDA is available."""
+    info = {"processor": platform.processor(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine(info: dict | None = None) -> str:
+    """One line naming the machine figures came from, recorded next to every result (from `machine_info()`)."""
+    m = machine_info() if info is None else info
+    cpu = m["cpu_model"] or m["processor"] or platform.machine()
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return f"{cpu}, {m['cpu_count']} CPU cores, {m['torch_threads']} torch threads{gpu}, torch {m['torch']}"
+
+
+def write_json(path: str, payload: dict, indent: int | None = None) -> None:
+    """Write a result JSON (what scripts/update_readme.py reads, or a benchmark worker's result) complete or not at
+    all (`peft_ext.files.atomic_file`), creating its folder."""
+    from peft_ext.files import atomic_file
+
+    with atomic_file(path, field="--json") as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=indent)
 
 
 def comma_choices(parser, flag: str, value: str, allowed: tuple[str, ...]) -> list[str]:

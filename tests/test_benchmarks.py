@@ -117,3 +117,22 @@ def test_forgetting_overhead_benchmark_runs(tmp_path):
     assert "overhead at every=100" in out.stdout and out.stdout.startswith("machine:")
     res = json.loads((tmp_path / "f.json").read_text())
     assert res["median_s"]["step"] > 0 and res["median_s"]["cache"] > 0 and res["median_s"]["disable_adapter"] > 0
+
+
+def test_one_machine_description_for_recipes_and_benchmarks(tmp_path):
+    """recipes.common.machine_info is what every benchmark records under "machine" (the keys of the committed
+    results), and machine() is the one-line form of the same facts."""
+    sys.path.insert(0, str(ROOT))
+    from recipes.common import machine, machine_info, write_json
+
+    info = machine_info()
+    committed = json.loads((ROOT / "results" / "forgetting_overhead.json").read_text())["machine"]
+    assert set(committed) <= set(info) <= set(committed) | {"gpu"}
+    fake = {"processor": "x86_64", "cpu_model": "Some CPU", "cpu_count": 2, "torch": "2.13.0", "torch_threads": 1,
+            "python": "3.12"}
+    assert machine(fake) == "Some CPU, 2 CPU cores, 1 torch threads, torch 2.13.0"
+    assert machine({**fake, "cpu_model": "", "gpu": "H200"}) == "x86_64, 2 CPU cores, 1 torch threads, GPU H200, torch 2.13.0"
+    assert machine() == machine(info)
+    write_json(str(tmp_path / "sub" / "r.json"), {"machine": info}, indent=2)
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"machine": info}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # no temporary left beside it
