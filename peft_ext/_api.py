@@ -4,13 +4,17 @@ Apart from the package so that the `peft-ext` command can answer --help and --ve
 (see `peft_ext/__init__.py`).
 """
 
+from . import nullspace, ortho, subspace  # each tuner package registers itself with peft when imported
 from .bnb_cpu import disable_bnb_cpu_repack
 from .export import export_to_lora, lora_state_dict
 from .files import save_adapter_atomic
-from .nullspace.config import NullSpaceLoraConfig
-from .nullspace.initialize import NullSpaceReport, initialize_nullspace_lora
-from .nullspace.layer import NullSpaceLoraLayer
-from .nullspace.model import NullSpaceLoraModel
+from .nullspace import (
+    NullSpaceLoraConfig,
+    NullSpaceLoraLayer,
+    NullSpaceLoraModel,
+    NullSpaceReport,
+    initialize_nullspace_lora,
+)
 from .ortho import (
     EntrySaliency,
     OrthoSplitConfig,
@@ -22,16 +26,15 @@ from .ortho import (
     orthosplit,
     set_ortho_alpha,
 )
-from .registry import missing_type_hint, register
+from .registry import missing_type_hint
 from .stats import ActivationStats, StatsRecorder, cached_stats, collect_stats, data_fingerprint, model_fingerprint
 from .subspace import SubspaceLoraConfig, SubspaceLoraLayer, SubspaceLoraModel
 
 
 def register_types() -> None:
-    """Register our PEFT types with peft (idempotent: re-registering the same classes changes nothing)."""
-    register("nullspace_lora", NullSpaceLoraConfig, NullSpaceLoraModel, prefix=NullSpaceLoraModel.prefix)
-    register("ortho_split", OrthoSplitConfig, OrthoSplitModel, prefix=OrthoSplitModel.prefix)
-    register("subspace_lora", SubspaceLoraConfig, SubspaceLoraModel, prefix=SubspaceLoraModel.prefix)
+    """Register our PEFT types with peft (idempotent: importing each tuner package already did; this re-checks)."""
+    for package in (nullspace, ortho, subspace):
+        package.register_type()
 
 
 __all__ = [

@@ -33,7 +33,7 @@ or the recorded one), checked to exist on the server pushed to; a base recorded 
 `base_model=` names it. The license is `license=`, else the folder's card's, else the base model's card's (on the
 Hub, or a local base folder's README.md); when none says, a push is refused rather than guessing one.
 
-Kinds of adapter and their cards (templates in `hub_cards/`): `nullspace_lora`, `subspace_lora` (our PEFT types),
+Kinds of adapter and their cards (templates in `peft_ext/cards/`): `nullspace_lora`, `subspace_lora` (our PEFT types),
 `lorax` (a LoRA written by the LoRA-X converter: it has a `lorax_report.json`), `lora_export` (a LoRA exported from a
 peft-ext adapter: `export_to_lora` writes a `peft_ext_export.json` marker next to it) and `lora` (any other LoRA).
 """
@@ -133,7 +133,7 @@ MAX_SAFETENSORS_HEADER = 100_000_000  # the limit safetensors itself enforces
 
 @dataclass(frozen=True)
 class CardKind:
-    """How to describe one kind of adapter: its template in hub_cards/, Hub tags and the config fields shown."""
+    """How to describe one kind of adapter: its template in peft_ext/cards/, Hub tags and the config fields shown."""
 
     template: str
     title: str
@@ -258,7 +258,7 @@ def adapter_kind(adapter_dir: PathLike) -> str:
         return peft_type.lower()
     raise ValueError(f"{CONFIG_FILE} has peft_type={peft_type!r}, for which peft-ext has no model card (kinds: "
                      f"{', '.join(CARD_KINDS)}); upload it with huggingface_hub.upload_folder, or add a template to "
-                     "hub_cards/ and a line to peft_ext.hub.CARD_KINDS")
+                     "peft_ext/cards/ and a line to peft_ext.hub.CARD_KINDS")
 
 
 def validate_adapter_dir(adapter_dir: PathLike) -> list[str]:
@@ -484,7 +484,7 @@ def render_card(
     report: NullSpaceReport | PathLike | dict[str, Any] | None = None,
     training_args: Any = None,
 ) -> ModelCard:
-    """The model card (README.md) for an adapter folder: the `hub_cards/` template of its kind, merged with the
+    """The model card (README.md) for an adapter folder: the `peft_ext/cards/` template of its kind, merged with the
     folder's own README.md (PEFT's or TRL's card) when it has one.
 
     `base_model` names the base on the Hub; by default it is the adapter's `base_model_name_or_path` (for LoRA-X,
@@ -767,12 +767,8 @@ def _merged_metadata(data: ModelCardData, spec: CardKind, hub_base: str | None, 
 
 
 def template_path(name: str) -> Any:
-    """A template of the `hub_cards` package (a Traversable). Falls back to the source checkout's hub_cards/ for an
-    editable install made before hub_cards was a package."""
-    try:
-        root = resources.files("hub_cards")
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parent.parent / "hub_cards"
+    """A model card template shipped inside the package (`peft_ext/cards/`, package data), as a Traversable."""
+    root = resources.files("peft_ext") / "cards"
     path = root / name
     if not path.is_file():
         raise FileNotFoundError(f"model card template {name!r} not found in {root}; reinstall peft-ext")

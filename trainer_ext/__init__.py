@@ -4,7 +4,7 @@
   relative to them), logged through `report_to` every N optimizer updates; CSV/JSON and plots at the end.
 * `create_directional_optimizer`: parameter groups by role with LR multipliers, spectral clamps of adapter
   branches, amplification of the update inside stable subspaces (with a bulk-only control).
-* `prepare_extraction` / `WarmupExtractionCallback`: E4 warm-up extraction, W = R + U C V^T after N steps with C
+* `prepare_extraction` / `WarmupExtractionCallback`: warm-up extraction, W = R + U C V^T after N steps with C
   in a high-LR group from the start and R kept out of the subspace.
 * `ForgettingCallback`: cross-entropy on held-out reference text and KL to the base model, logged while training.
 * `SpectralTrainer` / `SpectralTrainingArguments`: both wired from arguments (and command-line flags).

@@ -22,7 +22,7 @@ from .optim import DEFAULT_MAGNITUDE_PATTERNS, create_directional_optimizer
 class SpectralTrainer(Trainer):
     """`Trainer` plus, from `SpectralTrainingArguments`: a bound `SpectralMonitorCallback` when `spec_monitor`, and
     the directional optimizer when any of `magnitude_lr_ratio`, `spectral_clamp`, `amplify` is set (unless you pass
-    your own optimizer), and E4 warm-up extraction when `extract_warmup > 0` (the model's target Linears become
+    your own optimizer), and warm-up extraction when `extract_warmup > 0` (the model's target Linears become
     `ExtractableLinear` here, before the optimizer exists, and a bound `WarmupExtractionCallback` extracts them).
     With plain `TrainingArguments` it trains exactly like `Trainer`.
 

@@ -1,10 +1,20 @@
-"""OrthoSplit: W = base stream + sparse ortho stream, with a run-time knob alpha (0 drops what the ortho stream holds)."""
+"""OrthoSplit: W = base stream + sparse ortho stream, with a run-time knob alpha (0 drops what the ortho stream holds).
+Importing this package registers the method with peft (as peft's own tuner packages do)."""
 
+from ..registry import register
 from .api import orthosplit, ortho_alpha, ortho_layers, ortho_report, reference_weights, set_ortho_alpha
 from .config import OrthoSplitConfig
 from .layer import OrthoSplitLayer
 from .model import OrthoSplitModel, split_weight
 from .saliency import EntrySaliency, entry_saliency
+
+
+def register_type() -> None:
+    """Register ORTHO_SPLIT with peft (idempotent)."""
+    register("ortho_split", OrthoSplitConfig, OrthoSplitModel, prefix=OrthoSplitModel.prefix)
+
+
+register_type()
 
 __all__ = [
     "EntrySaliency",
@@ -17,6 +27,7 @@ __all__ = [
     "ortho_report",
     "orthosplit",
     "reference_weights",
+    "register_type",
     "set_ortho_alpha",
     "split_weight",
 ]
