@@ -73,6 +73,8 @@ BLOCKS = {
     "directional": lambda: recipe_markdown("directional_lr"),
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
     "bench-calibration": lambda: printed_block("calibration.json"),
+    "bench-calibration-smollm2": lambda: results_printed("calibration_smollm2.json"),
+    "bench-calibration-smollm2-batch1": lambda: results_printed("calibration_smollm2_batch1.json"),
     "bench-monitor": lambda: printed_block("monitor_overhead.json"),
     "bench-lorax": lambda: printed_block("lorax_speed.json"),
     "lorax-transfer": lambda: recipe_markdown("lorax_transfer"),
