@@ -219,7 +219,7 @@ def check_costs(args: argparse.Namespace) -> dict:
     batch = torch.randn(2, 3, args.image_size, args.image_size, generator=g)
     model(batch, torch.tensor([0, 1]))["loss"].backward()  # gradients stay in .grad: the checks read them
     opt.step()  # exp_avg exists from here on
-    fake_args = SimpleNamespace(deepspeed=None, fsdp=None, output_dir=tempfile.gettempdir())
+    fake_args = SimpleNamespace(deepspeed=None, fsdp=None, output_dir=tempfile.gettempdir(), process_index=0, world_size=1)
     out = {}
     for mode, emd in (("exact", 512), ("randomized", 0)):
         mon = SpectralMonitorCallback(targets=MONITOR_TARGETS, every=1, topk=args.topk, track=TRACK, plots=False,
