@@ -20,6 +20,7 @@ formed, and the result is re-factorised exactly into a plain LoRA that vanilla P
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -617,6 +618,9 @@ def fingerprint(w: Tensor) -> str:
     return h.hexdigest()
 
 
+_CACHE_ENTRY = re.compile(r"[0-9a-f]+-k\d+-(exact|randomized-o\d+-n\d+-s\d+)\.safetensors")
+
+
 class SvdCache:
     """top-k SVDs of base weights, memoised in memory and cached as safetensors under `directory` (None: no disk).
 
@@ -627,7 +631,7 @@ class SvdCache:
     def __init__(self, directory: str | None, opts: TransferOptions) -> None:
         self.dir, self.opts = directory, opts
         self._memo: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.evicted = 0
 
     def method(self, shape: tuple[int, int]) -> str:
         o = self.opts
@@ -649,8 +653,31 @@ class SvdCache:
                 self._write(path, usv, key)
         else:
             self.hits += 1
+            with contextlib.suppress(OSError):  # a read counts as a use: least recently used goes first
+                os.utime(path)
         self._memo[key] = usv
         return usv
+
+    def prune(self) -> None:
+        """Remove the least recently used entries until the folder holds at most `cache_max_gb` of them. Only files
+        named as this cache names its entries are counted and removed; anything else in the folder is left alone."""
+        if not self.dir or not os.path.isdir(self.dir):
+            return
+        entries = []
+        for name in os.listdir(self.dir):
+            if _CACHE_ENTRY.fullmatch(name):
+                with contextlib.suppress(OSError):
+                    st = os.stat(os.path.join(self.dir, name))
+                    entries.append((st.st_mtime, st.st_size, name))
+        limit = self.opts.cache_max_gb * 1e9
+        total = sum(size for _, size, _ in entries)
+        for _, size, name in sorted(entries):
+            if total <= limit:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.dir, name))
+                self.evicted += 1
+            total -= size
 
     @staticmethod
     def _read(path: str, w: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -671,6 +698,7 @@ class SvdCache:
             with atomic_file(path, field="cache_dir") as tmp:
                 save_file({"U": usv[0].contiguous(), "S": usv[1].contiguous(), "V": usv[2].contiguous()}, tmp,
                           metadata={"key": key})
+            self.prune()
         except OSError as e:  # a read-only cache slows the next run down; it must not fail this one
             warnings.warn(f"could not write the LoRA-X SVD cache in {self.dir!r} ({e}); continuing without it "
                           "(set cache_dir / --cache-dir to a writable directory)", stacklevel=3)
@@ -801,7 +829,12 @@ def transfer(adapter: Any, source_base: Any, target_base: Any, **options: Any) -
                 "shape_mismatch_layers": [p.name for p in mismatched], "svd_cache_hits": svd.hits,
                 "svd_computed": svd.misses}
     report = TransferReport(opts.method, src.description, tgt.description, ad.description, settings, rows)
-    config = _target_config(ad.config, ranks, dropped, tgt.name_or_path, opts.drop_modules_to_save)
+    target_name = opts.target_name or tgt.name_or_path
+    if target_name is None:
+        warnings.warn("the converted adapter's config names no base model (the target was passed as a module or "
+                      "state dict without a name_or_path); pass target_name= (--target-name) with its Hub id or "
+                      "folder so that AutoPeftModel and the Hub card can find it", stacklevel=2)
+    config = _target_config(ad.config, ranks, dropped, target_name, opts.drop_modules_to_save)
     return tensors, config, report
 
 

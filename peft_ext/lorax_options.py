@@ -51,6 +51,12 @@ class TransferOptions:
     cache_dir: Optional[str] = field(default=None, metadata={
         "help": "where base-weight SVDs are cached (default $HF_HOME/peft_ext/lorax_svd)"})
     cache: bool = field(default=True, metadata={"help": "read/write the SVD cache"})
+    cache_max_gb: float = field(default=10.0, metadata={
+        "help": "size limit of the SVD cache folder in GB: after each write the least recently used entries are "
+                "removed until it fits"})
+    target_name: Optional[str] = field(default=None, metadata={
+        "help": "base_model_name_or_path written into the converted adapter's config (default: the target's folder "
+                "or Hub id; for a target passed as a module, its name_or_path when it has one)"})
     exact_max_dim: int = field(default=512, metadata={"help": "exact SVD up to this min(out, in), randomized above"})
     oversample: int = field(default=8, metadata={"help": "randomized SVD: extra test vectors"})
     niter: int = field(default=2, metadata={"help": "randomized SVD: power iterations"})
@@ -84,6 +90,13 @@ class TransferOptions:
                              "similarity); 0 transfers every layer")
         for name in ("exact_max_dim", "oversample", "niter", "seed"):
             _positive_int(getattr(self, name), name, minimum=0)
+        if isinstance(self.cache_max_gb, bool) or not isinstance(self.cache_max_gb, (int, float)) \
+                or not 0 < self.cache_max_gb < float("inf"):
+            raise ValueError(f"cache_max_gb={self.cache_max_gb!r} must be a finite number of GB > 0, e.g. 10; "
+                             "cache=False (--no-cache) turns the cache off")
+        if self.target_name is not None and (not isinstance(self.target_name, str) or not self.target_name.strip()):
+            raise ValueError(f"target_name={self.target_name!r} must be a non-empty string (the target model's Hub id "
+                             "or folder) or None")
 
 
 def _positive_int(value: Any, name: str, allow_none: bool = False, minimum: int = 1) -> None:

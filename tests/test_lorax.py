@@ -409,6 +409,38 @@ def test_peft_model_module_and_state_dict_inputs(berts, tmp_path):
     assert config.base_model_name_or_path is None
 
 
+def test_target_name_names_a_module_target_and_a_nameless_one_warns(berts):
+    src, tgt, ad = berts
+    with pytest.warns(UserWarning, match=r"names no base model .* pass target_name= \(--target-name\)"):
+        transfer(ad, src, _state(tgt), subspace_rank=K, cache=False, progress=False)
+    _, config, report = transfer(ad, src, _state(tgt), subspace_rank=K, cache=False, progress=False,
+                                 target_name="org/model-v2")
+    assert config.base_model_name_or_path == "org/model-v2" and report.settings["target_name"] == "org/model-v2"
+    _, config, _ = transfer(ad, src, tgt, subspace_rank=K, cache=False, progress=False, target_name="org/other")
+    assert config.base_model_name_or_path == "org/other"  # an explicit name wins over the target's folder
+    with pytest.raises(ValueError, match=r"target_name='  ' must be a non-empty string"):
+        transfer(ad, src, tgt, target_name="  ")
+
+
+def test_svd_cache_keeps_within_its_size_limit_least_recently_used_first(berts, tmp_path):
+    src, tgt, ad = berts
+    cache = tmp_path / "cache"
+    first = convert(ad, src, tgt, tmp_path / "o1", subspace_rank=K, cache_dir=str(cache), progress=False)
+    entries = sorted(cache.iterdir())
+    sizes = {p.name: p.stat().st_size for p in entries}
+    (cache / "notes.txt").write_text("not ours")  # a file the cache did not write is never counted or removed
+    # make the entries' ages distinct and known: the first listed is the oldest
+    for i, p in enumerate(entries):
+        os.utime(p, (1_000_000 + i, 1_000_000 + i))
+    svd = lorax.SvdCache(str(cache), lorax.TransferOptions(cache_max_gb=(sum(sizes.values()) - 1) / 1e9))
+    svd.prune()
+    left = sorted(p.name for p in cache.iterdir())
+    assert svd.evicted == 1 and entries[0].name not in left and "notes.txt" in left
+    assert first.settings["cache_max_gb"] == 10.0
+    with pytest.raises(ValueError, match=r"cache_max_gb=0 must be a finite number of GB > 0"):
+        lorax.TransferOptions(cache_max_gb=0)
+
+
 def test_fan_in_fan_out_conv1d_layers():
     from transformers import GPT2Config, GPT2Model
 
