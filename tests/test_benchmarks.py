@@ -136,3 +136,18 @@ def test_one_machine_description_for_recipes_and_benchmarks(tmp_path):
     write_json(str(tmp_path / "sub" / "r.json"), {"machine": info}, indent=2)
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"machine": info}
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # no temporary left beside it
+
+
+def test_lorax_svd_accuracy_benchmark_runs(tmp_path):
+    """The table the randomized SVD's defaults come from: runs, and the closed facts hold (more power iterations
+    never cost accuracy on the subspace; the default row is marked)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lorax_svd_accuracy.py"), "--dim", "256", "--subspace-rank", "8",
+         "--rank", "4", "--json", str(tmp_path / "s.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "s.json").read_text())
+    rows = {(r["oversample"], r["niter"]): r for r in res["rows"]}
+    assert rows[(8, 4)]["phi_u"] >= rows[(8, 2)]["phi_u"] - 1e-6 and rows[(64, 4)]["phi_u"] > 0.99
+    assert "<- default" in res["printed"]
