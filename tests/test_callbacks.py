@@ -202,8 +202,11 @@ def test_topk_larger_than_matrix_is_refused_at_train_begin(tmp_path):
 
 
 def test_bad_arguments_in_training_args(tmp_path):
-    with pytest.raises(ValueError, match="spec_every must be >= 1"):
+    with pytest.raises(ValueError, match="spec_every must be an integer >= 1, got spec_every=0"):
         SpectralTrainingArguments(output_dir=str(tmp_path), spec_every=0)
+    for field, value in (("magnitude_lr_ratio", float("nan")), ("amplify", float("inf")), ("spectral_clamp", -1.0)):
+        with pytest.raises(ValueError, match=rf"SpectralTrainingArguments\.{field} must be a finite number"):
+            SpectralTrainingArguments(output_dir=str(tmp_path), **{field: value})
     with pytest.raises(ValueError, match="amplify > 1 needs amplify_targets"):
         SpectralTrainingArguments(output_dir=str(tmp_path), amplify=2.0)
 

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from peft_ext._checks import check_int, check_number
+
 from .targets import split_patterns as _split  # "a,b" and ["a", "b"] alike, as SpectralMonitorCallback takes them
+
+
+_WHERE = "SpectralTrainingArguments."
 
 
 @dataclass
@@ -68,22 +73,20 @@ class SpectralTrainingArguments(TrainingArguments):
             os.environ.setdefault("WANDB_PROJECT", self.wandb_project)
             self.project = self.wandb_project
         super().__post_init__()
-        if self.spec_every < 1:
-            raise ValueError(f"spec_every must be >= 1 (a check every N optimizer updates), got {self.spec_every}")
-        if self.spec_topk < 1:
-            raise ValueError(f"spec_topk must be >= 1, got {self.spec_topk}")
-        if self.magnitude_lr_ratio <= 0:
-            raise ValueError(f"magnitude_lr_ratio must be > 0 (1 leaves LRs as they are), got {self.magnitude_lr_ratio}")
-        if self.spectral_clamp is not None and self.spectral_clamp <= 0:
-            raise ValueError(f"spectral_clamp must be > 0 or unset, got {self.spectral_clamp}")
-        if self.amplify < 1:
-            raise ValueError(f"amplify must be >= 1 (1 = off), got {self.amplify}")
+        # one wording for every number (peft_ext._checks): NaN, inf, bools and strings are refused like bad values
+        check_int(self.spec_every, "spec_every", ge=1, where=_WHERE, fix="a check every N optimizer updates, e.g. 100")
+        check_int(self.spec_topk, "spec_topk", ge=1, where=_WHERE, fix="e.g. 8")
+        check_number(self.magnitude_lr_ratio, "magnitude_lr_ratio", gt=0, where=_WHERE, noun="a finite number",
+                     fix="1 leaves the learning rates as they are")
+        if self.spectral_clamp is not None:
+            check_number(self.spectral_clamp, "spectral_clamp", gt=0, where=_WHERE, noun="a finite number",
+                         fix="or leave it unset (None)")
+        check_number(self.amplify, "amplify", ge=1, where=_WHERE, noun="a finite number", fix="1 = off")
         if self.amplify > 1 and not _split(self.amplify_targets):
             raise ValueError("amplify > 1 needs amplify_targets: the parameter patterns whose updates to amplify")
-        if self.extract_warmup < 0:
-            raise ValueError(f"extract_warmup must be >= 0 (0 = no extraction), got {self.extract_warmup}")
-        if self.extract_warmup and self.extract_rank < 1:
-            raise ValueError(f"extract_rank must be >= 1, got {self.extract_rank}")
+        check_int(self.extract_warmup, "extract_warmup", ge=0, where=_WHERE, fix="0 = no extraction")
+        if self.extract_warmup:
+            check_int(self.extract_rank, "extract_rank", ge=1, where=_WHERE, fix="e.g. 8")
         if self.extract_basis not in ("top", "random"):
             raise ValueError(f"extract_basis must be 'top' or 'random', got {self.extract_basis!r}")
         if self.extract_moments not in ("project", "reset"):
