@@ -70,6 +70,24 @@ def test_verdict_needs_matched_task_and_both_references():
     s["methods"]["nullspace_v2"]["complete"] = True
     s["methods"]["nullspace_v2"]["vs_lora"]["task"] = (-0.2, -0.3, -0.1)  # keeps more by learning less: not matched
     assert "task not matched" in rec.verdicts(s, args)[0] and ": not met" in rec.verdicts(s, args)[0]
+    # higher task AND more knowledge, both CIs above 0: dominates, which holds at matched task too
+    s["methods"]["nullspace_v2"]["vs_lora"]["task"] = (0.2, 0.1, 0.3)
+    assert "vs LoRA: dominates" in rec.verdicts(s, args)[0] and ": MET" in rec.verdicts(s, args)[0]
+    # higher task but knowledge unresolved: not matched, the fronts are shown and not counted
+    s["methods"]["nullspace_v2"]["vs_lora"]["knowledge"] = (0.05, -0.01, 0.1)
+    s["methods"]["nullspace_v2"]["front"] = [(0.2, 0.9), (0.6, 0.8)]
+    s["methods"]["lora"]["front"] = [(0.3, 0.5), (0.5, 0.4)]
+    line = rec.verdicts(s, args)[0]
+    assert ": not met" in line and "lr fronts, seed 0, Δknowledge: +0.388 at task 0.35" in line and "not counted" in line
+
+
+def test_front_comparison_is_pairwise():
+    fr, ref = [(0.2, 0.9), (0.6, 0.8)], [(0.3, 0.5), (0.5, 0.4)]
+    # common task range [0.3, 0.5]; fr falls 0.1 per 0.4 of task from (0.2, 0.9), ref 0.1 per 0.2 from (0.3, 0.5)
+    got = rec.front_comparison(fr, ref)
+    want = [(0.35, 0.8625 - 0.475), (0.4, 0.85 - 0.45), (0.45, 0.8375 - 0.425)]
+    assert [x for p in got for x in p] == pytest.approx([x for p in want for x in p])
+    assert rec.front_comparison(fr, [(0.8, 0.1)]) == []
 
 
 def test_people_items_train_on_one_phrasing_and_score_disjoint_paraphrases():
@@ -169,3 +187,16 @@ def test_quick_run_writes_results_and_resumes(tmp_path):
         rec.train = real
     assert calls == [] and sorted(os.listdir(rec.run_dir(rec.parse_args(argv)))) == run_files
     assert res["summary"]["methods"].keys() == {"lora", "nullspace_v2"}
+
+
+def test_general_text_verdict_per_seed():
+    s = {"methods": {"lora_wd": {"complete": True, "kl_by_seed": {0: 0.7, 1: 0.8}},
+                     "nullspace_v2": {"complete": True, "kl_by_seed": {0: 1.0, 1: 0.9}}}}
+    (line,) = rec.general_text_verdicts(s)
+    assert line.endswith(": not met") and "1.000, 0.900 vs 0.700, 0.800" in line
+    s["methods"]["nullspace_v2"]["kl_by_seed"] = {0: 0.75, 1: 0.5}
+    assert rec.general_text_verdicts(s)[0].endswith("unresolved (the seeds overlap)")
+    s["methods"]["nullspace_v2"]["kl_by_seed"] = {0: 0.6, 1: 0.5}
+    assert rec.general_text_verdicts(s)[0].endswith(": met")
+    s["methods"]["nullspace_v2"]["complete"] = False
+    assert "PENDING (protocol unfinished; so far: met)" in rec.general_text_verdicts(s)[0]
