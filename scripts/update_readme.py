@@ -72,7 +72,7 @@ BLOCKS = {
     "bench-forgetting": lambda: results_printed("forgetting_overhead.json"),
     "directional": lambda: recipe_markdown("directional_lr"),
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
-    "bench-calibration": lambda: printed_block("calibration.json"),
+    "bench-calibration": lambda: results_printed("calibration_minilm.json"),
     "bench-calibration-smollm2": lambda: results_printed("calibration_smollm2.json"),
     "bench-calibration-smollm2-batch1": lambda: results_printed("calibration_smollm2_batch1.json"),
     "bench-monitor": lambda: printed_block("monitor_overhead.json"),
