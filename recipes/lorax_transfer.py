@@ -605,7 +605,7 @@ def run(args, out_tmp: str, work: str) -> dict:
         for key, options in CONVERSIONS.items():
             with stages("convert"):
                 report = convert(os.path.join(adir, "source"), model_path, target, os.path.join(adir, key),
-                                 subspace_rank=args.subspace_rank, cache_dir=svd_cache, quiet=True, **options)
+                                 subspace_rank=args.subspace_rank, cache_dir=svd_cache, progress=False, **options)
             with stages("evaluate"):
                 converted = PeftModel.from_pretrained(copy.deepcopy(target), os.path.join(adir, key))
                 res[key] = evaluate(converted)[0]
