@@ -598,6 +598,7 @@ def verdicts(summary: dict, args: Args) -> list[str]:
     seed, no CI)."""
     lines = []
     ms = summary["methods"]
+    ci = lambda d: f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"  # noqa: E731  (mean [CI low, CI high])
     for m, s in ms.items():
         if m in ("lora", "lora_wd"):
             continue
@@ -608,7 +609,6 @@ def verdicts(summary: dict, args: Args) -> list[str]:
                 continue
             dk, dt = s[f"vs_{ref}"]["knowledge"], s[f"vs_{ref}"]["task"]
             matched = abs(dt[0]) <= args.task_match
-            ci = lambda d: f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"  # noqa: E731
             if not matched and dt[1] > 0 and dk[1] > 0:
                 parts.append((ref, True, f"dominates: higher task (Δtask {ci(dt)}) and more knowledge "
                                          f"(Δknowledge {ci(dk)})"))
@@ -619,11 +619,11 @@ def verdicts(summary: dict, args: Args) -> list[str]:
                 parts.append((ref, False, f"task not matched (Δtask {ci(dt)}); lr fronts, seed 0, Δknowledge: "
                                           f"{shown} (one seed, not counted)"))
             elif dk[1] > 0:
-                parts.append((ref, True, f"keeps more (Δknowledge {dk[0]:+.3f} [{dk[1]:+.3f}, {dk[2]:+.3f}])"))
+                parts.append((ref, True, f"keeps more (Δknowledge {ci(dk)})"))
             elif dk[2] < 0:
-                parts.append((ref, False, f"keeps LESS (Δknowledge {dk[0]:+.3f} [{dk[1]:+.3f}, {dk[2]:+.3f}])"))
+                parts.append((ref, False, f"keeps LESS (Δknowledge {ci(dk)})"))
             else:
-                parts.append((ref, False, f"no resolvable difference (Δknowledge {dk[0]:+.3f} [{dk[1]:+.3f}, {dk[2]:+.3f}])"))
+                parts.append((ref, False, f"no resolvable difference (Δknowledge {ci(dk)})"))
         met = all(ok for _, ok, _ in parts)
         detail = "; ".join(f"vs {LABELS[r]}: {t}" for r, _, t in parts)
         unfinished = [x for x in (m, "lora_wd", "lora") if not ms.get(x, {}).get("complete", False)]
