@@ -31,8 +31,10 @@ Several processes (DDP under `accelerate launch`/`torchrun`): each rank feeds it
 round-robin: rank r takes r, r + N, ...; a DataLoader through accelerate's sharding) and the statistics are
 all-reduced, so N processes compute the basis one process computes from all the data. Rank 0's basis is then
 broadcast, so every replica holds the very same frozen A. Progress and the report are shown on the main process
-only. `max_batches` counts the batches of one rank. FSDP and DeepSpeed ZeRO-3 (sharded parameters) are refused:
-calibrate before the trainer wraps the model (`initialize_nullspace_lora(model, data)` first).
+only. `max_batches` counts the batches of one rank. FSDP2 (accelerate's `fsdp_version: 2`, or `fully_shard` by hand
+after `get_peft_model`) works the same way: the statistics are all-reduced and rank 0's basis is written into every
+rank's shards of A and B. DeepSpeed ZeRO-3 is refused: calibrate before the trainer wraps the model
+(`initialize_nullspace_lora(model, data)` first).
 
 The statistics come from the forward pass the Trainer runs: under mixed precision (`bf16=True`, which `SFTConfig`
 sets by default) accelerate has wrapped the model's forward in autocast before `on_train_begin`, so the layers'
@@ -189,7 +191,7 @@ class NullSpaceCalibrationCallback(AttachableCallback):
             model, data, heldout_dataloader=heldout, heldout_every=self.heldout_every, adapter_name=adapter,
             max_batches=self.max_batches, dtype=self.dtype, progress=progress, warn=False,
         )
-        if world > 1:
+        if world > 1 and not _sharded(layers, adapter):  # FSDP2 shards got rank 0's values from the call itself
             _broadcast_adapter(layers, adapter)
         self.report, self.skipped = report, None
         if main:
@@ -357,13 +359,21 @@ class _RowBatches:
 
 # ------------------------------------------------------------------------------------------------ distributed
 def _refuse_sharded_parameters(layers: dict, adapter: str) -> None:
+    """FSDP2 (DTensor parameters) is calibrated in place (initialize_nullspace_lora writes rank 0's basis into every
+    rank's shards); DeepSpeed ZeRO-3 partitions are refused."""
     weight = next(iter(layers.values())).nullspace_A[adapter].weight
-    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
+    if hasattr(weight, "ds_id"):
         raise ValueError(
-            "NullSpaceCalibrationCallback: the adapter's parameters are sharded (FSDP or DeepSpeed ZeRO-3), and a "
+            "NullSpaceCalibrationCallback: the adapter's parameters are partitioned by DeepSpeed ZeRO-3, and a "
             "null-space basis is written into whole matrices; calibrate before the trainer wraps the model: "
             "initialize_nullspace_lora(model, calib_dataloader) (every rank, its own shard), then build the trainer"
         )
+
+
+def _sharded(layers: dict, adapter: str) -> bool:
+    from peft_ext._sharded import is_dtensor
+
+    return any(is_dtensor(layer.nullspace_A[adapter].weight) for layer in layers.values())
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from .._checks import all_finite
+from .._sharded import full, is_dtensor
 from ..linalg import eigh_tail, energy_ratio
-from ..stats import ActivationStats, collect_stats, canonical_name
+from ..stats import ActivationStats, _model_inputs, collect_stats, canonical_name
 from .config import NullSpaceLoraConfig
 from .layer import NullSpaceLoraLayer
 
@@ -161,6 +163,12 @@ def initialize_nullspace_lora(
     refused unless `reinitialize=True`: this writes a new basis into A and resets B, which loses any training.
 
     Everything is validated and computed before any weight is written: on error the model is unchanged.
+
+    FSDP2 (layers wrapped with `fully_shard` after `get_peft_model`, as accelerate does): call it on every rank, each
+    with its own share of the data. The statistics are all-reduced, rank 0's basis is written into every rank's rows
+    of A (and B), and v1/v2 never read W (split mode gathers it whole, layer by layer). Every forward pass under FSDP
+    is a collective, so a rank that runs out of batches early keeps running unrecorded forwards on its last batch
+    until all are done (a rank with no batch at all is refused, on every rank).
     """
     adapter_name = adapter_name or _active_adapter(model)
     config = _peft_config(model, adapter_name)
@@ -196,6 +204,9 @@ def initialize_nullspace_lora(
 
     names = list(layers)
     heldout_stats = None
+    if _sharded(layers, adapter_name):
+        dataloader = None if dataloader is None else _Lockstep(model, dataloader, max_batches)
+        heldout_dataloader = None if heldout_dataloader is None else _Lockstep(model, heldout_dataloader, None)
     with _adapters_disabled(model):
         if stats is None:
             route = None if heldout_dataloader is not None else (lambda i: i % heldout_every == heldout_every - 1)
@@ -294,9 +305,13 @@ def _verify(name: str, layer: NullSpaceLoraLayer, adapter_name: str,
     """The layer's report, checked on held-out tokens in closed form from their covariance."""
     tail_vals, _, all_vals = decomp
     check_cov = (heldout_stats or stats).covariance(name)
-    a = layer.nullspace_A[adapter_name].weight
-    delta = layer.get_delta_weight(adapter_name)
-    delta_in_out = delta.T if layer.fan_in_fan_out else delta  # (out, in)
+    # whole factors (all-gathered under FSDP2), so the delta is formed here rather than by get_delta_weight
+    a, b = full(layer.nullspace_A[adapter_name].weight), full(layer.nullspace_B[adapter_name].weight)
+    da, db = a, b  # delta W = scaling * db @ da, as layer.lora_factors forms it
+    if layer.mode[adapter_name] == "split":
+        da = torch.cat([a, layer.nullspace_A0[adapter_name].to(a.dtype)], dim=0)
+        db = torch.cat([b, -layer.nullspace_B0[adapter_name].to(b.dtype)], dim=1)
+    delta_in_out = (db.double() @ da.double()) * layer.scaling[adapter_name]  # (out, in)
     lam = all_vals.clamp_min(0)
     lmax = float(lam[-1])
     from ..plots import spectrum_sample
@@ -329,7 +344,7 @@ def _refuse_reinitialization(layers: dict[str, NullSpaceLoraLayer], adapter_name
     moved = 0.0
     for name in done:
         layer = layers[name]
-        b = layer.nullspace_B[adapter_name].weight.detach().double()
+        b = full(layer.nullspace_B[adapter_name].weight.detach()).double()
         if mode == "split":
             b = b - layer.nullspace_B0[adapter_name].to(b)
         moved += float(b.pow(2).sum())
@@ -406,6 +421,61 @@ def _peft_config(model: nn.Module, adapter_name: str) -> NullSpaceLoraConfig:
     if not isinstance(config, NullSpaceLoraConfig):
         raise ValueError(f"adapter {adapter_name!r} is a {type(config).__name__}, not a NullSpaceLoraConfig")
     return config
+
+
+def _sharded(layers: dict[str, NullSpaceLoraLayer], adapter_name: str) -> bool:
+    """Whether the adapter's factors are FSDP2 shards (DTensors); the same answer on every rank."""
+    return any(is_dtensor(layer.nullspace_A[adapter_name].weight) for layer in layers.values())
+
+
+class _Lockstep:
+    """The batches of `data` (at most `max_batches`), with every rank stepping together under FSDP2.
+
+    Each forward pass of a sharded model all-gathers the weights of every wrapped module, so all ranks must run the
+    same number of them: before each batch the ranks exchange whether they still have one. A rank that has run out
+    while others have not runs its last batch through the model itself, outside the statistics recorder's batch
+    scope (so nothing is recorded), and ends its iteration only when every rank has. A rank that never had a batch
+    has nothing to run: every rank then raises the same error.
+    """
+
+    def __init__(self, model: nn.Module, data: Iterable[Any], max_batches: int | None) -> None:
+        self.model, self.data, self.max_batches = model, data, max_batches
+
+    def __len__(self) -> int:
+        n = len(self.data)  # type: ignore[arg-type]  (TypeError without a length: the progress bar copes)
+        return n if self.max_batches is None else min(n, self.max_batches)
+
+    def __iter__(self):
+        import torch.distributed as dist
+
+        from ..stats import _collective_device, _input_device
+
+        it = iter(self.data) if self.max_batches is None else itertools.islice(iter(self.data), self.max_batches)
+        device, world, last = _collective_device(), dist.get_world_size(), None
+        while True:
+            batch = next(it, _END)
+            has = batch is not _END
+            last = batch if has else last
+            flags = [torch.zeros(2, dtype=torch.int64, device=device) for _ in range(world)]
+            dist.all_gather(flags, torch.tensor([int(has), int(last is None)], dtype=torch.int64, device=device))
+            flags = torch.stack(flags).cpu()
+            if not bool(flags[:, 0].any()):
+                return
+            empty = [r for r in range(world) if flags[r, 1]]
+            if empty:  # decided on every rank from the same flags, before any rank starts a forward
+                raise ValueError(
+                    f"initialize_nullspace_lora under FSDP: rank(s) {empty} got no calibration batch while others did, "
+                    "and every forward pass of a sharded model needs all ranks; give every rank at least one batch "
+                    "(fewer ranks, or more batches)"
+                )
+            if has:
+                yield batch
+                continue
+            inputs, _ = _model_inputs(last, _input_device(self.model))
+            self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)  # unrecorded: keeps step
+
+
+_END = object()
 
 
 @contextlib.contextmanager
