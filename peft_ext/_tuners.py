@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._checks import all_finite, check_finite
+from ._sharded import refuse_sharded_base
 from .bnb_cpu import check_4bit_dequantize, disable_bnb_cpu_repack
 
 
@@ -34,6 +35,7 @@ def planned_targets(tuner: BaseTuner, model: nn.Module, config) -> Iterator[tupl
             continue
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         check_4bit_dequantize(base, key)
+        refuse_sharded_base(base, key, type(config).__name__.removesuffix("Config"))  # injected after fully_shard
         yield key, base
 
 

@@ -866,13 +866,18 @@ def _fingerprint_parts(model: nn.Module) -> tuple[str, dict[str, str], dict[str,
                 h.update(described_tensor + values)
                 tensors[name] = hashlib.sha256(described_tensor + values).hexdigest()[:16]
                 continue
+        if type(t).__name__ == "DTensor":  # an FSDP2 shard: hash the whole tensor, as one process would (a
+            t = t.full_tensor()            # collective: every rank walks the same sorted names)
         flat = t.detach().reshape(-1)
         if flat.numel() > CACHE_FULL_HASH_MAX:
             # integer positions: a float32 linspace rounds numel - 1 up to numel above 2**24 entries (an IndexError
             # on SmolLM2's 49152x576 embedding)
             n = flat.numel()
             flat = flat[torch.arange(CACHE_SAMPLE, device=flat.device, dtype=torch.int64) * (n - 1) // (CACHE_SAMPLE - 1)]
-        values = flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        flat = flat.cpu().contiguous().view(torch.uint8)
+        if flat.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            flat = flat.clone()  # .numpy() of the model's own storage leaves it unresizable (FSDP2 frees by resizing)
+        values = flat.numpy().tobytes()
         h.update(described_tensor + values)
         tensors[name] = hashlib.sha256(described_tensor + values).hexdigest()[:16]
     return h.hexdigest(), tensors, config

@@ -16,6 +16,7 @@ from peft.utils import resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
 
+from .._sharded import full, write_whole
 from .._tuners import DeltaMergeMixin, init_layer_shapes
 
 
@@ -86,7 +87,8 @@ class NullSpaceLoraLayer(BaseTunerLayer):
         for name in self.nullspace_A:
             loaded = state_dict.get(f"{prefix}nullspace_A.{name}.weight")
             if isinstance(loaded, torch.Tensor) and loaded.device.type != "meta":
-                self.nullspace_initialized[name] = bool(loaded.detach().abs().amax() > 0)
+                # whole (an FSDP2 shard may hold no rows, or only zero rows): every rank decides alike
+                self.nullspace_initialized[name] = bool(full(loaded.detach()).abs().amax() > 0)
 
     @torch.no_grad()
     def set_nullspace_basis(self, adapter_name: str, basis: torch.Tensor) -> None:
@@ -94,13 +96,15 @@ class NullSpaceLoraLayer(BaseTunerLayer):
         a = self.nullspace_A[adapter_name].weight
         b = self.nullspace_B[adapter_name].weight
         v = basis.to(device=a.device, dtype=torch.float64)
-        a.copy_(v.T.to(a.dtype))
+        # FSDP2 (DTensor A, B): rank 0's whole value is cut into every rank's rows (a collective, see _sharded)
+        write_whole(a, v.T)
         if self.mode[adapter_name] == "split":
-            w = transpose(self.get_base_weight(), self.fan_in_fan_out).to(v.device, torch.float64)
+            # under FSDP2 W is gathered whole (full_tensor), on every rank: the split mode reads W, v1/v2 never do
+            w = transpose(full(self.get_base_weight()), self.fan_in_fan_out).to(v.device, torch.float64)
             b0 = (w @ v) / self.scaling[adapter_name]
-            b.copy_(b0.to(b.dtype))
-            self.nullspace_A0[adapter_name] = a.detach().clone()
-            self.nullspace_B0[adapter_name] = b.detach().clone()
+            write_whole(b, b0)
+            self.nullspace_A0[adapter_name] = full(a).detach().clone()  # buffers are not sharded: whole, as written
+            self.nullspace_B0[adapter_name] = full(b).detach().clone()
         else:
             b.zero_()
         self.nullspace_initialized[adapter_name] = True
