@@ -32,6 +32,11 @@ __all__ = [
     "chance_energy",
     "relative_change",
     "SubspaceTracker",
+    "ShardedMatrix",
+    "tsqr",
+    "sharded_top_k_svd",
+    "sharded_projection_energy",
+    "all_finite_everywhere",
 ]
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -268,6 +273,13 @@ class SubspaceTracker:
             _check_k(self.k, shape)
             self._check_shape(shape)
             return low_rank_top_k(b, a, self.k)
+        if isinstance(m, ShardedMatrix):  # split across ranks (FSDP2): same maths, block-wise, same generator draws
+            _check_k(self.k, m.shape)
+            self._check_shape(m.shape)
+            return sharded_top_k_svd(
+                m, self.k, warm_start=self.v, exact_max_dim=self.exact_max_dim, oversample=self.oversample,
+                niter=self.niter, generator=self.generator,
+            )
         if isinstance(m, torch.Tensor) and m.dim() == 2:
             _check_k(self.k, (m.shape[0], m.shape[1]))
             self._check_shape((m.shape[0], m.shape[1]))
@@ -288,8 +300,9 @@ class SubspaceTracker:
             )
 
     @torch.no_grad()
-    def update(self, m: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        """Decompose `m` (a 2-D tensor, or a LoRA pair `(b, a)` meaning `b @ a`), compare with the previous check,
+    def update(self, m: "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | ShardedMatrix") -> dict[str, float]:
+        """Decompose `m` (a 2-D tensor, a LoRA pair `(b, a)` meaning `b @ a`, or a `ShardedMatrix`: then every rank
+        of its group must call this, and all get the same result), compare with the previous check,
         store the new u, s, v and return the metrics dict described on the class."""
         u, s, v = self._decompose(m)
         metrics: dict[str, float] = {"sigma_max": float(s[0])}
@@ -365,3 +378,253 @@ class SubspaceTracker:
         self.generator = torch.Generator().manual_seed(self.seed)
         if state.get("generator_state") is not None:
             self.generator.set_state(state["generator_state"])
+
+
+# ------------------------------------------------------------------------------------------- sharded matrices
+#
+# Under FSDP2 (`torch.distributed.fsdp.fully_shard`) a weight, its gradient and its optimizer moments arrive as
+# DTensors whose rows are split across ranks (Shard(0); a Conv1D weight, stored transposed, is then split by columns
+# of the (out, in) matrix). The functions below compute what `top_k_svd` and `projection_energy` compute, from each
+# rank's block, with collectives whose sizes depend only on the global shape, k and the shard sizes, so every rank
+# runs the same sequence of collectives (no rank-dependent branch, no deadlock). What crosses ranks is small:
+# (b, l) or (l, l) sketches, R factors of a tall-skinny QR, and the final k columns of U or V, never the matrix.
+# Results are replicated: every rank returns the same U, S, V (full, not sharded), equal to the one-process result up
+# to round-off (same random test matrix, same power iterations, same Rayleigh-Ritz step).
+
+
+class ShardedMatrix:
+    """One rank's block of a 2-D matrix split along one dimension across the ranks of `group`.
+
+    `local` is this rank's block, `shape` the global (a, b), `dim` the split dimension (0: row blocks, 1: column
+    blocks), `sizes` every rank's block length along `dim` in rank order (so offsets and padding are known without
+    asking), `rank` this process's index in `group` (None: the default group). Build one from a DTensor with
+    `ShardedMatrix.from_dtensor`.
+    """
+
+    __slots__ = ("local", "shape", "dim", "sizes", "rank", "group")
+
+    def __init__(self, local: torch.Tensor, shape: tuple[int, int], dim: int, sizes: tuple[int, ...], rank: int,
+                 group: Any = None) -> None:
+        if dim not in (0, 1):
+            raise ValueError(f"dim must be 0 (row blocks) or 1 (column blocks), got dim={dim!r}")
+        shape = (int(shape[0]), int(shape[1]))
+        sizes = tuple(int(s) for s in sizes)
+        if sum(sizes) != shape[dim] or not 0 <= rank < len(sizes):
+            raise ValueError(
+                f"sizes={sizes} must add up to shape[{dim}]={shape[dim]} with rank={rank} one of their indices"
+            )
+        expect = (sizes[rank], shape[1]) if dim == 0 else (shape[0], sizes[rank])
+        if tuple(local.shape) != expect:
+            raise ValueError(
+                f"local block has shape {tuple(local.shape)} but rank {rank} of a {shape} matrix split along dim {dim} "
+                f"with sizes {sizes} holds {expect}"
+            )
+        if not local.is_floating_point():
+            raise TypeError(f"local must be a real floating-point tensor, got dtype {local.dtype}")
+        local = local.detach()
+        self.local = local if local.dtype == torch.float64 else local.to(torch.float32)
+        self.shape, self.dim, self.sizes, self.rank, self.group = shape, dim, sizes, rank, group
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    def transpose(self) -> "ShardedMatrix":
+        """The same blocks seen as the transposed matrix (row blocks become column blocks)."""
+        return ShardedMatrix(self.local.T, (self.shape[1], self.shape[0]), 1 - self.dim, self.sizes, self.rank, self.group)
+
+    @staticmethod
+    def from_dtensor(x: Any, transposed: bool = False) -> "ShardedMatrix | None":
+        """The ShardedMatrix of a 2-D DTensor sharded along one tensor dim on one mesh dim (FSDP2's Shard(0), a
+        tensor-parallel Shard(1); other mesh dims Replicate, as HSDP's), seen as `x.T` when `transposed`. None for any
+        other layout (Partial, strided or several sharded mesh dims): the caller gathers with `full_tensor()` then."""
+        from torch.distributed.tensor import Replicate, Shard
+
+        sharded = [(i, p.dim) for i, p in enumerate(x.placements) if type(p) is Shard]
+        others_replicated = all(type(p) is Shard or isinstance(p, Replicate) for p in x.placements)
+        if x.dim() != 2 or len(sharded) != 1 or not others_replicated or sharded[0][1] not in (0, 1):
+            return None
+        mesh_dim, tensor_dim = sharded[0]
+        mesh = x.device_mesh
+        n = mesh.size(mesh_dim)
+        full = x.shape[tensor_dim]
+        sizes = tuple(_shard_size(full, n, r) for r in range(n))
+        m = ShardedMatrix(x.to_local(), tuple(x.shape), tensor_dim, sizes, mesh.get_local_rank(mesh_dim),
+                          mesh.get_group(mesh_dim))
+        return m.transpose() if transposed else m
+
+
+def _shard_size(full: int, n: int, r: int) -> int:
+    """Rows (or columns) rank r of n holds under torch's Shard placement (chunk semantics: ceil-sized blocks, the
+    last ones shorter or empty), as DTensor.to_local() returns them."""
+    from torch.distributed.tensor import Shard
+
+    fn = getattr(Shard, "local_shard_size_and_offset", None) or getattr(Shard, "_local_shard_size_and_offset")
+    return int(fn(full, n, r)[0])
+
+
+def _dist_world(group: Any) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
+    """Sum (or `op`) of `x` over `group`, identical on every rank; the identity outside a process group."""
+    if _dist_world(group) == 1:
+        return x
+    x = x.contiguous()
+    torch.distributed.all_reduce(x, op=op or torch.distributed.ReduceOp.SUM, group=group)
+    return x
+
+
+def _all_gather_rows(x: torch.Tensor, sizes: tuple[int, ...], group: Any) -> torch.Tensor:
+    """Stack every rank's row block (rank order; block r has sizes[r] rows) into the full matrix on every rank.
+    Blocks are padded to the largest size so the collective has one shape everywhere."""
+    if len(sizes) == 1 or _dist_world(group) == 1:
+        return x
+    pad = max(sizes)
+    padded = torch.zeros(pad, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded, group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def tsqr(block: torch.Tensor, sizes: tuple[int, ...], rank: int, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tall-skinny QR of a row-sharded matrix X (rank r holds rows of length `sizes[r]`): returns this rank's rows of
+    Q and the replicated R, with X = Q R and Q orthonormal, as `torch.linalg.qr(X)` gives them up to column signs.
+
+    Each rank factors its block, the R factors (at most min(rows, cols) x cols each, padded to one size) are
+    all-gathered and factored again: as stable as Householder QR of X (no Gram matrix, whose squared condition number
+    would lose the small singular values), and what crosses ranks is cols^2 numbers per rank, not X."""
+    ncols = block.shape[1]
+    c = min(ncols, max(sizes))
+    q, r = torch.linalg.qr(block)  # (n_r, min(n_r, ncols)), (min(n_r, ncols), ncols); an empty block gives (0, 0)
+    r_pad = torch.zeros(c, ncols, dtype=block.dtype, device=block.device)
+    r_pad[: r.shape[0]] = r
+    q_pad = torch.zeros(block.shape[0], c, dtype=block.dtype, device=block.device)
+    q_pad[:, : q.shape[1]] = q
+    stacked = _all_gather_rows(r_pad, (c,) * len(sizes), group)
+    q2, r2 = torch.linalg.qr(stacked)
+    return q_pad @ q2[rank * c : (rank + 1) * c], r2
+
+
+def sharded_top_k_svd(
+    m: ShardedMatrix,
+    k: int,
+    *,
+    warm_start: torch.Tensor | None = None,
+    exact_max_dim: int = 512,
+    oversample: int = 8,
+    niter: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`top_k_svd` of a matrix given as row or column blocks across ranks: the same U (a, k), S (k,), V (b, k) on
+    every rank, equal to `top_k_svd(full matrix, ...)` with the same arguments up to round-off.
+
+    Exact path (min(a, b) <= exact_max_dim): a tall-skinny QR of the matrix along its split side (`tsqr`), then the SVD
+    of the small replicated R. Randomized path: the same Gaussian test matrix (drawn from `generator` on every rank,
+    warm start first), the same `niter` power iterations and Rayleigh-Ritz step as `top_k_svd`; products with the
+    matrix are local block products, summed over ranks (all-reduce of a (a or b, l) sketch) where the contraction
+    runs over the split side, and orthonormalised by `tsqr` where the result stays split. Only U's or V's k columns
+    are gathered at the end. The caller checks finiteness collectively beforehand (`all_finite_everywhere`): a check
+    on one rank's block alone would make ranks disagree and stop at different collectives.
+    """
+    if not isinstance(m, ShardedMatrix):
+        raise TypeError(f"m must be a ShardedMatrix, got {type(m).__name__}; build it with ShardedMatrix.from_dtensor")
+    a, b = m.shape
+    k = _check_k(k, (a, b))
+    _check_int(exact_max_dim, "exact_max_dim", 0)
+    _check_int(oversample, "oversample", 0)
+    _check_int(niter, "niter", 0)
+    x, g, rows = m.local, m.group, m.dim == 0
+
+    def gather(block: torch.Tensor) -> torch.Tensor:
+        return _all_gather_rows(block, m.sizes, g)
+
+    def factor(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # QR of a split (tall) operand
+        return tsqr(block, m.sizes, m.rank, g)
+
+    if min(a, b) <= exact_max_dim:
+        q, r = factor(x if rows else x.T)
+        ur, s, vh = torch.linalg.svd(r, full_matrices=False)
+        if rows:  # m = Q R = (Q ur) s vh
+            return gather(q @ ur[:, :k]), s[:k], vh[:k].T
+        return vh[:k].T, s[:k], gather(q @ ur[:, :k])  # m^T = (Q ur) s vh
+
+    l = min(k + oversample, min(a, b))
+    cols = []
+    if warm_start is not None:
+        w = _as_matrix(warm_start, "warm_start")
+        if w.shape[0] != b or w.shape[1] > l:
+            raise ValueError(
+                f"warm_start must have shape ({b}, j) with j <= {l} for a matrix of shape ({a}, {b}), got "
+                f"{tuple(w.shape)}; pass the previous check's V"
+            )
+        cols.append(w.to(device=x.device, dtype=x.dtype))
+    j = cols[0].shape[1] if cols else 0
+    if l > j:
+        cols.append(_randn(b, l - j, generator=generator, dtype=x.dtype, device=x.device))
+    omega = torch.cat(cols, dim=1)
+    if not rows:
+        omega = omega[m.offset : m.offset + m.sizes[m.rank]]
+
+    def times(z: torch.Tensor) -> torch.Tensor:  # m @ z: a row block, or summed over column blocks
+        return x @ z if rows else _all_reduce(x @ z, g)
+
+    def times_t(q: torch.Tensor) -> torch.Tensor:  # m^T @ q: summed over row blocks, or a column block
+        return _all_reduce(x.T @ q, g) if rows else x.T @ q
+
+    def orth(y: torch.Tensor, split: bool) -> torch.Tensor:
+        return factor(y)[0] if split else torch.linalg.qr(y)[0]
+
+    q = orth(times(omega), rows)
+    for _ in range(niter):
+        z = orth(times_t(q), not rows)
+        q = orth(times(z), rows)
+    bt = times_t(q)  # (Q^T m)^T, (b, l)
+    if rows:  # replicated: the small SVD of top_k_svd itself
+        ub, s, vh = torch.linalg.svd(bt.T, full_matrices=False)
+        return gather(q @ ub[:, :k]), s[:k], vh[:k].T
+    z, r = factor(bt)  # split by columns of m: Q^T m = (z r)^T with r = x s yh
+    xr, s, yh = torch.linalg.svd(r, full_matrices=False)
+    return q @ yh[:k].T, s[:k], gather(z @ xr[:, :k])
+
+
+def sharded_projection_energy(g: ShardedMatrix, u: torch.Tensor, v: torch.Tensor) -> float:
+    """`projection_energy(G, U, V)` of a G split across ranks (U, V full and replicated, as `sharded_top_k_svd` returns
+    them): each rank contracts its block with its rows of U (or V), and one all-reduce sums the (k_u, k_v) core with
+    the block's squared norm. Same value on every rank."""
+    if not isinstance(g, ShardedMatrix):
+        raise TypeError(f"g must be a ShardedMatrix, got {type(g).__name__}")
+    a, b = g.shape
+    u = _as_matrix(u, "u")
+    v = _as_matrix(v, "v")
+    if u.shape[0] != a or v.shape[0] != b:
+        raise ValueError(f"u must have g's rows and v g's columns: g has shape {(a, b)}, u {tuple(u.shape)}, v {tuple(v.shape)}")
+    dtype = _common_dtype(g.local, u, v)
+    x = g.local.to(dtype)
+    u, v = u.to(device=x.device, dtype=dtype), v.to(device=x.device, dtype=dtype)
+    lo, hi = g.offset, g.offset + g.sizes[g.rank]
+    core = (u[lo:hi].T @ x @ v) if g.dim == 0 else (u.T @ x @ v[lo:hi])
+    packed = _all_reduce(torch.cat([core.reshape(-1), x.pow(2).sum().reshape(1)]), g.group)
+    total = float(packed[-1])
+    if total == 0.0:
+        return 0.0
+    return min(max(float(packed[:-1].pow(2).sum()) / total, 0.0), 1.0)
+
+
+def all_finite_everywhere(flags: list[bool], group: Any = None, device: Any = "cpu") -> list[bool]:
+    """Element-wise AND of per-rank finiteness flags over `group` (one all-reduce for all of them): every rank then
+    skips the same matrices, which a decision from its own block alone would not guarantee. `device`: where the
+    backend reduces (a CUDA device under NCCL, which cannot reduce CPU tensors)."""
+    if not flags:
+        return []
+    bad = torch.tensor([0.0 if f else 1.0 for f in flags], dtype=torch.float64, device=device)
+    bad = _all_reduce(bad, group, torch.distributed.ReduceOp.MAX if _dist_world(group) > 1 else None)
+    return [float(x) == 0.0 for x in bad]
