@@ -25,8 +25,32 @@ logged check, so the next finite check compares against that one. Training goes 
 
 Distributed (DDP): the matrices are identical on every rank, so the targets are split round-robin across ranks,
 each rank computes its share, and the results are all-gathered: every rank logs the same numbers, each matrix is
-decomposed once. FSDP (sharded parameters) and DeepSpeed (the step runs inside backward, callbacks see cleared
-gradients) are refused with an explanation.
+decomposed once.
+
+FSDP2 (`fully_shard`, accelerate's `fsdp_version: 2`, the Trainer's `fsdp` with it): weights, gradients and Adam's
+moments are DTensors whose rows are split across ranks. Every rank takes part in every such matrix, in target
+order, with the same collectives (no rank-dependent branch, hence no deadlock): the top-k SVD runs block-wise
+(`spectral.sharded_top_k_svd`: local products, all-reduced (b, l) sketches, a tall-skinny QR whose R factors are
+all-gathered, then only the k columns of U or V), the energies contract each block with its rows of U or V and
+all-reduce a (k, k) core (`spectral.sharded_projection_energy`), and the NaN/Inf test is agreed by one all-reduce of
+flags per hook, so all ranks skip the same matrices. A LoRA branch's factors are gathered whole (`full_tensor()`,
+(out + in) r numbers, the adapter's own size) and its delta W is never formed. A DTensor layout other than one
+sharded tensor dim (e.g. Partial) is gathered with `full_tensor()` on every rank. Rank 0's values are the ones
+every rank logs, so they are identical by construction; they equal a one-process run's up to round-off
+(tests/test_fsdp2_monitor.py, with `fully_shard` on CPU and the Trainer's hook order: the Trainer's own FSDP path
+needs GPUs). FSDP1 (FlatParameter shards, flattened 1-D) is refused: use `fsdp_version: 2`.
+
+DeepSpeed (decided from accelerate 1.15's `DeepSpeedEngineWrapper.backward` and transformers' Trainer loop): under the
+Trainer every ZeRO stage runs `engine.step()` (clip, optimizer step, zero_grad) inside `accelerator.backward`, and the
+`optimizer.step()` between `on_pre_optimizer_step` and `on_optimizer_step` is a no-op (`DeepSpeedOptimizerWrapper`).
+So, from a callback: gradients are already consumed and zeroed ('grad' is refused: no callback event ever sees them);
+Adam's moments live in DeepSpeed's flat fp32 partitions, not in `optimizer.state[param]` ('momentum' is refused: they
+are reachable only through `deepspeed.utils.safe_get_full_optimizer_state`, a ZeRO collective not wired here for want
+of a DeepSpeed install to test it); under ZeRO-3 each weight is an empty placeholder outside
+`deepspeed.zero.GatheredParameters` (refused: a gather is a collective every rank would have to enter for every
+target). What works is `track=("weight",)` under ZeRO stages 0-2, whose weights are whole on every rank as under DDP;
+a check then sees the weights after the step it is logged at (without DeepSpeed, before it), and says so once in
+the log.
 """
 
 from __future__ import annotations
@@ -47,7 +71,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from peft_ext._checks import all_finite
 from peft_ext.files import atomic_file
 
-from .spectral import SubspaceTracker, chance_energy, projection_energy
+from .spectral import (
+    ShardedMatrix,
+    SubspaceTracker,
+    all_finite_everywhere,
+    chance_energy,
+    projection_energy,
+    sharded_projection_energy,
+)
 from .targets import Target, find_targets, split_patterns
 
 logger = logging.getLogger(__name__)
@@ -165,18 +196,17 @@ class SpectralMonitorCallback(AttachableCallback):
         self._skipped: dict[str, str] = {}  # matrices skipped at this check -> what was not finite
         self._before: dict[str, dict] = {}  # tracker states before this check's update, to roll a skip back
         self._mine: list[Target] = []
+        self._split: set[str] = set()  # matrices held as DTensor shards (FSDP2): every rank measures them together
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if getattr(args, "deepspeed", None) or getattr(getattr(self.trainer, "accelerator", None), "distributed_type", "") == "DEEPSPEED":
+        self._check_deepspeed(args, model)
+        fsdp1 = [type(m).__name__ for m in model.modules() if type(m).__name__ == "FullyShardedDataParallel"]
+        if fsdp1 or "FlatParameter" in {type(p).__name__ for p in model.parameters()}:
             raise RuntimeError(
-                "SpectralMonitorCallback cannot run under DeepSpeed: the optimizer step happens inside backward, so "
-                "callbacks see cleared gradients and moments. Monitor a DDP or single-process run instead."
-            )
-        if getattr(args, "fsdp", None) or any(type(p).__name__ == "DTensor" for p in model.parameters()):
-            raise RuntimeError(
-                "SpectralMonitorCallback does not support FSDP yet: parameters are sharded across ranks and would have "
-                "to be gathered for every check. Monitor a DDP or single-process run, or a non-sharded copy."
+                "SpectralMonitorCallback cannot read FSDP1 (FullyShardedDataParallel) weights: they are flattened into "
+                "1-D FlatParameter shards, so no rank holds a matrix block. Use FSDP2 (fsdp_config "
+                "{'fsdp_version': 2}, or torch.distributed.fsdp.fully_shard), whose DTensor row shards are supported."
             )
         self.targets = find_targets(model, self.patterns)
         too_small = [f"{t.name} {t.shape}" for t in self.targets if self.topk > min(t.shape)]
@@ -186,7 +216,11 @@ class SpectralMonitorCallback(AttachableCallback):
                 "choose a smaller spec_topk or other spec_targets"
             )
         rank, world = args.process_index, args.world_size
-        self._mine = [t for i, t in enumerate(self.targets) if i % world == rank]
+        # split matrices (DTensor) are measured by every rank together; whole ones round-robin, one rank each
+        self._split = {t.name for t in self.targets if _has_dtensor(t.matrix())}
+        whole = [t for t in self.targets if t.name not in self._split]
+        mine = {t.name for j, t in enumerate(whole) if j % world == rank} | self._split
+        self._mine = [t for t in self.targets if t.name in mine]
         self.trackers = {
             t.name: SubspaceTracker(self.topk, exact_max_dim=self.exact_max_dim, niter=self.niter, seed=self.seed + i)
             for i, t in enumerate(self.targets)
@@ -195,6 +229,31 @@ class SpectralMonitorCallback(AttachableCallback):
         if state.global_step > 0:
             self._restore(args, state)
         logger.info("spectral monitor: %d matrices every %d updates (top-%d)", len(self.targets), self.every, self.topk)
+
+    def _check_deepspeed(self, args, model) -> None:
+        """The DeepSpeed decision of the module docstring: refuse what no callback can see, allow weight-only
+        monitoring under ZeRO stages 0-2."""
+        stage = _deepspeed_stage(args, self.trainer, model)
+        if stage is None:
+            return
+        reasons = []
+        if stage >= 3:
+            reasons.append("ZeRO-3 partitions every weight (outside deepspeed.zero.GatheredParameters a parameter is an "
+                           "empty placeholder), so there is no matrix to decompose")
+        if "grad" in self.track:
+            reasons.append("track includes 'grad', but engine.step() (clip, step, zero_grad) runs inside "
+                           "accelerator.backward, so gradients are consumed and zeroed before any callback event")
+        if "momentum" in self.track:
+            reasons.append("track includes 'momentum', but Adam's moments live in DeepSpeed's flat fp32 partitions, not "
+                           "in optimizer.state[param]")
+        if reasons:
+            raise RuntimeError(
+                f"SpectralMonitorCallback under DeepSpeed ZeRO stage {stage}: " + "; ".join(reasons) + ". Use "
+                "spec_track=['weight'] with ZeRO stage 0-2 (weights are whole on every rank), or FSDP2 or DDP, under "
+                "which weights, gradients and moments are all monitored."
+            )
+        logger.warning("spectral monitor under DeepSpeed ZeRO stage %d: only the weights are tracked, and a check sees "
+                       "them after the optimizer step it is logged at (DeepSpeed steps inside backward)", stage)
 
     def _due(self, state) -> bool:
         # on_pre_optimizer_step / on_optimizer_step run before global_step is incremented for this update
@@ -206,10 +265,19 @@ class SpectralMonitorCallback(AttachableCallback):
         if not self._due(state):
             return
         self._pending, self._skipped, self._before = {}, {}, {}
+        # every rank builds the split matrices in target order (a LoRA pair's full_tensor() is a collective)
+        inputs = {}
         for t in self._mine:
-            m = t.matrix()
             grad = t.param.grad if t.param is not None and "grad" in self.track else None
-            bad = [what for what, x in (("weight", m), ("gradient", grad)) if x is not None and not all_finite(x)]
+            if grad is not None and t.transposed:
+                grad = grad.T
+            inputs[t.name] = (_local_view(t.matrix()), _local_view(grad))
+        finite = self._agree({(name, what): all_finite(_local_part(x)) for name, pair in inputs.items()
+                              for what, x in zip(("weight", "gradient"), pair) if x is not None},
+                             {name: pair[0] for name, pair in inputs.items()})
+        for t in self._mine:
+            m, grad = inputs[t.name]
+            bad = [what for what in ("weight", "gradient") if not finite.get((t.name, what), True)]
             if bad:
                 self._skipped[t.name] = " and ".join(bad)
                 continue
@@ -219,7 +287,7 @@ class SpectralMonitorCallback(AttachableCallback):
             # logged check", and the warm start is never a NaN basis. A copy of u, s, v (k columns): cheap next to
             # the SVD itself
             self._before[t.name] = tracker.state_dict()
-            metrics = tracker.update(m if isinstance(m, tuple) else m.float())
+            metrics = tracker.update(m if isinstance(m, (tuple, ShardedMatrix)) else m.float())
             if not all(map(math.isfinite, metrics.values())):
                 self._skip(t.name, "decomposition")
                 continue
@@ -232,16 +300,21 @@ class SpectralMonitorCallback(AttachableCallback):
         if not self._due(state) or "momentum" not in self.track or optimizer is None:
             return
         opt_state = getattr(optimizer, "state", {})
+        moments = {}
         for t in self._mine:
-            if t.param is None or t.name not in self._pending:
+            if t.param is None or t.name not in self._pending:  # the same on every rank for a split matrix
                 continue
             moment = opt_state.get(t.param, {}).get("exp_avg", opt_state.get(t.param, {}).get("momentum_buffer"))
-            if moment is None:
+            if moment is not None:
+                moments[t.name] = _local_view(moment.T if t.transposed else moment)
+        finite = self._agree({(name, "moment"): all_finite(_local_part(x)) for name, x in moments.items()}, moments)
+        for t in self._mine:
+            if t.name not in moments:
                 continue
-            if not all_finite(moment):
+            if not finite[(t.name, "moment")]:
                 self._skip(t.name, "optimizer moment")
                 continue
-            self._pending[t.name].update(self._energy(t, "momentum", moment, self.trackers[t.name]))
+            self._pending[t.name].update(self._energy(t, "momentum", moments[t.name], self.trackers[t.name]))
 
     def _skip(self, name: str, what: str) -> None:
         """Drop `name` from this check and roll its tracker back to the state before this check's update."""
@@ -249,9 +322,26 @@ class SpectralMonitorCallback(AttachableCallback):
         self.trackers[name].load_state_dict(self._before.pop(name))
         self._skipped[name] = what
 
-    def _energy(self, t: Target, kind: str, g: torch.Tensor, tracker: SubspaceTracker) -> dict[str, float]:
-        g = (g.T if t.transposed else g).float()
-        p = projection_energy(g, tracker.u, tracker.v)
+    def _agree(self, flags: dict[tuple[str, str], bool], like: dict[str, Any]) -> dict[tuple[str, str], bool]:
+        """Finiteness flags, those of split matrices agreed across ranks by one all-reduce (each rank only sees its
+        block), so every rank skips the same matrices and runs the same collectives. Every rank calls this at the
+        same points: the split keys are the same everywhere. `like` (matrices by name) gives the device the flags are
+        reduced on (NCCL reduces only CUDA tensors)."""
+        split = [key for key in flags if key[0] in self._split]
+        if split:
+            x = like[split[0][0]]
+            x = x[0] if isinstance(x, tuple) else x
+            device = (x.local if isinstance(x, ShardedMatrix) else x).device
+            flags.update(zip(split, all_finite_everywhere([flags[key] for key in split], device=device)))
+        return flags
+
+    def _energy(self, t: Target, kind: str, g: "torch.Tensor | ShardedMatrix", tracker: SubspaceTracker) -> dict[str, float]:
+        """`g` is already (out, in): transposed for a Conv1D by the caller."""
+        if isinstance(g, ShardedMatrix):
+            p = sharded_projection_energy(g, tracker.u, tracker.v)
+        else:
+            g = g.float()
+            p = projection_energy(g, tracker.u, tracker.v)
         chance = chance_energy(tuple(g.shape), tracker.u.shape[1], tracker.v.shape[1])
         return {f"spec/{t.name}/{kind}_energy": p, f"spec/{t.name}/{kind}_energy_vs_chance": p / chance}
 
@@ -308,8 +398,11 @@ class SpectralMonitorCallback(AttachableCallback):
 
     def _gather(self, values: dict[str, float], skipped: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
         """Merge every rank's share, in target order, so all ranks log identical dicts (and rank 0 warns for all)."""
-        _, world = collective_group()
+        rank, world = collective_group()
         if world > 1:
+            if rank != 0:  # split matrices were measured by every rank: rank 0's values are the ones logged
+                values = {k: v for k, v in values.items() if k.split("/")[1] not in self._split}
+                skipped = {k: v for k, v in skipped.items() if k not in self._split}
             parts: list[Any] = [None] * world
             torch.distributed.all_gather_object(parts, (values, skipped))
             values = {k: v for part, _ in parts for k, v in part.items()}
@@ -372,6 +465,55 @@ class SpectralMonitorCallback(AttachableCallback):
         write_records(self.records, out)
         if self.plots:
             plot_records(self.records, [t.name for t in self.targets], out)
+
+
+def _has_dtensor(x: Any) -> bool:
+    if isinstance(x, (tuple, list)):
+        return any(_has_dtensor(y) for y in x)
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def _local_view(x: Any) -> Any:
+    """A DTensor as this rank's `ShardedMatrix` block, or gathered whole (`full_tensor()`, a collective every rank
+    runs) when it is a LoRA factor or has a layout other than one sharded dim; anything else unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(x, (tuple, list)):
+        return tuple(y.full_tensor() if isinstance(y, DTensor) else y for y in x)
+    if isinstance(x, DTensor):
+        return ShardedMatrix.from_dtensor(x.detach()) or x.detach().full_tensor()
+    return x
+
+
+def _local_part(x: Any) -> Any:
+    return x.local if isinstance(x, ShardedMatrix) else x
+
+
+def _deepspeed_stage(args, trainer, model) -> int | None:
+    """The ZeRO stage when this run uses DeepSpeed (Trainer arguments, the accelerator's plugin, a DeepSpeedEngine,
+    or ZeRO-3 partitioned parameters in a hand-written loop), else None."""
+    accelerator = getattr(trainer, "accelerator", None)
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is not None:
+        return int(plugin.zero_stage)
+    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        return 3
+    config = getattr(args, "deepspeed", None)
+    engine = "DeepSpeedEngine" in {type(m).__name__ for m in (model, getattr(trainer, "model_wrapped", None))}
+    if not config and not engine and str(getattr(accelerator, "distributed_type", "")).upper().find("DEEPSPEED") < 0:
+        return None
+    if isinstance(config, str) and os.path.isfile(config):
+        with open(config) as f:
+            config = json.load(f)
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+    if stage is None or stage == "auto":
+        raise RuntimeError(
+            f"SpectralMonitorCallback runs under DeepSpeed but cannot tell its ZeRO stage from deepspeed={config!r}; "
+            "pass the config as a dict or a JSON file with zero_optimization.stage set, or monitor without DeepSpeed"
+        )
+    return int(stage)
 
 
 def write_records(records: list[dict[str, float]], out_dir: str) -> None:
