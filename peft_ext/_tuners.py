@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Iterator
 from typing import Optional
@@ -240,3 +241,126 @@ class KeepAdapterDtype:
             else:
                 container[adapter_name] = item.to(device)
 
+
+
+class InitializedFlag:
+    """Mixin for peft-ext tuner layers (before BaseTunerLayer in the bases): whether each adapter holds its initial
+    values yet, the one "initialised" mechanism of every peft-ext tuner.
+
+    `get_peft_model` creates an adapter; a data-driven tuner's `initialize_<method>(model, data, adapter_name=...)`
+    fills it (SubspaceLoRA, initialised from W alone, does so inside `get_peft_model`). The flag is a plain bool per
+    adapter, read in the forward: deciding it from the weights there (A != 0) would cost a device sync per layer per
+    step on CUDA and a graph break under torch.compile. A loaded state dict decides it again from the loaded tensors
+    (`mark_loaded`, which each Linear's `_load_from_state_dict` calls: nn.Module precedes this mixin in their bases).
+
+    A layer class declares `initialized_attr` (its {adapter: bool} dict, created in its __init__), `method_name`,
+    `initialize_call` (the call that initialises an adapter, formatted with `name`), `not_ready` (how a refusal says
+    it is not initialised), `unsaved` (what saving one would write) and `_initialized_in` (the rule for a state dict).
+    """
+
+    initialized_attr: str
+    method_name: str
+    initialize_call: str
+    not_ready: str = "is not initialised"
+    unsaved: str = "the saved adapter would hold no initial values"
+
+    def is_initialized(self, adapter_name: str) -> bool:
+        """Whether `adapter_name` holds its initial values (written by its initialisation, or loaded)."""
+        return getattr(self, self.initialized_attr).get(adapter_name, False)
+
+    def set_initialized(self, adapter_name: str, value: bool = True) -> None:
+        getattr(self, self.initialized_attr)[adapter_name] = bool(value)
+
+    def initialize_hint(self, adapter_name: str) -> str:
+        """The call that initialises `adapter_name`, for error messages."""
+        return self.initialize_call.format(name=adapter_name)
+
+    def require_initialized(self, adapter_name: str) -> None:
+        """A one-line RuntimeError naming the initialising call, if `adapter_name` is not initialised."""
+        if not self.is_initialized(adapter_name):
+            raise RuntimeError(
+                f"{self.method_name} adapter {adapter_name!r} {self.not_ready}: call {self.initialize_hint(adapter_name)}"
+                ", or load a saved, initialised adapter with PeftModel.from_pretrained / load_adapter"
+            )
+
+    def mark_loaded(self, state_dict: dict, prefix: str) -> None:
+        """After `state_dict` was loaded into this layer: each adapter whose tensors came with it is initialised iff
+        they hold initial values (`_initialized_in`). One check per load, not per step."""
+        flags = getattr(self, self.initialized_attr)
+        for name in list(flags):
+            loaded = self._initialized_in(state_dict, prefix, name)
+            if loaded is not None:
+                flags[name] = loaded
+
+    def _initialized_in(self, state_dict: dict, prefix: str, adapter_name: str) -> Optional[bool]:
+        """Whether the tensors `state_dict` holds for `adapter_name` are initial values; None when it holds none."""
+        raise NotImplementedError
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        getattr(self, self.initialized_attr).pop(adapter_name, None)
+
+
+class SaveInitializedOnly:
+    """Mixin for BaseTuner subclasses whose layers carry an `InitializedFlag`: saving (save_pretrained, Trainer
+    checkpoints, export) refuses an adapter that some layer holds uninitialised, naming the call that initialises it,
+    instead of writing placeholders that would load as an adapter doing nothing (or nothing sensible)."""
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        pending = [(name, m) for name, m in model.named_modules()
+                   if isinstance(m, InitializedFlag) and adapter_name in getattr(m, m.initialized_attr)
+                   and not m.is_initialized(adapter_name)]
+        if pending:
+            name, layer = pending[0]
+            raise ValueError(
+                f"{layer.method_name} adapter {adapter_name!r} was never initialised ({len(pending)} layer(s), e.g. "
+                f"{name!r}): {layer.unsaved}. Call {layer.initialize_hint(adapter_name)} first; to save only other "
+                "adapters, pass selected_adapters=[...]"
+            )
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The one active adapter of a PEFT model, or a ValueError asking for adapter_name=."""
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, list):
+        active = active[0] if len(active) == 1 else None
+    if not isinstance(active, str):
+        raise ValueError("cannot tell which adapter to initialise: pass adapter_name=")
+    return active
+
+
+def adapter_config(model: nn.Module, adapter_name: str, config_cls: type):
+    """The PEFT config of `adapter_name` in `model`, which must be a `config_cls`."""
+    configs = getattr(model, "peft_config", None)
+    if not configs or adapter_name not in configs:
+        raise ValueError(f"model has no PEFT adapter named {adapter_name!r}; create it with get_peft_model first")
+    config = configs[adapter_name]
+    if not isinstance(config, config_cls):
+        raise ValueError(f"adapter {adapter_name!r} is a {type(config).__name__}, not a {config_cls.__name__}")
+    return config
+
+
+class JsonReport:
+    """`to_json` / `save_json` for the report dataclasses of the initialize_* calls (which define `to_dict`)."""
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save_json(self, path: str) -> None:
+        """Write `to_json()` to `path`, complete or absent (a kill mid-write leaves the previous file)."""
+        from .files import atomic_file
+
+        with atomic_file(path, field="path") as tmp, open(tmp, "w") as f:
+            f.write(self.to_json())
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: the first column left-aligned, the others right-aligned, a rule under the head."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]

@@ -561,3 +561,145 @@ def test_reference_split_of_a_bitsandbytes_4bit_model(tmp_path):
     assert type(layer.get_base_layer()).__name__ == "Linear4bit" and layer.ortho_anchor["default"].numel() > 0
     with torch.no_grad():  # full-precision base: alpha=1 is the 4-bit model's (dequantised) weight on and off the mask
         assert torch.allclose(split(**batch).last_hidden_state, y_q, atol=1e-3)
+
+
+# ------------------------------------------------------------------ one initialisation protocol
+def _layer_tensors(model, adapter="default"):
+    return {n: (m.ortho_index[adapter].clone(), m.ortho_anchor[adapter].clone(), m.ortho_values[adapter].detach().clone())
+            for n, m in peft_ext.ortho.ortho_layers(model)}
+
+
+def _same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+
+
+def test_initialize_orthosplit_fills_the_placeholders_of_get_peft_model_as_the_one_call_does(tmp_path):
+    ref, ft = _finetuned()
+    cfg = OrthoSplitConfig(target_modules=["q", "k", "out"], base_kind="none", density=0.25, values_dtype="float32",
+                           uses_reference=True)
+    model = get_peft_model(copy.deepcopy(ft), cfg)
+    assert not any(m.is_initialized("default") for _, m in peft_ext.ortho.ortho_layers(model))
+    with pytest.raises(RuntimeError, match=r"^OrthoSplit adapter 'default' has no split yet.*: call "
+                                           r"peft_ext\.initialize_orthosplit\(model, adapter_name='default', \.\.\.\)"):
+        model(_x())
+    with pytest.raises(ValueError, match=r"OrthoSplit adapter 'default' was never initialised \(3 layer\(s\).*"
+                                         r"would hold no split\. Call peft_ext\.initialize_orthosplit"):
+        model.save_pretrained(tmp_path / "placeholders")
+    report = peft_ext.initialize_orthosplit(model, reference=ref, progress=False)
+    one_call = orthosplit(copy.deepcopy(ft), cfg, reference=ref)
+    assert _same_tensors(_layer_tensors(model), _layer_tensors(one_call))
+    with torch.no_grad():
+        assert torch.allclose(model(_x()), ft(_x()), atol=1e-6)  # full-precision base, reference: exact at alpha=1
+    # the report, against closed forms: magnitude keeps the top-k |D|, so it holds their share of ||D||^2
+    assert [lr.layer for lr in report.layers] == ["q", "k", "out"] and report.residual == "fine-tuning delta W - W_ref"
+    d = (ft.q.weight - ref.q.weight).detach().reshape(-1).double()
+    k = entry_count(0.25, 96)
+    q = report.layers[0]
+    assert (q.shape, q.entries, q.flags) == ([12, 8], k, [])
+    assert q.residual_share == pytest.approx(float(d.abs().topk(k).values.pow(2).sum() / d.pow(2).sum()), rel=1e-6)
+    assert q.max_value == pytest.approx(float(d.abs().max()), rel=1e-6)
+    assert report.inputs == ["reference: a model"] and report.warnings == []
+    text = str(report)
+    assert "OrthoSplit adapter 'default' (selector magnitude, base none, density 0.25)" in text
+    assert "3 layers, 0 flagged" in text and f"{q.residual_share:.1%}" in text
+    report.save_json(tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(report.to_json()) == report.to_dict()
+    # a split adapter refuses a second split unless asked, and is unchanged by the refusal
+    before = _layer_tensors(model)
+    with pytest.raises(ValueError, match=r"'default' is already split \(3 of 3 layers.*reinitialize=True"):
+        peft_ext.initialize_orthosplit(model, reference=ref, progress=False)
+    assert _same_tensors(_layer_tensors(model), before)
+    peft_ext.initialize_orthosplit(model, reference=ref, reinitialize=True, progress=False)
+    assert _same_tensors(_layer_tensors(model), before)  # the same data gives the same split
+    # saved and loaded, the flag comes back from the loaded mask
+    model.save_pretrained(tmp_path / "ad")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(ft), tmp_path / "ad")
+    assert all(m.is_initialized("default") for _, m in peft_ext.ortho.ortho_layers(loaded))
+    assert _same_tensors(_layer_tensors(loaded), before)
+
+
+def test_initialize_orthosplit_validates_everything_before_writing():
+    ref, ft = _finetuned()
+    batches = [_x(32, seed=s) for s in range(3)]
+    stats, _ = peft_ext.collect_stats(ft, batches, target_modules=["q"], progress=False)
+    cfg = OrthoSplitConfig(target_modules=["q", "k"], base_kind="int8", density=0.2, selector="obs")
+    model = get_peft_model(copy.deepcopy(ft), cfg)
+    placeholders = _layer_tensors(model)
+    with pytest.raises(ValueError, match=r"selector='obs' needs stats: pass stats="):
+        peft_ext.initialize_orthosplit(model, progress=False)
+    with pytest.raises(ValueError, match=r"fisher given but OrthoSplitConfig.selector='obs' does not use it"):
+        peft_ext.initialize_orthosplit(model, stats=stats, fisher=object(), progress=False)
+    with pytest.raises(ValueError, match=r"stats has no statistics for target layer 'k'"):  # q is fine, k comes second
+        peft_ext.initialize_orthosplit(model, stats=stats, progress=False)
+    with pytest.raises(ValueError, match=r"reference has no weight for 1 target layer\(s\): \['k'\]"):
+        peft_ext.initialize_orthosplit(model, stats=stats, reference={"q.weight": ref.q.weight}, progress=False)
+    with pytest.raises(ValueError, match=r"model has no PEFT adapter named 'nope'"):
+        peft_ext.initialize_orthosplit(model, stats=stats, adapter_name="nope")
+    assert _same_tensors(_layer_tensors(model), placeholders)
+    assert not any(m.is_initialized("default") for _, m in peft_ext.ortho.ortho_layers(model))
+    # reference weights given to placeholders made without them: the split and the saved config take them
+    stats, _ = peft_ext.collect_stats(ft, batches, target_modules=["q", "k"], progress=False)
+    report = peft_ext.initialize_orthosplit(model, stats=stats, reference=ref, progress=False)
+    assert model.peft_config["default"].uses_reference and cfg.uses_reference is False  # the user's config untouched
+    assert report.inputs == ["reference: a model", "stats: input statistics of 2 layer(s)"]
+    assert _same_tensors(_layer_tensors(model), _layer_tensors(orthosplit(copy.deepcopy(ft), cfg, reference=ref,
+                                                                          stats=stats)))
+    # a data-free adapter is split by get_peft_model from W alone: splitting it against a reference says how to
+    data_free = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], density=0.2))
+    assert all(m.is_initialized("default") for _, m in peft_ext.ortho.ortho_layers(data_free))
+    with pytest.raises(ValueError, match=r"already split .*by get_peft_model, as selector 'magnitude' needs no data"
+                                         r".*create the adapter with OrthoSplitConfig\(uses_reference=True\)"):
+        peft_ext.initialize_orthosplit(data_free, reference=ref, progress=False)
+    uses_ref = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], uses_reference=True))
+    with pytest.raises(ValueError, match=r"created with OrthoSplitConfig.uses_reference=True: pass reference="):
+        peft_ext.initialize_orthosplit(uses_ref, progress=False)
+
+
+def test_empty_layers_are_flagged_in_the_report_and_warned_about():
+    ref, ft = _finetuned()
+    with torch.no_grad():
+        ft.k.weight.copy_(ref.k.weight)  # k was not changed by the fine-tune: no delta to hold
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q", "k"], base_kind="none",
+                                                               uses_reference=True))
+    with pytest.warns(UserWarning, match=r"the ortho stream of 1 layer\(s\) holds only zeros .*\['k'\]") as caught:
+        report = peft_ext.initialize_orthosplit(model, reference=ref, progress=False)
+    assert caught[0].filename == __file__
+    assert report.warnings == ["k: " + peft_ext.ortho.initialize.EMPTY] and "2 layers, 1 flagged" in str(report)
+    assert report.layers[1].residual_share == 0.0 and report.layers[1].max_value == 0.0
+
+
+def test_the_initialised_flag_follows_the_loaded_mask():
+    """A state dict whose mask is a placeholder (all-zero indices) loads as not initialised, a real one as split."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    ref, ft = _finetuned()
+    model = orthosplit(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q"], density=0.2), reference=ref)
+    good = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    set_peft_model_state_dict(model, {k: torch.zeros_like(v) if "ortho_index" in k else v for k, v in good.items()})
+    assert not model.base_model.model.q.is_initialized("default")
+    with pytest.raises(RuntimeError, match="has no split yet"):
+        model(_x())
+    set_peft_model_state_dict(model, good)
+    assert model.base_model.model.q.is_initialized("default")
+    model(_x())
+
+
+def test_a_failure_while_writing_the_splits_puts_every_layer_back(monkeypatch):
+    ref, ft = _finetuned()
+    model = get_peft_model(copy.deepcopy(ft), OrthoSplitConfig(target_modules=["q", "k"], base_kind="none",
+                                                               uses_reference=True))
+    before = _layer_tensors(model)
+    write, calls = OrthoSplitLayer.write_split, []
+
+    def fails_on_the_second_layer(self, name, split):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return write(self, name, split)
+
+    monkeypatch.setattr(OrthoSplitLayer, "write_split", fails_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        peft_ext.initialize_orthosplit(model, reference=ref, progress=False)
+    assert len(calls) == 4  # q written, k failed, then both put back
+    assert _same_tensors(_layer_tensors(model), before)
+    assert not any(m.is_initialized("default") for _, m in peft_ext.ortho.ortho_layers(model))

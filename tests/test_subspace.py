@@ -179,6 +179,31 @@ def test_load_uses_the_saved_decomposition_not_a_fresh_svd(tmp_path, core, train
             assert torch.allclose(reloaded(x), y, atol=1e-6)
 
 
+def test_an_adapter_created_without_the_weights_refuses_to_run_or_save_until_a_checkpoint_fills_it(tmp_path):
+    """The initialised flag every peft-ext tuner shares: SubspaceLoRA is initialised by its SVD in get_peft_model, but
+    one created on the meta device (low_cpu_mem_usage) holds zero placeholders until a checkpoint is loaded."""
+    toy = Toy()
+    cfg = SubspaceLoraConfig(k=3, target_modules=["q"])
+    model = get_peft_model(copy.deepcopy(toy), cfg)
+    assert model.base_model.model.q.is_initialized("default")
+    model.save_pretrained(tmp_path / "adapter")
+    empty = get_peft_model(copy.deepcopy(toy), cfg, low_cpu_mem_usage=True)
+    layer = empty.base_model.model.q
+    assert not layer.is_initialized("default")
+    with pytest.raises(RuntimeError, match=r"^SubspaceLoRA adapter 'default' has no SVD yet \(it was created without "
+                                           r"the base weights, e\.g\. with low_cpu_mem_usage=True\): call "
+                                           r"peft\.get_peft_model"):
+        empty(torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"SubspaceLoRA adapter 'default' was never initialised \(1 layer\(s\).*"
+                                         r"zero placeholders"):
+        empty.save_pretrained(tmp_path / "empty")
+    empty.load_adapter(tmp_path / "adapter", adapter_name="default", low_cpu_mem_usage=True)  # fills the meta C
+    assert layer.is_initialized("default")
+    assert torch.equal(layer.subspace_U["default"], model.base_model.model.q.subspace_U["default"])
+    with torch.no_grad():
+        x = torch.randn(2, 8)
+        assert torch.allclose(empty(x), toy(x), atol=1e-6)
+
 def test_half_precision_base_keeps_the_adapter_in_float32(tmp_path):
     """C - C0 is small next to C: PEFT's usual cast of adapters to the base dtype (autocast_adapter_dtype=False, or
     a low_cpu_mem_usage load) would round C to bfloat16 and swamp the trained change. The adapter stays float32."""

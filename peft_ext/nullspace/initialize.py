@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import sys
@@ -18,6 +17,8 @@ from torch import nn
 
 from .._checks import all_finite
 from .._sharded import full, is_dtensor
+from .._tuners import JsonReport, adapter_config, text_table
+from .._tuners import active_adapter as _active_adapter  # (trainer_ext.calibration imports it from here)
 from ..linalg import eigh_tail, energy_ratio
 from ..stats import ActivationStats, _model_inputs, collect_stats, canonical_name
 from .config import NullSpaceLoraConfig
@@ -74,7 +75,7 @@ class LayerReport:
 
 
 @dataclass
-class NullSpaceReport:
+class NullSpaceReport(JsonReport):
     """What `initialize_nullspace_lora` did, per layer. `print(report)` shows a table; `to_json()` the data."""
 
     adapter_name: str
@@ -91,16 +92,6 @@ class NullSpaceReport:
         return {"adapter_name": self.adapter_name, "mode": self.mode, "heldout": self.heldout,
                 "model_check": self.model_check, "layers": [asdict(lr) for lr in self.layers]}
 
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def save_json(self, path: str) -> None:
-        """Write `to_json()` to `path`, complete or absent (a kill mid-write leaves the previous file)."""
-        from ..files import atomic_file
-
-        with atomic_file(path, field="path") as tmp, open(tmp, "w") as f:
-            f.write(self.to_json())
-
     def plot(self, path: str, *, max_layers: int = 16) -> str:
         """A PNG of each layer's calibration spectrum (log scale), its r-tail marked, λmin/λmax annotated: one panel
         per layer, the first `max_layers`. Needs matplotlib (`pip install 'peft-ext[demo]'`). Returns `path`."""
@@ -115,11 +106,9 @@ class NullSpaceReport:
              f"{lr.heldout_ratio:.2e}", f"{lr.init_output_ratio:.1e}", ",".join(f.split(":")[0] for f in lr.flags) or "ok"]
             for lr in self.layers
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
         lines = [f"NullSpaceLoRA adapter {self.adapter_name!r} (mode {self.mode}); held-out tokens: {self.heldout}"]
         lines += [f"statistics vs this model: {self.model_check}"] if self.model_check else []
-        lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        lines += text_table(head, rows)
         n_flagged = sum(1 for lr in self.layers if lr.flags)
         lines.append(f"{len(self.layers)} layers, {n_flagged} flagged" + (": see report.warnings" if n_flagged else ""))
         return "\n".join(lines)
@@ -171,7 +160,7 @@ def initialize_nullspace_lora(
     until all are done (a rank with no batch at all is refused, on every rank).
     """
     adapter_name = adapter_name or _active_adapter(model)
-    config = _peft_config(model, adapter_name)
+    config = adapter_config(model, adapter_name, NullSpaceLoraConfig)
     layers = nullspace_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"model has no NullSpaceLoRA layers for adapter {adapter_name!r}")
@@ -365,7 +354,7 @@ def _layer_state(layer: NullSpaceLoraLayer, adapter_name: str) -> dict[str, Any]
     state: dict[str, Any] = {
         "A": layer.nullspace_A[adapter_name].weight.detach().clone(),
         "B": layer.nullspace_B[adapter_name].weight.detach().clone(),
-        "initialized": layer.nullspace_initialized.get(adapter_name, False),
+        "initialized": layer.is_initialized(adapter_name),
     }
     for key, buffers in (("A0", layer.nullspace_A0), ("B0", layer.nullspace_B0)):
         if adapter_name in buffers:
@@ -376,7 +365,7 @@ def _layer_state(layer: NullSpaceLoraLayer, adapter_name: str) -> dict[str, Any]
 def _restore_layer_state(layer: NullSpaceLoraLayer, adapter_name: str, state: dict[str, Any]) -> None:
     layer.nullspace_A[adapter_name].weight.copy_(state["A"])
     layer.nullspace_B[adapter_name].weight.copy_(state["B"])
-    layer.nullspace_initialized[adapter_name] = state["initialized"]
+    layer.set_initialized(adapter_name, state["initialized"])
     for key, buffers in (("A0", layer.nullspace_A0), ("B0", layer.nullspace_B0)):
         if key in state:
             buffers[adapter_name] = state[key]
@@ -402,25 +391,6 @@ def _check_layer_stats(stats: ActivationStats, name: str, layer: NullSpaceLoraLa
             f"{what} inputs of layer {name!r} are all zero over {stats.token_count(name)} tokens, so every direction "
             "is 'null' and none is preferred; exclude the layer (exclude_modules) or use data that reaches it"
         )
-
-
-def _active_adapter(model: nn.Module) -> str:
-    active = getattr(model, "active_adapter", None)
-    if isinstance(active, list):
-        active = active[0] if len(active) == 1 else None
-    if not isinstance(active, str):
-        raise ValueError("cannot tell which adapter to initialise: pass adapter_name=")
-    return active
-
-
-def _peft_config(model: nn.Module, adapter_name: str) -> NullSpaceLoraConfig:
-    configs = getattr(model, "peft_config", None)
-    if not configs or adapter_name not in configs:
-        raise ValueError(f"model has no PEFT adapter named {adapter_name!r}; create it with get_peft_model first")
-    config = configs[adapter_name]
-    if not isinstance(config, NullSpaceLoraConfig):
-        raise ValueError(f"adapter {adapter_name!r} is a {type(config).__name__}, not a NullSpaceLoraConfig")
-    return config
 
 
 def _sharded(layers: dict[str, NullSpaceLoraLayer], adapter_name: str) -> bool:

@@ -17,14 +17,18 @@ from peft.utils.other import transpose
 from torch import nn
 
 from .._sharded import full, write_whole
-from .._tuners import DeltaMergeMixin, init_layer_shapes
+from .._tuners import DeltaMergeMixin, InitializedFlag, init_layer_shapes
 
 
-class NullSpaceLoraLayer(BaseTunerLayer):
+class NullSpaceLoraLayer(InitializedFlag, BaseTunerLayer):
     adapter_layer_names = ("nullspace_A", "nullspace_B")
-    # nullspace_initialized is listed so that BaseTunerLayer.delete_adapter drops its entry with the others.
-    other_param_names = ("nullspace_A0", "nullspace_B0", "r", "scaling", "mode", "nullspace_dropout",
-                         "nullspace_initialized")
+    other_param_names = ("nullspace_A0", "nullspace_B0", "r", "scaling", "mode", "nullspace_dropout")
+    # InitializedFlag: set by set_nullspace_basis (what initialize_nullspace_lora writes through) or a load
+    initialized_attr = "nullspace_initialized"
+    method_name = "NullSpaceLoRA"
+    initialize_call = ("peft_ext.initialize_nullspace_lora(model, calib_dataloader, adapter_name={name!r}) (or with "
+                       "stats=ActivationStats.load(path))")
+    unsaved = "its A is zero, so the saved adapter would change nothing"
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -32,10 +36,7 @@ class NullSpaceLoraLayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.mode: dict[str, str] = {}
-        # adapter -> whether its null-space basis has been written (by set_nullspace_basis) or loaded. A plain Python
-        # bool, read in every training forward: deciding it from the weights there (A != 0) would cost a device sync
-        # per layer per step on CUDA and a graph break under torch.compile.
-        self.nullspace_initialized: dict[str, bool] = {}
+        self.nullspace_initialized: dict[str, bool] = {}  # see InitializedFlag
         self.nullspace_A = nn.ModuleDict({})
         self.nullspace_B = nn.ModuleDict({})
         self.nullspace_dropout = nn.ModuleDict({})
@@ -54,7 +55,7 @@ class NullSpaceLoraLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.scaling[adapter_name] = scaling
         self.mode[adapter_name] = mode
-        self.nullspace_initialized[adapter_name] = False  # fresh zero factors (also when a name is re-created)
+        self.set_initialized(adapter_name, False)  # fresh zero factors (also when a name is re-created)
         self.nullspace_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A stays zero until initialize_nullspace_lora writes the null-space basis; B starts (and in v1/v2 stays) 0.
         self.nullspace_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
@@ -73,22 +74,15 @@ class NullSpaceLoraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     # ------------------------------------------------------------------ initialisation
-    def is_initialized(self, adapter_name: str) -> bool:
-        """False until `initialize_nullspace_lora` (or `set_nullspace_basis`) has written the null-space basis, or a
-        state dict holding a non-zero A for this adapter has been loaded (`PeftModel.from_pretrained`,
-        `load_adapter`, `load_state_dict`). A flag, not a look at the weights: no device sync."""
-        return self.nullspace_initialized.get(adapter_name, False)
-
-    def _mark_loaded_adapters(self, state_dict: dict, prefix: str) -> None:
-        """After a state dict is loaded into this layer: an adapter whose A came with it is initialised iff that A is
-        non-zero, the rule the flag replaces. Adapters saved by any version load as initialised (the file format is
-        unchanged), while a saved, never-initialised adapter still refuses to train. One check per load, not per
-        step."""
-        for name in self.nullspace_A:
-            loaded = state_dict.get(f"{prefix}nullspace_A.{name}.weight")
-            if isinstance(loaded, torch.Tensor) and loaded.device.type != "meta":
-                # whole (an FSDP2 shard may hold no rows, or only zero rows): every rank decides alike
-                self.nullspace_initialized[name] = bool(full(loaded.detach()).abs().amax() > 0)
+    def _initialized_in(self, state_dict: dict, prefix: str, adapter_name: str) -> bool | None:
+        """An adapter whose A came with a loaded state dict is initialised iff that A is non-zero, so adapters saved by
+        any version load as initialised (the file format is unchanged), while a saved, never-initialised adapter still
+        refuses to train."""
+        loaded = state_dict.get(f"{prefix}nullspace_A.{adapter_name}.weight")
+        if not isinstance(loaded, torch.Tensor) or loaded.device.type == "meta":
+            return None
+        # whole (an FSDP2 shard may hold no rows, or only zero rows): every rank decides alike
+        return bool(full(loaded.detach()).abs().amax() > 0)
 
     @torch.no_grad()
     def set_nullspace_basis(self, adapter_name: str, basis: torch.Tensor) -> None:
@@ -107,7 +101,7 @@ class NullSpaceLoraLayer(BaseTunerLayer):
             self.nullspace_B0[adapter_name] = full(b).detach().clone()
         else:
             b.zero_()
-        self.nullspace_initialized[adapter_name] = True
+        self.set_initialized(adapter_name)
 
     # ------------------------------------------------------------------ math
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,17 +150,12 @@ class Linear(DeltaMergeMixin, nn.Module, NullSpaceLoraLayer):
         # also with low_cpu_mem_usage) and a state dict loaded by hand. Writers that bypass it (accelerate's
         # set_module_tensor_to_device, a copy_ into the weight) leave the flag as it was.
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._mark_loaded_adapters(state_dict, prefix)
+        self.mark_loaded(state_dict, prefix)
 
     def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.nullspace_A[name]
-        if self.training and not self.nullspace_initialized[name]:
-            raise RuntimeError(
-                f"NullSpaceLoRA adapter {name!r} is not initialised: call "
-                "peft_ext.initialize_nullspace_lora(model, calib_dataloader) (or with stats=...) before training, or "
-                "load a saved, initialised adapter with PeftModel.from_pretrained / load_adapter; an A written by "
-                "hand is registered by layer.set_nullspace_basis(adapter_name, basis)"
-            )
+        if self.training:  # an uninitialised adapter is a zero update: inference may run it, training may not
+            self.require_initialized(name)
         h = self.nullspace_dropout[name](x.to(a.weight.dtype))
         delta = self.nullspace_B[name](a(h))
         if self.mode[name] == "split":

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._checks import nonfinite_count
-from .._tuners import CheckTargetsFirst, SafeMergeFirst, install_layer, planned_targets
+from .._tuners import CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, install_layer, planned_targets
 from .config import NullSpaceLoraConfig
 from .layer import Linear, NullSpaceLoraLayer
 
@@ -19,9 +19,10 @@ def _supported(layer: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class NullSpaceLoraModel(CheckTargetsFirst, SafeMergeFirst, BaseTuner):
+class NullSpaceLoraModel(CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, BaseTuner):
     """PEFT tuner for NullSpaceLoRA. Create it with `peft.get_peft_model(model, NullSpaceLoraConfig(...))`, then
     call `peft_ext.initialize_nullspace_lora` to put each adapter's input side into the null space of its inputs.
+    Saving a never-initialised adapter is refused (SaveInitializedOnly): its A is zero, it would change nothing.
     """
 
     prefix: str = "nullspace_"
@@ -83,22 +84,6 @@ class NullSpaceLoraModel(CheckTargetsFirst, SafeMergeFirst, BaseTuner):
         install_layer(self, parent, target_name, new_module, target, adapter_name)
 
     # ------------------------------------------------------------------ saving and loading (PEFT's tuner hooks)
-    @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        # get_peft_model_state_dict calls this for save_pretrained (and export_to_lora, Trainer checkpoints): a
-        # never-initialised adapter has A = 0, so its file would be an adapter that does nothing, saved without a word.
-        pending = [name for name, m in model.named_modules()
-                   if isinstance(m, NullSpaceLoraLayer) and adapter_name in m.nullspace_A
-                   and not m.is_initialized(adapter_name)]
-        if pending:
-            raise ValueError(
-                f"NullSpaceLoRA adapter {adapter_name!r} was never initialised ({len(pending)} layer(s), e.g. "
-                f"{pending[0]!r}): its A is zero, so the saved adapter would change nothing. Call "
-                f"peft_ext.initialize_nullspace_lora(model, calib_dataloader, adapter_name={adapter_name!r}) (or with "
-                "stats=ActivationStats.load(path)) first; to save only other adapters, pass selected_adapters=[...]"
-            )
-        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # set_peft_model_state_dict calls this (PeftModel.from_pretrained, load_adapter) before load_state_dict, so a

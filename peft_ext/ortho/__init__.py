@@ -2,10 +2,12 @@
 Importing this package registers the method with peft (as peft's own tuner packages do)."""
 
 from ..registry import register
-from .api import orthosplit, ortho_alpha, ortho_layers, ortho_report, reference_weights, set_ortho_alpha
 from .config import OrthoSplitConfig
+from .initialize import OrthoLayerReport, OrthoSplitReport, initialize_orthosplit, orthosplit
 from .layer import OrthoSplitLayer
 from .model import OrthoSplitModel, split_weight
+from .reference import reference_weights
+from .runtime import ortho_alpha, ortho_layers, ortho_report, set_ortho_alpha
 from .saliency import EntrySaliency, entry_saliency
 
 
@@ -18,10 +20,13 @@ register_type()
 
 __all__ = [
     "EntrySaliency",
+    "OrthoLayerReport",
     "OrthoSplitConfig",
     "OrthoSplitLayer",
     "OrthoSplitModel",
+    "OrthoSplitReport",
     "entry_saliency",
+    "initialize_orthosplit",
     "ortho_alpha",
     "ortho_layers",
     "ortho_report",

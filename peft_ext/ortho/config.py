@@ -26,10 +26,11 @@ class OrthoSplitConfig(PeftConfig):
     the ortho stream holds ``O = (W - B)[M]`` sparsely, and the layer computes ``y = B x + alpha * O x + bias``.
     alpha=1 gives W back on M (exactly W everywhere with base_kind='none'); alpha=0 leaves the base stream alone.
 
-    Build it with `peft_ext.orthosplit(model, config, reference=..., stats=..., fisher=..., forget=..., retain=...)`.
-    `get_peft_model(model, config)` works on its own for the selectors that need no data (magnitude, relative,
-    random) without reference weights. Set alpha with `peft_ext.set_ortho_alpha(model, a)` or `with
-    peft_ext.ortho_alpha(model, a):`.
+    `get_peft_model(model, config)` splits at once the adapters that need only W (selector magnitude, relative or
+    random, without reference weights); for the others it creates placeholders that
+    `peft_ext.initialize_orthosplit(model, reference=..., stats=..., fisher=..., forget=..., retain=...)` fills.
+    `peft_ext.orthosplit(model, config, ...)` does both in one call. Set alpha with `peft_ext.set_ortho_alpha(model,
+    a)` or `with peft_ext.ortho_alpha(model, a):`.
     """
 
     base_kind: Literal["none", "fp16", "bf16", "int8", "int4", "nf4", "bnb_nf4", "bnb_int8"] = field(
@@ -70,8 +71,10 @@ class OrthoSplitConfig(PeftConfig):
     )
     uses_reference: bool = field(
         default=False,
-        metadata={"help": "Set by peft_ext.orthosplit when reference weights defined the residual (then each layer "
-                  "also stores the reference values on its mask, so the base stream can be rebuilt on load)."},
+        metadata={"help": "Whether reference weights (the model before fine-tuning) define the residual: then "
+                  "get_peft_model leaves placeholders for initialize_orthosplit(model, reference=...), and each layer "
+                  "also stores the reference values on its mask, so the base stream can be rebuilt on load. Set by "
+                  "initialize_orthosplit and orthosplit from their reference argument."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
     target_modules: Optional[Union[list[str], str]] = field(

@@ -33,7 +33,8 @@ from torch import nn
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from .._checks import check_finite, check_number
-from .._tuners import KeepAdapterDtype, init_layer_shapes
+from .._sharded import is_dtensor
+from .._tuners import InitializedFlag, KeepAdapterDtype, init_layer_shapes
 from ..bnb_cpu import check_4bit_dequantize, import_bitsandbytes, keep_4bit_layout
 from .quant import BITSANDBYTES, quantize
 from .select import entry_count
@@ -103,6 +104,9 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+SPLIT_BEFORE_SHARDING = ("split it before fully_shard / accelerator.prepare (initialize_orthosplit right after "
+                         "get_peft_model)")
+
 MERGE_ONE_PER_LAYER = (
     "each OrthoSplit adapter replaces the layer's whole weight, so only one can be merged into a layer; merge adapters "
     "that sit on different layers (adapter_names=[...]), or call unmerge_adapter() first"
@@ -118,11 +122,20 @@ def _sparse_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
+class OrthoSplitLayer(InitializedFlag, KeepAdapterDtype, BaseTunerLayer):
     """Holds the saved sparse stream per adapter and caches what is rebuilt from it (base stream, CSR, fused weight)."""
 
     adapter_layer_names = ("ortho_values",)
     other_param_names = ("ortho_index", "ortho_anchor")
+    # InitializedFlag: split at creation when the selector needs W alone (magnitude, relative, random without
+    # reference weights); otherwise a placeholder until initialize_orthosplit (or a checkpoint) fills it
+    initialized_attr = "ortho_initialized"
+    method_name = "OrthoSplit"
+    not_ready = "has no split yet (its selector or reference weights need data)"
+    initialize_call = ("peft_ext.initialize_orthosplit(model, adapter_name={name!r}, ...) with what its selector needs "
+                       "(reference=, stats=, fisher=, forget= and retain=), or build it in one call with "
+                       "peft_ext.orthosplit(model, config, ...)")
+    unsaved = "its sparse stream is a placeholder (no mask, no values), so the saved adapter would hold no split"
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -130,7 +143,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         self.base_kind: dict[str, str] = {}
         self.layout: dict[str, str] = {}
         self.ortho_alpha: dict[str, float] = {}
-        self.ready: dict[str, bool] = {}
+        self.ortho_initialized: dict[str, bool] = {}  # see InitializedFlag
         self.scaling: dict[str, float] = {}  # always 1: alpha is OrthoSplit's knob (kept for PEFT's generic code)
         self.ortho_values = nn.ParameterDict({})
         self.ortho_index = BufferDict({}, persistent=True)
@@ -150,8 +163,8 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         uses_reference: bool,
         split: Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
-        """Add an adapter; `split` = (index, anchor or None, values) from `split_weight`, else placeholders that a
-        checkpoint load fills (the adapter refuses to run until then)."""
+        """Add an adapter; `split` = (index, anchor or None, values) from `split_weight`, else placeholders that
+        `write_split` (initialize_orthosplit) or a checkpoint load fills (the adapter refuses to run until then)."""
         numel = self.out_features * self.in_features
         k = entry_count(density, numel)
         device = self._weight_device()
@@ -167,7 +180,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         self.base_kind[adapter_name] = base_kind
         self.layout[adapter_name] = layout
         self.ortho_alpha.setdefault(adapter_name, 1.0)
-        self.ready[adapter_name] = split is not None
+        self.set_initialized(adapter_name, split is not None)
         self.scaling[adapter_name] = 1.0
         self.ortho_index[adapter_name] = index
         self.ortho_anchor[adapter_name] = anchor
@@ -203,7 +216,7 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        for attr in (self.base_kind, self.layout, self.ortho_alpha, self.ready, self.scaling, self._ortho_cache):
+        for attr in (self.base_kind, self.layout, self.ortho_alpha, self.scaling, self._ortho_cache):
             attr.pop(adapter_name, None)
 
     # ---------------------------------------------------------------- alpha
@@ -225,17 +238,42 @@ class OrthoSplitLayer(KeepAdapterDtype, BaseTunerLayer):
         """The base layer's weight W in (out, in) layout (dequantised if the base layer is quantised)."""
         return transpose(self.get_base_weight(), self.fan_in_fan_out)
 
-    def _require_ready(self, name: str) -> None:
-        if not self.ready.get(name, False):
-            raise RuntimeError(
-                f"OrthoSplit adapter {name!r} has no split yet: its selector needs data, so build it with "
-                "peft_ext.orthosplit(model, config, ...) (or load a saved adapter with PeftModel.from_pretrained)"
+    def _initialized_in(self, state_dict: dict, prefix: str, adapter_name: str) -> Optional[bool]:
+        """A loaded mask is a split iff its indices are strictly increasing (top-k entries, sorted): the all-zero index
+        of a placeholder is not."""
+        index = state_dict.get(f"{prefix}ortho_index.{adapter_name}")
+        if not isinstance(index, torch.Tensor) or index.device.type == "meta":
+            return None
+        return bool((index[1:] > index[:-1]).all())
+
+    @torch.no_grad()
+    def write_split(self, adapter_name: str, split: tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]) -> None:
+        """Fill the adapter with `split` = (index, anchor or None, values) from `split_weight`, in place: the values
+        keep their Parameter (dtype, device, requires_grad, and any optimizer that holds it). The anchor is replaced
+        when its size changes (reference weights given to an adapter created without them)."""
+        index, anchor, values = split
+        held = self.ortho_values[adapter_name]
+        if is_dtensor(held):
+            raise ValueError(f"OrthoSplit adapter {adapter_name!r} is sharded (FSDP2): {SPLIT_BEFORE_SHARDING}")
+        if index.shape != self.ortho_index[adapter_name].shape or values.shape != held.shape:
+            raise ValueError(
+                f"a split of {index.numel()} entries does not fit OrthoSplit adapter {adapter_name!r}, which holds "
+                f"{held.numel()}: it was created with another density"
             )
+        self.ortho_index[adapter_name].copy_(index)
+        anchor = torch.zeros(0, dtype=torch.float32) if anchor is None else anchor.float()
+        if anchor.shape == self.ortho_anchor[adapter_name].shape:
+            self.ortho_anchor[adapter_name].copy_(anchor)
+        else:
+            self.ortho_anchor[adapter_name] = anchor.to(self.ortho_index[adapter_name].device)
+        held.copy_(values.to(held.dtype))
+        self._ortho_cache.pop(adapter_name, None)
+        self.set_initialized(adapter_name)
 
     def _streams(self, name: str, need_base: bool = True) -> dict[str, Any]:
         """The adapter's run-time cache; with `need_base` it holds the base stream (bitsandbytes module and/or the
         dequantised weight), rebuilt when the weight, mask or anchor changed."""
-        self._require_ready(name)
+        self.require_initialized(name)
         index, anchor = self.ortho_index[name], self.ortho_anchor[name]
         weight = self.get_base_layer().weight
         key = (weight.data_ptr(), _version(weight), index.data_ptr(), _version(index), anchor.data_ptr(), _version(anchor),
@@ -343,8 +381,8 @@ class Linear(nn.Module, OrthoSplitLayer):
                 state_dict[key] = state_dict[key].to(held.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for n in loaded:
-            self.ready[n] = True
             self._ortho_cache.pop(n, None)
+        self.mark_loaded(state_dict, prefix)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write B + alpha * O into the base layer's weight (the original is kept aside for `unmerge`).

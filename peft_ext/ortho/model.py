@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,11 +11,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._checks import all_finite
-from .._tuners import CheckTargetsFirst, install_layer, planned_targets, unsupported_linear_reason
+from .._tuners import CheckTargetsFirst, SaveInitializedOnly, install_layer, planned_targets, unsupported_linear_reason
 from .config import OrthoSplitConfig
 from .layer import MERGE_ONE_PER_LAYER, VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
 from .quant import BITSANDBYTES
 from .select import entry_count, entry_scores, top_k_indices
+
+
+DATA_FREE_SELECTORS = ("magnitude", "relative", "random")
 
 
 @dataclass
@@ -30,15 +32,11 @@ class LayerInputs:
     retain: Optional[tuple[str, torch.Tensor]] = None
 
 
-@dataclass
-class SplitPlan:
-    """Per-layer inputs prepared by `peft_ext.orthosplit`, read by the tuner while it creates the layers."""
-
-    layers: dict[str, LayerInputs] = field(default_factory=dict)
-
-
-# Set by peft_ext.orthosplit around get_peft_model: PEFT's config must stay JSON, so the tensors travel beside it.
-_PLAN: contextvars.ContextVar[Optional[SplitPlan]] = contextvars.ContextVar("orthosplit_plan", default=None)
+def splits_from_weight_alone(config: OrthoSplitConfig) -> bool:
+    """Whether an adapter of `config` is split from each layer's weight alone, inside get_peft_model (as SubspaceLoRA
+    and PEFT's PiSSA initialise): a data-free selector and no reference weights. Otherwise get_peft_model creates
+    placeholders and `initialize_orthosplit` fills them."""
+    return config.selector in DATA_FREE_SELECTORS and not config.uses_reference
 
 
 def split_weight(
@@ -50,6 +48,15 @@ def split_weight(
     k = round(density * numel) entries form the mask M; the base stream is B = Q(W with M set to W_ref) and the
     values are (W - B)[M], so B + O equals W on M.
     """
+    index, anchor, values, _ = split_weight_with_share(w, config, inputs, generator)
+    return index, anchor, values
+
+
+def split_weight_with_share(
+    w: torch.Tensor, config: OrthoSplitConfig, inputs: LayerInputs, generator: Optional[torch.Generator] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, float]:
+    """`split_weight`, plus the share of the candidate residual's energy that the mask holds, ||D[M]||^2 / ||D||^2
+    (0 where D is zero): 1 when the ortho stream holds the whole residual, about the density for a random mask."""
     dtype = w.dtype
     w = w.detach().contiguous()
     w = w if w.dtype == torch.float64 else w.float()  # residuals and scores in float32 whatever the weight's dtype
@@ -65,6 +72,8 @@ def split_weight(
         contrastive_lambda=config.contrastive_lambda, generator=generator,
     )
     index = top_k_indices(scores, entry_count(config.density, w.numel()))
+    total = float(d.square().sum(dtype=torch.float64))
+    share = float(d.reshape(-1)[index].square().sum(dtype=torch.float64)) / total if total > 0 else 0.0
     anchor = None
     if inputs.reference is not None:
         anchor = inputs.reference.to(w.device).reshape(-1)[index].float()
@@ -74,7 +83,7 @@ def split_weight(
     else:
         base = qw
     values = (w - base.to(w.dtype)).reshape(-1)[index].to(VALUE_DTYPES[config.values_dtype])
-    return index.to(index_dtype(w.numel())), anchor, values
+    return index.to(index_dtype(w.numel())), anchor, values, share
 
 
 def unsupported_reason(layer: nn.Module) -> Optional[str]:
@@ -82,10 +91,12 @@ def unsupported_reason(layer: nn.Module) -> Optional[str]:
     return unsupported_linear_reason(layer, "the split")
 
 
-class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
-    """PEFT tuner for OrthoSplit. Build it with `peft_ext.orthosplit(model, config, ...)` (which prepares reference
-    weights, statistics and saliency maps), or with `get_peft_model` for the data-free selectors; load a saved one
-    with `PeftModel.from_pretrained` (the base stream is rebuilt from the base model's weights)."""
+class OrthoSplitModel(CheckTargetsFirst, SaveInitializedOnly, BaseTuner):
+    """PEFT tuner for OrthoSplit. Create it with `get_peft_model(model, OrthoSplitConfig(...))`: the data-free
+    selectors without reference weights are split right there, from W alone; the others get placeholders that
+    `peft_ext.initialize_orthosplit(model, reference=..., stats=..., ...)` fills (`peft_ext.orthosplit` does both in
+    one call). Load a saved one with `PeftModel.from_pretrained` (the base stream is rebuilt from the base model's
+    weights)."""
 
     prefix: str = "ortho_"
     tuner_layer_cls = OrthoSplitLayer
@@ -211,20 +222,12 @@ class OrthoSplitModel(CheckTargetsFirst, BaseTuner):
 
     @staticmethod
     def _split_for(config: OrthoSplitConfig, key: str, base: nn.Module, fan_in_fan_out: bool):
-        """The split of one layer, or None (placeholders) when it needs data nobody passed (e.g. while loading)."""
+        """The split of one layer from its weight alone, or None (placeholders) when it needs data or reference
+        weights (initialize_orthosplit, or a checkpoint while loading), or the weight is not there (meta)."""
         weight = getattr(base, "weight", None)
-        if weight is None or weight.device.type == "meta":
+        if weight is None or weight.device.type == "meta" or not splits_from_weight_alone(config):
             return None
-        plan = _PLAN.get()
-        if plan is not None:
-            inputs = plan.layers[key]
-        elif config.selector in ("magnitude", "relative", "random") and not config.uses_reference:
-            inputs = LayerInputs()
-        else:
-            return None
-        w = _dense_weight(base, fan_in_fan_out)
-        generator = torch.Generator().manual_seed(config.seed + _stable_hash(key))
-        return split_weight(w, config, inputs, generator)
+        return split_weight(_dense_weight(base, fan_in_fan_out), config, LayerInputs(), layer_generator(config, key))
 
 
 def _dense_weight(base: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
@@ -239,8 +242,9 @@ def _dense_weight(base: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     return transpose(w.detach(), fan_in_fan_out)
 
 
-def _stable_hash(text: str) -> int:
-    """A per-layer seed offset that is the same in every process (Python's hash() is salted)."""
+def layer_generator(config: OrthoSplitConfig, key: str) -> torch.Generator:
+    """The 'random' selector's generator for layer `key` (its name in the model get_peft_model was given): seeded with
+    config.seed plus a per-layer offset that is the same in every process (Python's hash() is salted)."""
     import zlib
 
-    return zlib.crc32(text.encode()) % (2**31)
+    return torch.Generator().manual_seed(config.seed + zlib.crc32(key.encode()) % (2**31))

@@ -1,7 +1,7 @@
 """The reference weights (the model before fine-tuning) of OrthoSplit's target layers, in (out, in) layout.
 
-Its own module because both the user API (`api.orthosplit`) and the saliency maps (`saliency.entry_saliency`, kind
-'attribution') read them: `api` imports `saliency` for `EntrySaliency`, so the shared piece cannot live in `api`.
+Its own module because both the initialisation (`initialize.prepare_inputs`) and the saliency maps
+(`saliency.entry_saliency`, kind 'attribution') read them, and `initialize` imports `saliency` for `EntrySaliency`.
 """
 
 from __future__ import annotations

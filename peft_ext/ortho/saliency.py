@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from .._progress import progress_bar
+from .._tuners import planned_targets
 from .config import OrthoSplitConfig
+from .model import OrthoSplitModel
 from .reference import reference_weights
 
 KINDS = ("fisher", "attribution")
@@ -49,9 +51,6 @@ class EntrySaliency:
 
 def target_weights(model: nn.Module, config: OrthoSplitConfig) -> dict[str, nn.Parameter]:
     """{layer name: weight parameter} of the layers `config` targets in a plain (not yet split) model."""
-    from .._tuners import planned_targets
-    from .model import OrthoSplitModel
-
     out = {}
     for key, module in planned_targets(OrthoSplitModel, model, config):
         weight = getattr(module, "weight", None)

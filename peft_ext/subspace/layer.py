@@ -18,12 +18,11 @@ from peft.utils import resolve_quantization_backend
 from peft.utils.other import transpose
 from torch import nn
 
-from .._tuners import DeltaMergeMixin, KeepAdapterDtype, init_layer_shapes
-
+from .._tuners import DeltaMergeMixin, InitializedFlag, KeepAdapterDtype, init_layer_shapes
 from ..linalg import top_k_svd
 
 
-class SubspaceLoraLayer(KeepAdapterDtype, BaseTunerLayer):
+class SubspaceLoraLayer(InitializedFlag, KeepAdapterDtype, BaseTunerLayer):
     """Adds ``U (C - C0) V^T x`` (and, with `train_residual`, the residual update) to the base layer's output.
 
     Everything the adapter owns stays in the dtype of its SVD (float32, float64 for float64 weights), also on a
@@ -37,6 +36,14 @@ class SubspaceLoraLayer(KeepAdapterDtype, BaseTunerLayer):
     # Only the tensor containers: export.py filters checkpoint keys by these names, so the plain per-adapter dicts
     # (k, core, train_residual, scaling) are not listed (a module called `k` would collide); `delete_adapter` drops them.
     other_param_names = ("subspace_U", "subspace_V", "subspace_C0")
+    # InitializedFlag: the SVD runs in get_peft_model / add_adapter (from W alone, as PEFT's PiSSA); an adapter created
+    # without the weights (on the meta device: low_cpu_mem_usage) is a placeholder until a checkpoint fills it
+    initialized_attr = "subspace_initialized"
+    method_name = "SubspaceLoRA"
+    not_ready = "has no SVD yet (it was created without the base weights, e.g. with low_cpu_mem_usage=True)"
+    initialize_call = ("peft.get_peft_model(model, SubspaceLoraConfig(...)) or model.add_adapter({name!r}, config) on a "
+                       "model whose weights are loaded (the SVD runs there)")
+    unsaved = "its U, V and C0 are zero placeholders, so the saved adapter would change nothing"
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -45,6 +52,7 @@ class SubspaceLoraLayer(KeepAdapterDtype, BaseTunerLayer):
         self.core: dict[str, str] = {}
         self.train_residual: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
+        self.subspace_initialized: dict[str, bool] = {}  # see InitializedFlag
         self.subspace_C = nn.ParameterDict({})
         self.subspace_R_delta = nn.ParameterDict({})
         self.subspace_U = BufferDict({}, persistent=True)
@@ -97,6 +105,7 @@ class SubspaceLoraLayer(KeepAdapterDtype, BaseTunerLayer):
             self.subspace_C[adapter_name] = nn.Parameter(c0.clone())
         if train_residual:
             self.subspace_R_delta[adapter_name] = nn.Parameter(torch.zeros(out_f, in_f, dtype=u.dtype, device=u.device))
+        self.set_initialized(adapter_name, not skip)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -122,6 +131,13 @@ class SubspaceLoraLayer(KeepAdapterDtype, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         for attr in (self.k, self.core, self.train_residual, self.scaling):
             attr.pop(adapter_name, None)
+
+    def _initialized_in(self, state_dict: dict, prefix: str, adapter_name: str) -> bool | None:
+        """A loaded U (orthonormal columns when it came from an SVD) is initial values iff it is non-zero."""
+        loaded = state_dict.get(f"{prefix}subspace_U.{adapter_name}")
+        if not isinstance(loaded, torch.Tensor) or loaded.device.type == "meta":
+            return None
+        return bool(loaded.detach().abs().amax() > 0)
 
     # ------------------------------------------------------------------ math
     def _basis(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,6 +176,7 @@ class SubspaceLoraLayer(KeepAdapterDtype, BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Delta of the layer's weight (in the base layer's layout) that this adapter adds, in the adapter's dtype."""
+        self.require_initialized(adapter_name)
         a, u = self._low_rank(adapter_name)
         delta = u @ a
         if adapter_name in self.subspace_R_delta:
@@ -211,7 +228,13 @@ class Linear(DeltaMergeMixin, nn.Module, SubspaceLoraLayer):
             adapter_name, k, core, train_residual, exact_max_dim=exact_max_dim, niter=niter, seed=seed, name=name
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Here, not on SubspaceLoraLayer: nn.Module precedes it in the bases (as in NullSpaceLoRA's Linear).
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.mark_loaded(state_dict, prefix)
+
     def _adapter_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        self.require_initialized(name)
         return self._adapter_output(name, x.to(self.subspace_C[name].dtype))
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:

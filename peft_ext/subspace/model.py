@@ -9,7 +9,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._progress import progress_bar
-from .._tuners import CheckTargetsFirst, SafeMergeFirst, install_layer, planned_targets, unsupported_linear_reason
+from .._tuners import (
+    CheckTargetsFirst,
+    SafeMergeFirst,
+    SaveInitializedOnly,
+    install_layer,
+    planned_targets,
+    unsupported_linear_reason,
+)
 from .config import SubspaceLoraConfig
 from .layer import Linear, SubspaceLoraLayer
 
@@ -23,9 +30,10 @@ def _unsupported_reason(layer: nn.Module) -> str | None:
     return unsupported_linear_reason(layer, "its SVD")
 
 
-class SubspaceLoraModel(CheckTargetsFirst, SafeMergeFirst, BaseTuner):
+class SubspaceLoraModel(CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, BaseTuner):
     """PEFT tuner for SubspaceLoRA. Create it with `peft.get_peft_model(model, SubspaceLoraConfig(...))`: each target
-    layer's top-k SVD is computed right there, so the adapter is ready to train (no calibration step).
+    layer's top-k SVD is computed right there (from W alone, as PEFT's PiSSA), so the adapter is initialised and ready
+    to train: there is no initialize_* call.
 
     `PeftModel.from_pretrained` restores the saved U, V and C0 (they are persistent buffers of the checkpoint): it
     recomputes an SVD when the layers are created and overwrites it on load, unless `low_cpu_mem_usage=True`, which
