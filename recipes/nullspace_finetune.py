@@ -233,7 +233,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @dataclass
-class Ctx:
+class RunContext:
+    """What every step of a run shares: the arguments, this process's device, rank and world size, the work folder."""
+
     args: argparse.Namespace
     device: torch.device
     rank: int
@@ -271,7 +273,7 @@ def offloaded_parameters(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.device.type == "meta"]
 
 
-def refuse_offloaded_training(model: nn.Module, ctx: Ctx) -> None:
+def refuse_offloaded_training(model: nn.Module, ctx: RunContext) -> None:
     names = offloaded_parameters(model)
     if names and not ctx.args.stats_only:
         raise SystemExit(
@@ -365,7 +367,7 @@ def synthetic_facts(n: int, seed: int, tok, pool_size: int = 16) -> list[tuple[s
 
 
 @dataclass
-class Bed:
+class Testbed:
     """Everything the method loop needs from a testbed."""
 
     name: str
@@ -411,7 +413,7 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str], mo
     return names
 
 
-def encoder_bed(args, ctx: Ctx) -> Bed:
+def encoder_testbed(args, ctx: RunContext) -> Testbed:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     if args.encoder_model:
@@ -498,7 +500,7 @@ def encoder_bed(args, ctx: Ctx) -> Bed:
     ctx.log(f"[encoder] {path}: {len(targets)} target layers; task {len(labels)} classes, {len(train)} train / "
             f"{len(val)} validation / {len(test)} test docstrings; {len(calib)} calibration paragraphs, "
             f"{len(heldout)} held-out paragraphs (other topics)")
-    return Bed(
+    return Testbed(
         name="encoder", model_path=path, fresh=fresh, task_type="SEQ_CLS", targets=targets, modules_to_save=modules_to_save,
         calib_batches=ctx.shard(calib_batches), calib_samples=calib_samples, heldout_batches=ctx.shard(heldout_batches),
         train_set=train_set, collator=DataCollatorWithPadding(tok), evaluate=evaluate, lrs=args.encoder_lrs,
@@ -511,7 +513,7 @@ def encoder_bed(args, ctx: Ctx) -> Bed:
     )
 
 
-def causal_bed(args, ctx: Ctx) -> Bed:
+def causal_testbed(args, ctx: RunContext) -> Testbed:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model:
@@ -658,7 +660,7 @@ def causal_bed(args, ctx: Ctx) -> Bed:
             + (" (memorisation: validation and test are the trained facts)" if not args.train_dataset else "")
             + f"; {len(calib)} calibration chunks x {calib.shape[1]} tokens, {len(heldout)} held-out chunks x "
             f"{heldout.shape[1]} tokens (other topics)")
-    return Bed(
+    return Testbed(
         name="causal", model_path=path, fresh=fresh, task_type="CAUSAL_LM", targets=targets, modules_to_save=None,
         calib_batches=ctx.shard(calib_batches), calib_samples=calib_samples, heldout_batches=ctx.shard(heldout_batches),
         train_set=train_set, collator=collate, evaluate=evaluate, lrs=args.causal_lrs, steps=args.causal_steps,
@@ -677,49 +679,53 @@ def _split(value: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ methods
 
 
-def stats_path(bed: Bed, args) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(bed.model_path)))[-40:]
-    where = hashlib.sha256(os.path.abspath(bed.model_path).encode() if os.path.exists(bed.model_path)
-                           else bed.model_path.encode()).hexdigest()[:8]
-    return os.path.join(args.stats_dir, f"{bed.name}__{slug}-{where}.safetensors")
+def stats_path(testbed: Testbed, args) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(testbed.model_path)))[-40:]
+    where = hashlib.sha256(os.path.abspath(testbed.model_path).encode() if os.path.exists(testbed.model_path)
+                           else testbed.model_path.encode()).hexdigest()[:8]
+    return os.path.join(args.stats_dir, f"{testbed.name}__{slug}-{where}.safetensors")
 
 
-def calibration_stats(bed: Bed, args, ctx: Ctx):
+def calibration_stats(testbed: Testbed, args, ctx: RunContext):
     """The NullSpaceLoRA statistics of the base model on the calibration data: from the cache when it matches."""
     from peft_ext import ActivationStats
     from peft_ext.stats import cached_stats
 
     start = time.perf_counter()
-    model = bed.fresh(0)  # seed 0 whatever --seeds: a seeded classifier head is part of the model's fingerprint
+    model = testbed.fresh(0)  # seed 0 whatever --seeds: a seeded classifier head is part of the model's fingerprint
     if args.no_stats_cache:
-        stats = ActivationStats.collect(model, bed.calib_batches, bed.targets, progress=ctx.progress)
+        stats = ActivationStats.collect(model, testbed.calib_batches, testbed.targets, progress=ctx.progress)
         stats.metadata["cache"] = {"hit": False, "reason": "--no_stats_cache", "path": None}
     else:
-        stats = cached_stats(stats_path(bed, args), model, bed.calib_batches, bed.targets, progress=ctx.progress)
+        stats = cached_stats(stats_path(testbed, args), model, testbed.calib_batches, testbed.targets,
+                             progress=ctx.progress)
     seconds = time.perf_counter() - start
     cache = stats.metadata["cache"]
-    ctx.log(f"[{bed.name}] calibration statistics: {'cache hit' if cache['hit'] else 'computed'} ({cache['reason']}) "
-            f"{cache['path'] or ''} — {len(stats.sums)} distinct inputs for {len(stats.layers)} layers, "
+    ctx.log(f"[{testbed.name}] calibration statistics: {'cache hit' if cache['hit'] else 'computed'} "
+            f"({cache['reason']}) {cache['path'] or ''} — {len(stats.sums)} distinct inputs for {len(stats.layers)} layers, "
             f"{max(stats.tokens.values())} tokens, {seconds:.1f} s")
     return stats, {**cache, "seconds": round(seconds, 2), "tokens": max(stats.tokens.values()),
                    "world_size": ctx.world}
 
 
-def build(method: str, bed: Bed, seed: int, args, ctx: Ctx, stats, state: dict) -> tuple[nn.Module, dict]:
+def build(method: str, testbed: Testbed, seed: int, args, ctx: RunContext, stats,
+          state: dict) -> tuple[nn.Module, dict]:
     """The PEFT model of `method` on a fresh base, initialised; and what the initialisation reported."""
     from peft import LoraConfig, get_peft_model
 
     import peft_ext
 
-    model = bed.fresh(seed)
-    common = dict(r=args.r, target_modules=bed.targets, modules_to_save=bed.modules_to_save, task_type=bed.task_type)
+    model = testbed.fresh(seed)
+    common = dict(r=args.r, target_modules=testbed.targets, modules_to_save=testbed.modules_to_save,
+                  task_type=testbed.task_type)
     info: dict[str, Any] = {}
     if method.startswith("nullspace"):
         cfg = peft_ext.NullSpaceLoraConfig(mode=method.split("_", 1)[1], **common)
         model = get_peft_model(model, cfg)
         first = "nullspace_report" not in state  # verify on held-out text once; the basis is deterministic
         report = peft_ext.initialize_nullspace_lora(
-            model, stats=stats, heldout_dataloader=bed.heldout_batches if first else None, progress=False, warn=False
+            model, stats=stats, heldout_dataloader=testbed.heldout_batches if first else None, progress=False,
+            warn=False,
         )
         if first:
             state["nullspace_report"] = report
@@ -732,10 +738,11 @@ def build(method: str, bed: Bed, seed: int, args, ctx: Ctx, stats, state: dict) 
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
 
-        cfg.corda_config = CordaConfig(corda_method="kpm", cache_file=os.path.join(ctx.work, f"corda-{bed.name}.pt"))
+        cfg.corda_config = CordaConfig(corda_method="kpm",
+                                       cache_file=os.path.join(ctx.work, f"corda-{testbed.name}.pt"))
 
         def run_model():  # CorDA's hooks assume batch size 1 and no padding
-            for sample in bed.calib_samples:
+            for sample in testbed.calib_samples:
                 model(**{k: v.to(ctx.device) for k, v in sample.items()})
 
         preprocess_corda(model, cfg, run_model=run_model)
@@ -743,86 +750,87 @@ def build(method: str, bed: Bed, seed: int, args, ctx: Ctx, stats, state: dict) 
     return get_peft_model(model, cfg), info
 
 
-def train(model: nn.Module, bed: Bed, lr: float, seed: int, args, ctx: Ctx) -> float:
+def train(model: nn.Module, testbed: Testbed, lr: float, seed: int, args, ctx: RunContext) -> float:
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     targs = TrainingArguments(
-        output_dir=os.path.join(ctx.work, "trainer"), per_device_train_batch_size=bed.batch_size // ctx.world,
-        max_steps=bed.steps, learning_rate=lr, warmup_steps=0, weight_decay=0.0, logging_steps=max(1, bed.steps // 5),
+        output_dir=os.path.join(ctx.work, "trainer"), per_device_train_batch_size=testbed.batch_size // ctx.world,
+        max_steps=testbed.steps, learning_rate=lr, warmup_steps=0, weight_decay=0.0,
+        logging_steps=max(1, testbed.steps // 5),
         save_strategy="no", report_to="none", use_cpu=ctx.device.type == "cpu", seed=seed, data_seed=seed,
         disable_tqdm=True, dataloader_num_workers=0,  # the recipe prints one line per run remove_unused_columns=False,
         bf16=args.bf16, ddp_find_unused_parameters=False,  # every trainable tensor gets a gradient
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=bed.train_set, data_collator=bed.collator)
+    trainer = Trainer(model=model, args=targs, train_dataset=testbed.train_set, data_collator=testbed.collator)
     trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start
 
 
-def run_one(method: str, bed: Bed, seed: int, lr: float, args, ctx: Ctx, stats, state: dict) -> dict:
+def run_one(method: str, testbed: Testbed, seed: int, lr: float, args, ctx: RunContext, stats, state: dict) -> dict:
     t0 = time.perf_counter()
-    model, info = build(method, bed, seed, args, ctx, stats, state)
+    model, info = build(method, testbed, seed, args, ctx, stats, state)
     init_seconds = time.perf_counter() - t0
-    train_seconds = train(model, bed, lr, seed, args, ctx)
+    train_seconds = train(model, testbed, lr, seed, args, ctx)
     t1 = time.perf_counter()
-    result = bed.evaluate(model)
+    result = testbed.evaluate(model)
     eval_seconds = time.perf_counter() - t1
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row = {"testbed": bed.name, "method": method, "seed": seed, "lr": lr, **result, "init_seconds": round(init_seconds, 2),
+    row = {"testbed": testbed.name, "method": method, "seed": seed, "lr": lr, **result, "init_seconds": round(init_seconds, 2),
            "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2), "trainable_params": trainable,
            **info}
     knowledge = ", ".join(f"{k} {v:.4g}" for k, v in result["knowledge"].items())
-    ctx.log(f"[{bed.name} seed {seed}] {method:<16} lr {lr:g}: task {result['task']:.1f} (val {result['task_val']:.1f}), "
+    ctx.log(f"[{testbed.name} seed {seed}] {method:<16} lr {lr:g}: task {result['task']:.1f} (val {result['task_val']:.1f}), "
             f"{knowledge}; init {init_seconds:.1f} s, train {train_seconds:.1f} s, eval {eval_seconds:.1f} s")
     del model
     return row
 
 
-def run_bed(bed: Bed, args, ctx: Ctx) -> dict:
-    out: dict[str, Any] = {"model": bed.model_path, "targets": len(bed.targets), "meta": bed.meta, "runs": [],
-                           "skipped": {}, "lr_selection": {}, "grid_runs": []}
+def run_testbed(testbed: Testbed, args, ctx: RunContext) -> dict:
+    out: dict[str, Any] = {"model": testbed.model_path, "targets": len(testbed.targets), "meta": testbed.meta,
+                           "runs": [], "skipped": {}, "lr_selection": {}, "grid_runs": []}
     needs_stats = args.stats_only or any(m.startswith("nullspace") for m in args.method_list)
     stats = None
     if needs_stats:
-        stats, out["stats_cache"] = calibration_stats(bed, args, ctx)
+        stats, out["stats_cache"] = calibration_stats(testbed, args, ctx)
     if args.stats_only:
         return out
-    base = bed.fresh(args.seed_list[0])
+    base = testbed.fresh(args.seed_list[0])
     start = time.perf_counter()
-    out["base"] = bed.evaluate(base)  # also fixes the "before" of every drift
+    out["base"] = testbed.evaluate(base)  # also fixes the "before" of every drift
     out["base"]["eval_seconds"] = round(time.perf_counter() - start, 2)
     del base
-    ctx.log(f"[{bed.name}] base model: task {out['base']['task']:.1f}, "
+    ctx.log(f"[{testbed.name}] base model: task {out['base']['task']:.1f}, "
             + ", ".join(f"{k} {v:.4g}" for k, v in out["base"]["knowledge"].items()))
     state: dict[str, Any] = {}
     for method in args.method_list:
         if method == "corda_kpm" and ctx.corda_missing:
             out["skipped"][method] = ctx.corda_missing
-            ctx.log(f"[{bed.name}] skipping CorDA-kpm: {ctx.corda_missing}")
+            ctx.log(f"[{testbed.name}] skipping CorDA-kpm: {ctx.corda_missing}")
             continue
         grid_runs = []
-        chosen = bed.lrs[0]
-        if len(bed.lrs) > 1:  # LR search on the first seed, by the validation task metric (ties: smaller LR)
-            for lr in bed.lrs:
-                grid_runs.append(run_one(method, bed, args.seed_list[0], lr, args, ctx, stats, state))
+        chosen = testbed.lrs[0]
+        if len(testbed.lrs) > 1:  # LR search on the first seed, by the validation task metric (ties: smaller LR)
+            for lr in testbed.lrs:
+                grid_runs.append(run_one(method, testbed, args.seed_list[0], lr, args, ctx, stats, state))
             best = max(grid_runs, key=lambda r: (r["task_val"], -r["lr"]))
             chosen = best["lr"]
             out["grid_runs"] += grid_runs
             out["lr_selection"][method] = {
                 "chosen": chosen,
                 "grid": [{"lr": r["lr"], "task_val": r["task_val"], "task": r["task"],
-                          bed.meta["primary"]: r["knowledge"][bed.meta["primary"]]} for r in grid_runs],
+                          testbed.meta["primary"]: r["knowledge"][testbed.meta["primary"]]} for r in grid_runs],
             }
-            ctx.log(f"[{bed.name}] {method}: lr {chosen:g} chosen on validation "
+            ctx.log(f"[{testbed.name}] {method}: lr {chosen:g} chosen on validation "
                     "(" + ", ".join(f"{r['lr']:g}: {r['task_val']:.1f}" for r in grid_runs) + ")")
         for seed in args.seed_list:
             reuse = next((r for r in grid_runs if r["seed"] == seed and r["lr"] == chosen), None)
-            out["runs"].append(reuse or run_one(method, bed, seed, chosen, args, ctx, stats, state))
+            out["runs"].append(reuse or run_one(method, testbed, seed, chosen, args, ctx, stats, state))
     if "nullspace_report" in state:
         out["nullspace_report"] = state["nullspace_report"].to_dict()
         out["nullspace_report_text"] = str(state["nullspace_report"])
-    out["summary"] = summarise(out["runs"], bed.meta)
+    out["summary"] = summarise(out["runs"], testbed.meta)
     return out
 
 
@@ -850,9 +858,9 @@ def summarise(runs: list[dict], meta: dict) -> dict:
     return out
 
 
-def verdicts(name: str, bed_out: dict) -> list[str]:
+def verdicts(name: str, testbed_out: dict) -> list[str]:
     """One sentence on the question, then the target, part by part; all decided from the numbers."""
-    summ, meta = bed_out["summary"], bed_out["meta"]
+    summ, meta = testbed_out["summary"], testbed_out["meta"]
     primary = meta["primary"]
     label = next(lab for k, lab, _ in meta["knowledge"] if k == primary)
     fmt = next(f for k, _, f in meta["knowledge"] if k == primary)
@@ -867,7 +875,7 @@ def verdicts(name: str, bed_out: dict) -> list[str]:
     def task(m):
         return summ[m]["task"][0]
 
-    base_task = bed_out.get("base", {}).get("task", math.nan)
+    base_task = testbed_out.get("base", {}).get("task", math.nan)
     if not task("lora") >= base_task + 1.0:
         return [f"**No verdict:** plain LoRA did not learn the task (task {task('lora'):.1f} vs {base_task:.1f} before "
                 "fine-tuning), so 'matched task performance' means nothing here: raise the steps or the learning rate."]
@@ -909,7 +917,7 @@ def verdicts(name: str, bed_out: dict) -> list[str]:
             corda_ok = drift(v) < drift("corda_kpm")
             corda_text = f"{'met' if corda_ok else 'not met'} ({fmt.format(drift(v))} vs {fmt.format(drift('corda_kpm'))})"
         else:
-            why = bed_out["skipped"].get("corda_kpm", "not in --methods")
+            why = testbed_out["skipped"].get("corda_kpm", "not in --methods")
             corda_ok, corda_text = False, f"not checked (CorDA-kpm did not run: {why})"
         met = task_ok and cut_ok and corda_ok
         lines.append(
@@ -929,24 +937,24 @@ def fmt_ms(ms, f: str) -> str:
 
 def markdown(results: dict, args) -> str:
     lines = []
-    for name, bed_out in results["testbeds"].items():
-        meta, summ = bed_out["meta"], bed_out.get("summary", {})
+    for name, testbed_out in results["testbeds"].items():
+        meta, summ = testbed_out["meta"], testbed_out.get("summary", {})
         lrs = args.encoder_lrs if name == "encoder" else args.causal_lrs
         steps = args.encoder_steps if name == "encoder" else args.causal_steps
         batch = args.encoder_batch_size if name == "encoder" else args.causal_batch_size
         lr_note = (f"one learning rate for every method ({lrs[0]:g}; no search)" if len(lrs) == 1 else
                    f"learning rate per method chosen on validation (seed {args.seed_list[0]}) from "
                    + ", ".join(f"{v:g}" for v in lrs))
-        cache = bed_out.get("stats_cache")
-        lines += [f"### {name}: {os.path.basename(os.path.normpath(bed_out['model']))}", "",
-                  f"Rank {args.r} on {bed_out['targets']} layers, {steps} steps, batch {batch}, {lr_note}; "
+        cache = testbed_out.get("stats_cache")
+        lines += [f"### {name}: {os.path.basename(os.path.normpath(testbed_out['model']))}", "",
+                  f"Rank {args.r} on {testbed_out['targets']} layers, {steps} steps, batch {batch}, {lr_note}; "
                   f"{len(args.seed_list)} seed(s) ({','.join(map(str, args.seed_list))}), mean ± std. "
                   f"Drift is measured against the original base model (also for PiSSA/CorDA, which rewrite it)."
                   + (f" Calibration statistics: {'cache hit' if cache['hit'] else 'computed'} ({cache['tokens']} tokens, "
                      f"{cache['seconds']:.1f} s, shared by the NullSpaceLoRA variants)." if cache else ""), ""]
         head = ["method", meta["task"]] + [lab for _, lab, _ in meta["knowledge"]] + ["lr", "init s", "train s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        base = bed_out.get("base")
+        base = testbed_out.get("base")
         if base:
             lines.append("| base (no fine-tune) | " + f"{base['task']:.1f} | "
                          + " | ".join(f.format(base["knowledge"][k]) for k, _, f in meta["knowledge"])
@@ -956,20 +964,20 @@ def markdown(results: dict, args) -> str:
             cells += [fmt_ms(row["knowledge"][k], f) for k, _, f in meta["knowledge"]]
             cells += [f"{row['lr']:g}", fmt_ms(row["init_seconds"], "{:.1f}"), fmt_ms(row["train_seconds"], "{:.1f}")]
             lines.append("| " + " | ".join(cells) + " |")
-        for method, why in bed_out.get("skipped", {}).items():
+        for method, why in testbed_out.get("skipped", {}).items():
             lines.append(f"| {LABELS[method]} | skipped: {why} |" + " |" * (len(head) - 2))
-        if bed_out.get("lr_selection"):
+        if testbed_out.get("lr_selection"):
             primary = meta["primary"]
             plabel, pfmt = next((lab, f) for k, lab, f in meta["knowledge"] if k == primary)
             lines += ["", f"LR search (seed {args.seed_list[0]}; picked: best validation task score, ties to the smaller "
                       f"LR): validation task / {plabel} per learning rate", "",
                       "| method | " + " | ".join(f"lr {v:g}" for v in lrs) + " | picked |",
                       "|---|" + "---|" * (len(lrs) + 1)]
-            for method, sel in bed_out["lr_selection"].items():
+            for method, sel in testbed_out["lr_selection"].items():
                 cells = {g["lr"]: f"{g['task_val']:.1f} / {pfmt.format(g[primary])}" for g in sel["grid"]}
                 lines.append(f"| {LABELS[method]} | " + " | ".join(cells.get(v, "—") for v in lrs)
                              + f" | {sel['chosen']:g} |")
-        lines += [""] + [f"- {v}" for v in verdicts(name, bed_out)] + [""]
+        lines += [""] + [f"- {v}" for v in verdicts(name, testbed_out)] + [""]
     lines.append(f"Machine: {results['machine']}; {results['world_size']} process(es); total {results['seconds']:.0f} s.")
     return "\n".join(lines)
 
@@ -980,14 +988,14 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    beds = [(n, b) for n, b in results["testbeds"].items() if b.get("summary")]
-    fig, axes = plt.subplots(1, len(beds), figsize=(6 * len(beds), 4.5), squeeze=False)
-    for ax, (name, bed_out) in zip(axes[0], beds):
-        meta = bed_out["meta"]
+    testbeds = [(n, b) for n, b in results["testbeds"].items() if b.get("summary")]
+    fig, axes = plt.subplots(1, len(testbeds), figsize=(6 * len(testbeds), 4.5), squeeze=False)
+    for ax, (name, testbed_out) in zip(axes[0], testbeds):
+        meta = testbed_out["meta"]
         primary = meta["primary"]
-        if bed_out.get("base"):
-            ax.plot([bed_out["base"]["task"]], [bed_out["base"]["knowledge"][primary]], "k*", ms=10, label="base (before)")
-        for method, row in bed_out["summary"].items():
+        if testbed_out.get("base"):
+            ax.plot([testbed_out["base"]["task"]], [testbed_out["base"]["knowledge"][primary]], "k*", ms=10, label="base (before)")
+        for method, row in testbed_out["summary"].items():
             (x, dx), (y, dy) = row["task"], row["knowledge"][primary]
             ax.errorbar([x], [y], xerr=[dx], yerr=[dy], fmt="o" if method.startswith("nullspace") else "s", capsize=3,
                         label=LABELS[method])
@@ -1004,7 +1012,7 @@ def plot(results: dict, path: str) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def setup(args) -> Ctx:
+def setup(args) -> RunContext:
     from accelerate import PartialState
 
     use_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
@@ -1026,7 +1034,7 @@ def setup(args) -> Ctx:
     if "corda_kpm" in args.method_list and importlib.util.find_spec("attr") is None:
         missing = ("peft.tuners.lora.corda imports the `attrs` package, which peft does not declare and this "
                    "environment lacks (pip install attrs)")
-    return Ctx(args=args, device=device, rank=rank, world=world, work=work, progress=not args.quiet, corda_missing=missing)
+    return RunContext(args=args, device=device, rank=rank, world=world, work=work, progress=not args.quiet, corda_missing=missing)
 
 
 def write_outputs(results: dict, args) -> None:
@@ -1037,10 +1045,10 @@ def write_outputs(results: dict, args) -> None:
             json.dump(results, f, indent=1, default=float)
         with open(os.path.join(tmp, "results.md"), "w") as f:
             f.write(results["markdown"] + "\n")
-        for name, bed_out in results["testbeds"].items():
-            if "nullspace_report_text" in bed_out:
+        for name, testbed_out in results["testbeds"].items():
+            if "nullspace_report_text" in testbed_out:
                 with open(os.path.join(tmp, f"nullspace_report_{name}.txt"), "w") as f:
-                    f.write(bed_out["nullspace_report_text"] + "\n")
+                    f.write(testbed_out["nullspace_report_text"] + "\n")
         if not args.no_plots and not args.stats_only:
             plot(results, os.path.join(tmp, "tradeoff.png"))
 
@@ -1057,13 +1065,13 @@ def main(argv=None) -> dict:
                 warnings.filterwarnings("ignore", message=".*(LOAD REPORT|were newly initialized|corda_config).*")
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 for name in args.testbed_list:
-                    bed = (encoder_bed if name == "encoder" else causal_bed)(args, ctx)
-                    results["testbeds"][name] = run_bed(bed, args, ctx)
+                    testbed = (encoder_testbed if name == "encoder" else causal_testbed)(args, ctx)
+                    results["testbeds"][name] = run_testbed(testbed, args, ctx)
             results["seconds"] = time.perf_counter() - start
             if not args.stats_only:
                 results["markdown"] = markdown(results, args)
-                for name, bed_out in results["testbeds"].items():
-                    bed_out["verdicts"] = verdicts(name, bed_out)
+                for name, testbed_out in results["testbeds"].items():
+                    testbed_out["verdicts"] = verdicts(name, testbed_out)
             else:
                 results["markdown"] = "\n".join(
                     f"{n}: statistics {'cache hit' if b['stats_cache']['hit'] else 'computed'} ({b['stats_cache']['reason']}): "
