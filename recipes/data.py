@@ -3,6 +3,8 @@
 * General text: Python's own documentation topics (`pydoc_data.topics`, ~465k characters), split by topic into
   a calibration part and a held-out part the model is checked on.
 * A classification task from a different source: which standard-library package a docstring comes from.
+* A harder 12-class version over installed libraries (`library_docstring_task`), large enough for a test set of
+  >= 500 items: which of numpy, scipy, pandas, ... a docstring comes from.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import pkgutil
 import random
 
 TASK_PACKAGES = ("asyncio", "email", "xml", "logging", "http", "importlib")
+# 12 libraries every `make test` environment has (direct or transitive dependencies of the dev extra), each with
+# >= 250 docstrings of >= 80 characters in the versions measured here (the smallest: jinja2 259).
+LIBRARY_PACKAGES = ("numpy", "scipy", "pandas", "sklearn", "networkx", "huggingface_hub", "datasets", "accelerate",
+                    "peft", "trl", "jinja2", "PIL")
 
 
 def _bucket(key: str, seed: int) -> float:
@@ -86,6 +92,77 @@ def docstring_task(seed: int = 0, per_class: int = 80, test_fraction: float = 0.
         train += [(d, label) for d in docs[n_test:]]
     rng.shuffle(train)
     return train, test, list(packages)
+
+
+def _package_version(package: str) -> str:
+    from importlib import metadata
+
+    dist = {"sklearn": "scikit-learn", "PIL": "pillow"}.get(package, package)
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def library_docstrings(packages=LIBRARY_PACKAGES, cache_dir: str = "runs/cache") -> dict[str, list[str]]:
+    """{package: sorted docstrings}, collected in a child process (importing every submodule of scipy or sklearn
+    prints, warns and registers things; none of it should reach the caller) and cached per package version."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    versions = {p: _package_version(p) for p in packages}
+    missing = [p for p, v in versions.items() if v == "missing"]
+    if missing:
+        raise SystemExit(f"library_docstrings: packages {missing} are not installed; run `make test`'s set-up "
+                         "(./scripts/bootstrap.sh dev) or pass packages that are")
+    key = hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"library_docstrings-{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "docs.json")
+        code = (f"import json, sys, warnings; sys.path.insert(0, {here!r}); warnings.simplefilter('ignore'); "
+                f"import data; json.dump({{p: data._docstrings(p) for p in {list(packages)!r}}}, open({out!r}, 'w'))")
+        subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        with open(out) as f:
+            docs = json.load(f)
+    from peft_ext.files import atomic_file
+
+    os.makedirs(cache_dir, exist_ok=True)
+    with atomic_file(path) as tmp_path, open(tmp_path, "w") as f:
+        json.dump(docs, f)
+    return docs
+
+
+def library_docstring_task(seed: int = 0, n_train: int = 88, n_val: int = 24, n_test: int = 48,
+                           packages=LIBRARY_PACKAGES, cache_dir: str = "runs/cache"):
+    """(train, val, test, label_names): lists of (text, label), which library a docstring comes from.
+
+    Per class `n_test` test, `n_val` validation and `n_train` training docstrings, disjoint. The test and validation
+    docstrings depend only on the installed versions (drawn with seed 0), so every seed of an experiment is judged
+    on the same items; `seed` only reshuffles which of the remaining docstrings train and in what order."""
+    docs = library_docstrings(packages, cache_dir)
+    train, val, test = [], [], []
+    for label, package in enumerate(packages):
+        pool = list(docs[package])
+        short = n_train + n_val + n_test - len(pool)
+        if short > 0:
+            raise SystemExit(f"library_docstring_task: {package} has {len(pool)} docstrings, {short} too few for "
+                             f"n_train={n_train}, n_val={n_val}, n_test={n_test}; lower them")
+        random.Random(0).shuffle(pool)
+        test += [(d, label) for d in pool[:n_test]]
+        val += [(d, label) for d in pool[n_test : n_test + n_val]]
+        rest = pool[n_test + n_val :]
+        random.Random(seed).shuffle(rest)
+        train += [(d, label) for d in rest[:n_train]]
+    random.Random(seed).shuffle(train)
+    return train, val, test, list(packages)
 
 
 # ------------------------------------------------------------------------------------------------ images

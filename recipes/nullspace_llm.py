@@ -63,6 +63,7 @@ from typing import Literal, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipes/nullspace_llm.py` finds its modules
+from evidence import bootstrap_mean, paired_difference  # noqa: E402  (shared with the other recipes' verdicts)
 
 # The run order: the comparisons the claim rests on first (v2 against LoRA, LoRA + WD and LoRA-FA), so an interrupted
 # default run has answered the main question before the rest
@@ -396,32 +397,6 @@ def operating_point(runs: list[dict], frac: float = 0.95) -> float:
     best = max(r["task_val"] for r in runs)
     ok = [r for r in runs if r["task_val"] >= frac * best]
     return min(ok, key=lambda r: (-r["knowledge_val"], r["lr"]))["lr"]
-
-
-def bootstrap_mean(runs: list[dict], key: str, n: int, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of the per-item scores `key` over runs (seeds) and items, with a 95% CI resampling seeds and items."""
-    rng = random.Random(seed)
-    mats = [r[key] for r in runs]
-    point = statistics.mean(statistics.mean(m) for m in mats)
-    draws = []
-    n_items = len(mats[0])
-    for _ in range(n):
-        seeds = [rng.randrange(len(mats)) for _ in mats]
-        items = [rng.randrange(n_items) for _ in range(n_items)]
-        draws.append(statistics.mean(statistics.mean(mats[s][i] for i in items) for s in seeds))
-    draws.sort()
-    return point, draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
-
-
-def paired_difference(a: list[dict], b: list[dict], key: str, n: int, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of A - B on the same seeds and the same items (paired), with a 95% bootstrap CI over seeds and items."""
-    by_seed_b = {r["seed"]: r for r in b}
-    pairs = [(r[key], by_seed_b[r["seed"]][key]) for r in a if r["seed"] in by_seed_b]
-    if not pairs:
-        return float("nan"), float("nan"), float("nan")
-    diffs = [[x - y for x, y in zip(ra, rb)] for ra, rb in pairs]
-    fake = [{key: d} for d in diffs]
-    return bootstrap_mean(fake, key, n, seed)
 
 
 def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
