@@ -6,7 +6,8 @@ import copy
 import json
 import warnings
 from collections.abc import Iterator
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
@@ -102,6 +103,31 @@ class DeltaMergeMixin:
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         return result, True
+
+
+@dataclass
+class TargetFields:
+    """The target-selection fields every peft-ext config declares, as LoraConfig does (a base of each config, listed
+    after PeftConfig); `_config_fields.check_shared_fields` checks their types, `validate_target_fields` the rest."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names (or suffixes) or a regex of the linear layers to adapt, e.g. "
+                  "['query', 'key', 'value', 'dense'] or ['q_proj', 'v_proj'], or 'all-linear'."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head ['classifier']."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices (as in LoraConfig)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers' or 'h'."}
+    )
 
 
 def validate_target_fields(config, cls_name: str) -> None:
@@ -279,8 +305,9 @@ class InitializedFlag:
         """A one-line RuntimeError naming the initialising call, if `adapter_name` is not initialised."""
         if not self.is_initialized(adapter_name):
             raise RuntimeError(
-                f"{self.method_name} adapter {adapter_name!r} {self.not_ready}: call {self.initialize_hint(adapter_name)}"
-                ", or load a saved, initialised adapter with PeftModel.from_pretrained / load_adapter"
+                f"{self.method_name} adapter {adapter_name!r} {self.not_ready}: call "
+                f"{self.initialize_hint(adapter_name)}, or load a saved, initialised adapter with "
+                "PeftModel.from_pretrained / load_adapter"
             )
 
     def mark_loaded(self, state_dict: dict, prefix: str) -> None:
@@ -364,3 +391,18 @@ def text_table(head: list[str], rows: list[list[str]]) -> list[str]:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+class LinearTargetsOnly:
+    """Mixin for BaseTuner subclasses that adapt linear layers (not `target_parameters`): PEFT's `_create_and_replace`
+    refuses a parameter target and hands every layer to `_replace_layer(config, adapter_name, target, target_name,
+    parent, current_key)`, which adds the adapter to an existing layer of the tuner or installs a new one."""
+
+    method_name: str  # e.g. "NullSpaceLoRA", for the refusal
+
+    def _create_and_replace(self, config, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module,
+                            current_key: str, parameter_name: Optional[str] = None) -> None:
+        if parameter_name is not None:
+            raise ValueError(f"{self.method_name} adapts linear layers (target_modules); target_parameters is not "
+                             "supported: leave it unset")
+        self._replace_layer(config, adapter_name, target, target_name, parent, current_key)

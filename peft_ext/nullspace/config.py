@@ -1,20 +1,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 from peft.config import PeftConfig
 
 from .._checks import check_number
 from .._config_fields import check_bool, check_shared_fields, shown
-from .._tuners import validate_target_fields
+from .._tuners import TargetFields, validate_target_fields
 from ..registry import ensure_peft_type
 
 MODES = ("v2", "v1", "split")
 
 
 @dataclass
-class NullSpaceLoraConfig(PeftConfig):
+class NullSpaceLoraConfig(PeftConfig, TargetFields):
     """Configuration of a NullSpaceLoRA adapter (LoRA-Null: adapt in the approximate null space of the inputs).
 
     The down projection `nullspace_A` (PEFT's `lora_A`) is set by `initialize_nullspace_lora` to the `r`
@@ -43,29 +43,11 @@ class NullSpaceLoraConfig(PeftConfig):
                   "(default: nullspace_alpha = r, i.e. scaling 1)."},
     )
     nullspace_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module names (or suffixes) or a regex of the linear layers to adapt, e.g. "
-                  "['query', 'key', 'value', 'dense'] or ['q_proj', 'v_proj'], or 'all-linear'."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
-    )
     fan_in_fan_out: bool = field(
         default=False,
         metadata={"help": "Set True for layers that store weight as (in, out), like GPT-2's Conv1D (set automatically)."},
     )
     bias: str = field(default="none", metadata={"help": "Which biases to train: 'none', 'all' or 'nullspace_only'."})
-    modules_to_save: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head ['classifier']."},
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices (as in LoraConfig)."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers' or 'h'."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

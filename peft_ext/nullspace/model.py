@@ -7,7 +7,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._checks import nonfinite_count
-from .._tuners import CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, install_layer, planned_targets
+from .._tuners import CheckTargetsFirst, LinearTargetsOnly, SafeMergeFirst, SaveInitializedOnly
+from .._tuners import install_layer, planned_targets
 from .config import NullSpaceLoraConfig
 from .layer import Linear, NullSpaceLoraLayer
 
@@ -19,12 +20,13 @@ def _supported(layer: nn.Module) -> bool:
     return backend is not None and backend.layer_type == "linear"
 
 
-class NullSpaceLoraModel(CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, BaseTuner):
+class NullSpaceLoraModel(CheckTargetsFirst, LinearTargetsOnly, SafeMergeFirst, SaveInitializedOnly, BaseTuner):
     """PEFT tuner for NullSpaceLoRA. Create it with `peft.get_peft_model(model, NullSpaceLoraConfig(...))`, then
     call `peft_ext.initialize_nullspace_lora` to put each adapter's input side into the null space of its inputs.
     Saving a never-initialised adapter is refused (SaveInitializedOnly): its A is zero, it would change nothing.
     """
 
+    method_name = "NullSpaceLoRA"
     prefix: str = "nullspace_"
     tuner_layer_cls = NullSpaceLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -51,18 +53,8 @@ class NullSpaceLoraModel(CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly,
                 "d-dim input has at most d directions: choose a smaller r or exclude these layers (exclude_modules)."
             )
 
-    def _create_and_replace(
-        self,
-        config: NullSpaceLoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-    ) -> None:
-        if parameter_name is not None:
-            raise ValueError("NullSpaceLoRA adapts linear layers; target_parameters is not supported")
+    def _replace_layer(self, config: NullSpaceLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                       parent: nn.Module, current_key: str) -> None:
         if isinstance(target, NullSpaceLoraLayer):
             target.update_layer(
                 adapter_name, config.r, config.scaling, config.mode, config.nullspace_dropout, name=current_key

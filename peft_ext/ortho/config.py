@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
 from .._checks import check_number
 from .._config_fields import check_bool, check_shared_fields, shown
-from .._tuners import validate_target_fields
+from .._tuners import TargetFields, validate_target_fields
 from ..registry import ensure_peft_type
 from .quant import BASE_KINDS
 from .select import SELECTORS
@@ -17,7 +17,7 @@ VALUE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
-class OrthoSplitConfig(PeftConfig):
+class OrthoSplitConfig(PeftConfig, TargetFields):
     """Configuration of an OrthoSplit adapter: each target weight becomes a dense base stream plus a sparse ortho stream.
 
     Per target layer with weight W a selector picks ``k = round(density * out * in)`` entries (the mask M) of a
@@ -77,23 +77,6 @@ class OrthoSplitConfig(PeftConfig):
                   "initialize_orthosplit and orthosplit from their reference argument."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' selector."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module names (or suffixes) or a regex of the linear layers to split, e.g. "
-                  "['q_proj', 'v_proj', 'down_proj'], or 'all-linear'."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules besides the adapters that are trained and saved."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only split these layer indices (as in LoraConfig)."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers' or 'h'."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -132,11 +132,12 @@ def initialize_orthosplit(
         hint = (" To split against reference weights from the start, create the adapter with "
                 "OrthoSplitConfig(uses_reference=True): get_peft_model then leaves placeholders."
                 if reference is not None and not config.uses_reference else "")
+        how = (f"by get_peft_model, as selector {config.selector!r} needs no data" if splits_from_weight_alone(config)
+               else "by an earlier call or a loaded checkpoint")
         raise ValueError(
             f"OrthoSplit adapter {adapter_name!r} is already split ({len(done)} of {len(layers)} layers, e.g. "
-            f"{done[0]!r}: by get_peft_model, as selector {config.selector!r} needs no data, by an earlier call, or "
-            "loaded): splitting again replaces its ortho stream (and any training of it). Pass reinitialize=True to "
-            f"split it again.{hint}"
+            f"{done[0]!r}, {how}): splitting again replaces its ortho stream (and any training of it). Pass "
+            f"reinitialize=True to split it again.{hint}"
         )
     inputs = prepare_inputs(split_config, {key: layer.get_base_layer() for key, layer in layers.items()}, **given)
     described = describe_inputs(**given)

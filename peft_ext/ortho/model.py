@@ -11,7 +11,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._checks import all_finite
-from .._tuners import CheckTargetsFirst, SaveInitializedOnly, install_layer, planned_targets, unsupported_linear_reason
+from .._tuners import (
+    CheckTargetsFirst,
+    LinearTargetsOnly,
+    SaveInitializedOnly,
+    install_layer,
+    planned_targets,
+    unsupported_linear_reason,
+)
 from .config import OrthoSplitConfig
 from .layer import MERGE_ONE_PER_LAYER, VALUE_DTYPES, Linear, OrthoSplitLayer, base_stream, index_dtype
 from .quant import BITSANDBYTES
@@ -91,13 +98,14 @@ def unsupported_reason(layer: nn.Module) -> Optional[str]:
     return unsupported_linear_reason(layer, "the split")
 
 
-class OrthoSplitModel(CheckTargetsFirst, SaveInitializedOnly, BaseTuner):
+class OrthoSplitModel(CheckTargetsFirst, LinearTargetsOnly, SaveInitializedOnly, BaseTuner):
     """PEFT tuner for OrthoSplit. Create it with `get_peft_model(model, OrthoSplitConfig(...))`: the data-free
     selectors without reference weights are split right there, from W alone; the others get placeholders that
     `peft_ext.initialize_orthosplit(model, reference=..., stats=..., ...)` fills (`peft_ext.orthosplit` does both in
     one call). Load a saved one with `PeftModel.from_pretrained` (the base stream is rebuilt from the base model's
     weights)."""
 
+    method_name = "OrthoSplit"
     prefix: str = "ortho_"
     tuner_layer_cls = OrthoSplitLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -195,18 +203,8 @@ class OrthoSplitModel(CheckTargetsFirst, SaveInitializedOnly, BaseTuner):
                     "install 'peft-ext[quant]'; base_kind='nf4' or 'int8' simulate the same rounding in pure torch"
                 )
 
-    def _create_and_replace(
-        self,
-        config: OrthoSplitConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-    ) -> None:
-        if parameter_name is not None:
-            raise ValueError("OrthoSplit splits linear layers; target_parameters is not supported")
+    def _replace_layer(self, config: OrthoSplitConfig, adapter_name: str, target: nn.Module, target_name: str,
+                       parent: nn.Module, current_key: str) -> None:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         fan_in_fan_out = isinstance(base, Conv1D)
         split = self._split_for(config, current_key, base, fan_in_fan_out)

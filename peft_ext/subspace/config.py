@@ -1,19 +1,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
 from .._config_fields import check_bool, check_shared_fields, shown
-from .._tuners import validate_target_fields
+from .._tuners import TargetFields, validate_target_fields
 from ..registry import ensure_peft_type
 
 CORES = ("full", "diag")
 
 
 @dataclass
-class SubspaceLoraConfig(PeftConfig):
+class SubspaceLoraConfig(PeftConfig, TargetFields):
     """Configuration of a SubspaceLoRA adapter: fine-tune inside each weight's own top-k singular subspace.
 
     Per target matrix a top-k truncated SVD gives ``W = R + U C0 V^T`` with ``R = W - U C0 V^T``. U (out, k) and
@@ -38,24 +38,6 @@ class SubspaceLoraConfig(PeftConfig):
         metadata={"help": "Also train the residual R = W - U C0 V^T, restricted to the orthogonal complement of the "
                   "subspaces (a dense (out, in) R_delta per layer: the adapter becomes as large as the layer, and "
                   "export_to_lora is refused)."},
-    )
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module names (or suffixes) or a regex of the linear layers to adapt, e.g. "
-                  "['query', 'key', 'value', 'dense'] or ['q_proj', 'v_proj'], or 'all-linear'."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to exclude from target_modules."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": "Modules besides the adapters that are trained and saved, e.g. a classifier head ['classifier']."},
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices (as in LoraConfig)."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers' or 'h'."}
     )
     exact_max_dim: int = field(
         default=512,

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from .._progress import progress_bar
 from .._tuners import (
     CheckTargetsFirst,
+    LinearTargetsOnly,
     SafeMergeFirst,
     SaveInitializedOnly,
     install_layer,
@@ -30,7 +31,7 @@ def _unsupported_reason(layer: nn.Module) -> str | None:
     return unsupported_linear_reason(layer, "its SVD")
 
 
-class SubspaceLoraModel(CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, BaseTuner):
+class SubspaceLoraModel(CheckTargetsFirst, LinearTargetsOnly, SafeMergeFirst, SaveInitializedOnly, BaseTuner):
     """PEFT tuner for SubspaceLoRA. Create it with `peft.get_peft_model(model, SubspaceLoraConfig(...))`: each target
     layer's top-k SVD is computed right there (from W alone, as PEFT's PiSSA), so the adapter is initialised and ready
     to train: there is no initialize_* call.
@@ -40,6 +41,7 @@ class SubspaceLoraModel(CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, 
     skips the SVD altogether.
     """
 
+    method_name = "SubspaceLoRA"
     prefix: str = "subspace_"
     tuner_layer_cls = SubspaceLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -82,18 +84,8 @@ class SubspaceLoraModel(CheckTargetsFirst, SafeMergeFirst, SaveInitializedOnly, 
             bar.total = count
             bar.refresh()
 
-    def _create_and_replace(
-        self,
-        config: SubspaceLoraConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        parameter_name: str | None = None,
-    ) -> None:
-        if parameter_name is not None:
-            raise ValueError("SubspaceLoRA adapts linear layers; target_parameters is not supported")
+    def _replace_layer(self, config: SubspaceLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                       parent: nn.Module, current_key: str) -> None:
         kwargs = dict(
             k=config.k,
             core=config.core,
