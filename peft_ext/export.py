@@ -51,14 +51,15 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[di
                 "reproduces them: use peft_ext.set_ortho_alpha(model, a) then model.merge_and_unload() for plain weights"
             )
         raise ValueError(f"model has no peft-ext layers with adapter {adapter_name!r} to export")
-    # a NullSpaceLoRA adapter before initialize_nullspace_lora has A = 0: exported, it is a LoRA that does nothing
+    # an adapter before its initialisation (NullSpaceLoRA before initialize_nullspace_lora) holds zero factors:
+    # exported, it is a LoRA that does nothing
     pending = [n for n, layer in layers.items()
                if hasattr(layer, "is_initialized") and not layer.is_initialized(adapter_name)]
     if pending:
         raise ValueError(
-            f"adapter {adapter_name!r} was never initialised ({len(pending)} layer(s), e.g. {pending[0]!r}): its A is "
-            "zero and the exported LoRA would change nothing. Call peft_ext.initialize_nullspace_lora(model, "
-            f"calib_dataloader, adapter_name={adapter_name!r}) first, train it, then export"
+            f"adapter {adapter_name!r} was never initialised ({len(pending)} layer(s), e.g. {pending[0]!r}): its "
+            "factors are zero and the exported LoRA would change nothing. Call "
+            f"{layers[pending[0]].initialize_hint(adapter_name)} first, train it, then export"
         )
     config = model.peft_config[adapter_name]
     tensors: dict[str, torch.Tensor] = {}
