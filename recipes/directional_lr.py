@@ -8,8 +8,8 @@
 
 Testbeds (`--tasks`):
   docstrings  the primary one: the real pretrained all-MiniLM-L6-v2 fine-tuned as a sequence classifier on which of
-              12 installed libraries (numpy, scipy, pandas, ...) a docstring comes from; 1,056 training, 288
-              validation and 576 test docstrings (data.library_docstring_task)
+              12 installed libraries (numpy, scipy, pandas, ...) a docstring comes from (its first 32 tokens);
+              1,056 training, 144 validation and 576 test docstrings (data.library_docstring_task)
   smollm2     SmolLM2-135M-Instruct fine-tuned instruction-style on the same task: the docstring, the 12 libraries as
               lettered options, the answer one letter (loss on that token; accuracy = the right letter ranks first
               among the 12)
@@ -130,7 +130,7 @@ ARM_NAMES = tuple(a.name for a in ARMS)
 
 # per testbed: steps, batch, evaluation interval, LR grids (full-rank, LoRA); --steps etc. override
 TESTBEDS = {
-    "docstrings": dict(steps=120, batch_size=16, eval_every=8, lr_grid=(3e-5, 1e-4, 3e-4), lora_lr_grid=(3e-4, 1e-3, 3e-3)),
+    "docstrings": dict(steps=100, batch_size=16, eval_every=8, lr_grid=(3e-5, 1e-4, 3e-4), lora_lr_grid=(3e-4, 1e-3, 3e-3)),
     "smollm2": dict(steps=150, batch_size=8, eval_every=10, lr_grid=(1e-5, 3e-5, 1e-4), lora_lr_grid=(3e-4, 1e-3, 3e-3)),
     "digits": dict(steps=300, batch_size=64, eval_every=10, lr_grid=(3e-4, 1e-3, 3e-3), lora_lr_grid=(1e-3, 3e-3, 1e-2)),
     "planted": dict(steps=300, batch_size=64, eval_every=10, lr_grid=(3e-4, 1e-3, 3e-3), lora_lr_grid=(1e-3, 3e-3, 1e-2)),
@@ -161,7 +161,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=8, help="rank of the 3B and #3 subspaces")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--clamp", type=float, default=0.7, help="#1/#2: sigma_max(s B A) <= c / sqrt(d_in)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per docstring (text testbeds)")
+    p.add_argument("--max-length", type=int, default=32,
+                   help="tokens per docstring (text testbeds; 32 keeps the CPU default near an hour)")
+    p.add_argument("--val-per-class", type=int, default=12,
+                   help="validation docstrings per class (the curve's set; evaluated every --eval-every steps)")
     p.add_argument("--diverge-loss", type=float, default=20.0, help="a run whose loss exceeds this (or is NaN) diverged")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
     p.add_argument("--cache-dir", default="runs/cache", help="docstring and SmolLM2 caches")
@@ -382,7 +385,7 @@ def _docstring_split(args):
     if args.quick:  # the stdlib packages: collected in a second, no cache needed
         train, test, labels = data.docstring_task(seed=0, per_class=24)
         return train[:48], test[:24], test[24:48], labels
-    return data.library_docstring_task(seed=0, cache_dir=args.cache_dir)
+    return data.library_docstring_task(seed=0, n_val=args.val_per_class, cache_dir=args.cache_dir)
 
 
 def docstrings_task(args) -> Task:
