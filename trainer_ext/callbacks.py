@@ -195,7 +195,7 @@ class SpectralMonitorCallback(AttachableCallback):
         self._pending: dict[str, dict[str, float]] = {}  # this check's values, per matrix, until on_step_end
         self._skipped: dict[str, str] = {}  # matrices skipped at this check -> what was not finite
         self._before: dict[str, dict] = {}  # tracker states before this check's update, to roll a skip back
-        self._mine: list[Target] = []
+        self._measured_here: list[Target] = []
         self._split: set[str] = set()  # matrices held as DTensor shards (FSDP2): every rank measures them together
 
     # ------------------------------------------------------------------ set-up
@@ -219,12 +219,12 @@ class SpectralMonitorCallback(AttachableCallback):
         # split matrices (DTensor) are measured by every rank together; whole ones round-robin, one rank each
         self._split = {t.name for t in self.targets if _has_dtensor(t.matrix())}
         whole = [t for t in self.targets if t.name not in self._split]
-        mine = {t.name for j, t in enumerate(whole) if j % world == rank} | self._split
-        self._mine = [t for t in self.targets if t.name in mine]
+        here = {t.name for j, t in enumerate(whole) if j % world == rank} | self._split
+        self._measured_here = [t for t in self.targets if t.name in here]  # the targets this rank measures
         self.trackers = {
             t.name: SubspaceTracker(self.topk, exact_max_dim=self.exact_max_dim, niter=self.niter, seed=self.seed + i)
             for i, t in enumerate(self.targets)
-            if t in self._mine
+            if t in self._measured_here
         }
         if state.global_step > 0:
             self._restore(args, state)
@@ -267,7 +267,7 @@ class SpectralMonitorCallback(AttachableCallback):
         self._pending, self._skipped, self._before = {}, {}, {}
         # every rank builds the split matrices in target order (a LoRA pair's full_tensor() is a collective)
         inputs = {}
-        for t in self._mine:
+        for t in self._measured_here:
             grad = t.param.grad if t.param is not None and "grad" in self.track else None
             if grad is not None and t.transposed:
                 grad = grad.T
@@ -275,7 +275,7 @@ class SpectralMonitorCallback(AttachableCallback):
         finite = self._agree({(name, what): all_finite(_local_part(x)) for name, pair in inputs.items()
                               for what, x in zip(("weight", "gradient"), pair) if x is not None},
                              {name: pair[0] for name, pair in inputs.items()})
-        for t in self._mine:
+        for t in self._measured_here:
             m, grad = inputs[t.name]
             bad = [what for what in ("weight", "gradient") if not finite.get((t.name, what), True)]
             if bad:
@@ -301,14 +301,14 @@ class SpectralMonitorCallback(AttachableCallback):
             return
         opt_state = getattr(optimizer, "state", {})
         moments = {}
-        for t in self._mine:
+        for t in self._measured_here:
             if t.param is None or t.name not in self._pending:  # the same on every rank for a split matrix
                 continue
             moment = opt_state.get(t.param, {}).get("exp_avg", opt_state.get(t.param, {}).get("momentum_buffer"))
             if moment is not None:
                 moments[t.name] = _local_view(moment.T if t.transposed else moment)
         finite = self._agree({(name, "moment"): all_finite(_local_part(x)) for name, x in moments.items()}, moments)
-        for t in self._mine:
+        for t in self._measured_here:
             if t.name not in moments:
                 continue
             if not finite[(t.name, "moment")]:
