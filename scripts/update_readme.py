@@ -70,7 +70,7 @@ BLOCKS = {
     "nullspace-llm": lambda: results_markdown("nullspace_llm/results.json"),
     "bench-nullspace-step": lambda: results_printed("nullspace_step.json"),
     "bench-forgetting": lambda: results_printed("forgetting_overhead.json"),
-    "directional": lambda: recipe_markdown("directional_lr"),
+    "directional": lambda: results_markdown("directional_lr.json"),  # committed: results/directional_lr.json
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
     "bench-calibration": lambda: results_printed("calibration_minilm.json"),
     "bench-calibration-smollm2": lambda: results_printed("calibration_smollm2.json"),
