@@ -33,7 +33,8 @@ LoRA (r=8 on every target, classifier head trained), the positive control first:
 
 Protocol, fixed before any test number was looked at: every run has a linear warm-up over the first 10% of steps
 and a cosine decay (E4's extraction and B1's boost happen at the warm-up's end); the grids run on the first seed,
-the LR with the best final validation accuracy is kept (ties: the smaller); every arm then runs every seed. The
+the LR with the best final validation accuracy is kept (ties: the smaller; a best LR at the grid's edge extends the
+grid one step past it, at most twice); every arm then runs every seed. The
 verdicts use only the other seeds (held out from tuning; >= 5 by default) and the test set. Time-to-X: the first
 evaluation of the fixed validation set (every --eval-every steps) reaching X, X = 90% and 97% of the tuned
 baseline's final validation accuracy (B0 for full-rank arms, LoRA for LoRA arms), in optimizer steps and seconds of
@@ -802,6 +803,16 @@ def auc(curve: list[dict]) -> float:
     return statistics.mean(c["acc"] for c in curve) if curve else math.nan
 
 
+MAX_GRID_EXTENSIONS = 2
+
+
+def ladder_step(lr: float, up: bool) -> float:
+    """The next LR on the 1-3-10 ladder the grids use: 3e-3 -> 1e-2 -> 3e-2 up, 3e-5 -> 1e-5 -> 3e-6 down."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr))
+    factor = (3.0 if mantissa < 2 else 10 / 3) if up else (0.3 if mantissa < 2 else 1 / 3)
+    return float(f"{lr * factor:.2g}")
+
+
 def select_lr(runs: list[dict]) -> float:
     """The grid point with the best final validation accuracy (ties: the smaller LR); diverged runs never win."""
     ok = [r for r in runs if not r["diverged"]] or runs
@@ -841,9 +852,19 @@ class Protocol:
 
     def run_all(self) -> None:
         grids = {"full": self.cfg["lr_grid"], "lora": self.cfg["lora_lr_grid"]}
-        for arm in self.arms:  # 1. the grids, on the grid seed
+        for arm in self.arms:  # 1. the grids, on the grid seed; a best LR at an edge extends the grid past it
             if arm.grid:
-                runs = [self.get(arm, lr, self.grid_seed) for lr in grids[arm.grid]]
+                grid = sorted(grids[arm.grid])
+                runs = [self.get(arm, lr, self.grid_seed) for lr in grid]
+                for _ in range(MAX_GRID_EXTENSIONS if len(grid) > 1 else 0):
+                    best = select_lr(runs)
+                    if best == grid[-1]:
+                        grid.append(ladder_step(grid[-1], up=True))
+                    elif best == grid[0]:
+                        grid.insert(0, ladder_step(grid[0], up=False))
+                    else:
+                        break
+                    runs.append(self.get(arm, grid[-1] if best == grid[-2] else grid[0], self.grid_seed))
                 self.tuned[arm.name] = select_lr(runs)
         variants = [a for a in self.arms if a.family == "E4"]  # 2. E4's variants on the grid seed; the best is "E4"
         if variants:

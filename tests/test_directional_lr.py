@@ -63,6 +63,26 @@ def test_selection_rules():
     assert directional_lr.select_variant(curves) == "E4-x10-k8"  # higher AUC (0.75 vs 0.70)
 
 
+def test_grid_extension_walks_the_1_3_10_ladder():
+    up = [directional_lr.ladder_step(x, up=True) for x in (3e-3, 1e-2, 3e-4)]
+    down = [directional_lr.ladder_step(x, up=False) for x in (3e-5, 1e-5, 1e-4)]
+    assert up == [1e-2, 3e-2, 1e-3] and down == [1e-5, 3e-6, 3e-5]
+
+
+def test_a_best_lr_at_the_grid_edge_extends_the_grid():
+    args = directional_lr.parse_args(["--tasks", "digits", "--seeds", "0", "--runs", "B0", "--lr-grid", "1e-4,3e-4"])
+    seen = []
+
+    def run(arm, lr, seed):  # accuracy grows with the LR up to 1e-3, then falls
+        seen.append(lr)
+        acc = {1e-4: 0.5, 3e-4: 0.6, 1e-3: 0.7, 3e-3: 0.65}[lr]
+        return {"arm": arm.name, "task": "digits", "lr": lr, "seed": seed, "final_val": acc, "diverged": False}
+
+    proto = directional_lr.Protocol("digits", args, directional_lr.config_for(args, "digits"), {}, run)
+    proto.run_all()
+    assert seen == [1e-4, 3e-4, 1e-3, 3e-3] and proto.tuned["B0"] == 1e-3
+
+
 def test_top_k_energy_is_the_ceiling_of_every_rank_k_pair():
     g = torch.Generator().manual_seed(0)
     m = torch.randn(12, 9, generator=g)
