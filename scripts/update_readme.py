@@ -78,7 +78,7 @@ BLOCKS = {
     "bench-monitor": lambda: printed_block("monitor_overhead.json"),
     "bench-lorax": lambda: results_printed("lorax_speed.json"),
     "bench-lorax-svd": lambda: results_printed("lorax_svd_accuracy.json"),
-    "lorax-transfer": lambda: recipe_markdown("lorax_transfer"),
+    "lorax-transfer": lambda: results_markdown("lorax_transfer.json"),  # recipes/lorax_transfer.py --results_copy
     "ortho-unlearn": lambda: recipe_markdown("ortho_unlearn"),
     "bench-ortho": lambda: printed_block("ortho_latency.json"),
     "bench-ortho-cuda": lambda: printed_block("ortho_cuda.json"),
