@@ -450,3 +450,63 @@ def test_load_tofu_errors(tmp_path):
         td.load_tofu(str(tmp_path / "full.json"))
     with pytest.raises(ValueError, match="must differ"):
         td.write_tofu_like(str(tmp_path), forget, retain, forget_split="x", retain_split="x")
+
+
+# ------------------------------------------------------------------------------------------------ the fine-tune step
+
+
+def test_relative_delta_norms_closed_form():
+    import tofu_finetune as tf
+
+    w = {"layers.0.mlp.up_proj": torch.ones(2, 3), "layers.1.mlp.up_proj": 2 * torch.ones(2, 3),
+         "layers.0.self_attn.q_proj": torch.eye(3)}
+    after = {"layers.0.mlp.up_proj": 1.1 * torch.ones(2, 3), "layers.1.mlp.up_proj": 2 * torch.ones(2, 3),
+             "layers.0.self_attn.q_proj": torch.zeros(3, 3)}
+    got = tf.relative_delta_norms(w, after)
+    assert got["up_proj"] == pytest.approx(math.sqrt(6 * 0.01 / (6 + 24)))  # pooled over both layers
+    assert got["q_proj"] == pytest.approx(1.0)
+    assert got["all"] == pytest.approx(math.sqrt((0.06 + 3) / (30 + 3)))
+    with pytest.raises(ValueError, match="the same non-empty set of weights"):
+        tf.relative_delta_norms(w, {})
+
+
+def test_answer_only_labels_are_the_scored_answer_tokens(tok):
+    import tofu_finetune as tf
+
+    pairs = td.qa_pairs(td.make_people(2))
+    examples = tf.answer_only_examples(tok, pairs)
+    for (q, a), ex in zip(pairs, examples):
+        ids, k = td._encode(tok, td.prompt(q), " " + a, add_eos=True)
+        assert ex["input_ids"] == ids and ex["labels"] == [-100] * k + ids[k:] and ids[-1] == tok.eos_token_id
+    batch = tf.pad_collate(tok.pad_token_id)(examples[:3])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert int((batch["labels"] != -100).sum()) == td.answer_nll(Planted(len(tok)), tok, pairs[:3])[1]
+
+
+def test_finetune_quick_trains_block_linears_caches_and_reports(tmp_path, monkeypatch):
+    import tofu_finetune as tf
+    from transformers import AutoModelForCausalLM
+
+    preset = str(ROOT / "recipes" / "presets" / "tofu_finetune_quick.yaml")
+    out = tf.main(["--config", preset, "--cache_dir", str(tmp_path)])
+    full, oracle = out["full"], out["oracle"]
+    assert (full["people"], oracle["people"]) == (10, 8) and full["train"]["steps"] == 8 * 5  # 50 pairs / 10 per step
+    assert full["forget_ppl"] < oracle["forget_ppl"]  # only "full" saw the forget people
+    assert full["train"]["last_loss"] < full["train"]["first_loss"]
+    assert set(full["relative_delta"]) == set(tf.BLOCK_KINDS) | {"all"} and min(full["relative_delta"].values()) > 0
+    # only the block linears moved: embeddings, norms and head are the base model's
+    splits = td.make_splits(10, 0.2, seed=0, n_world=0)
+    base, _ = tf.tiny_model(splits, seed=0)
+    tuned = AutoModelForCausalLM.from_pretrained(full["folder"])
+    moved = {n for n, p in tuned.named_parameters() if not torch.equal(p, base.state_dict()[n])}
+    assert moved == {f"{n}.weight" for n in tf.block_linears(base)}
+    # a rerun with the same settings reuses both folders without training; another lr is another folder
+    real_finetune = tf.finetune
+    monkeypatch.setattr(tf, "finetune", lambda *a, **k: pytest.fail("retrained a cached model"))
+    again = tf.main(["--config", preset, "--cache_dir", str(tmp_path)])
+    assert again["full"] == full and again["oracle"] == oracle
+    args = tf.parse_args(["--config", preset])
+    assert tf.settings_key(args, "tiny-0") != tf.settings_key(tf.parse_args(["--config", preset, "--lr", "0.001"]),
+                                                             "tiny-0")
+    with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\), got 1.0"):
+        real_finetune(base, None, [("q", "a")], warmup_ratio=1.0)
