@@ -186,6 +186,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-test", type=int, default=2000, help="cap on test images (--dataset)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: all cores for the text testbeds, 1 for the tiny ViT)")
+    p.add_argument("--worker-seeds", default=None,
+                   help="run only these seeds' runs after the grids and write no report: a second process on the "
+                   "other core shares the work (both read each other's finished runs from the resume file)")
     p.add_argument("--output-dir", default="runs/directional_lr")
     p.add_argument("--quick", action="store_true", help="tiny configuration for tests (seconds)")
     p.add_argument("--no-plots", action="store_true")
@@ -245,6 +248,14 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpars
         p.error(f"--seeds must be comma-separated integers such as 0,1,2,3,4,5, got {args.seeds!r}")
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
         p.error(f"--seeds: give distinct seeds, the first for the grids, e.g. 0,1,2,3,4,5; got {args.seeds!r}")
+    args.worker_list = None
+    if args.worker_seeds is not None:
+        try:
+            args.worker_list = [int(x) for x in str(args.worker_seeds).split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--worker-seeds must be comma-separated integers, got {args.worker_seeds!r}")
+        if not set(args.worker_list) <= set(args.seed_list):
+            p.error(f"--worker-seeds {args.worker_seeds} must be among --seeds {args.seeds}")
     args.task_list = ["hf"] if args.dataset else [t for t in str(args.tasks).split(",") if t]
     bad = [t for t in args.task_list if t not in TESTBEDS]
     if bad:
@@ -870,7 +881,7 @@ class Protocol:
         if variants:
             runs = [self.get(a, self.tuned[a.lr_of], self.grid_seed) for a in variants]
             self.selected["E4"] = select_variant(runs)
-        for seed in self.args.seed_list:  # 3. every arm at its setting on every seed (E4: the selected variant)
+        for seed in self.args.worker_list or self.args.seed_list:  # 3. every arm at its setting on every seed (E4: the selected variant)
             for arm in self.arms:
                 if arm.family and arm.name != self.selected.get(arm.family):
                     continue
@@ -1193,7 +1204,8 @@ def partial_path(args) -> str:
     a rerun with the same flags picks up where an interrupted one stopped; other flags start afresh."""
     keep = {k: v for k, v in vars(args).items() if k not in ("output_dir", "runs", "run_list", "seeds", "seed_list",
                                                                "no_plots", "threads", "config", "bootstrap", "tasks",
-                                                               "task_list", "from_json", "cache_dir")}
+                                                               "task_list", "from_json", "cache_dir", "worker_seeds",
+                                                               "worker_list")}
     digest = hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return os.path.abspath(args.output_dir) + f".partial-{digest}.jsonl"
 
@@ -1297,11 +1309,15 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as work:
         def runner(task_name, cfg, arm, lr, seed):
+            key = run_key(task_name, arm.name, lr, seed)
+            finished = load_partial(args).get(key)  # another worker (--worker-seeds) may have run it meanwhile
+            if finished is not None:
+                return finished
             task = task_for(task_name, seed)
             torch.set_num_threads(args.threads or (1 if task_name in SCRATCH else max(1, os.cpu_count() or 1)))
             t0 = time.perf_counter()
             res = run_one(arm, task, lr, seed, cfg, args, work)
-            save_partial(args, run_key(task_name, arm.name, lr, seed), res)
+            save_partial(args, key, res)
             print(f"[{task_name} seed {seed}] {arm.name:<10} lr {lr:<8g} final val {100 * res['final_val']:5.1f}% "
                   f"test {100 * res['final_test']:5.1f}%  {time.perf_counter() - t0:6.1f}s"
                   + ("  DIVERGED" if res["diverged"] else ""), flush=True)
@@ -1314,6 +1330,9 @@ def main(argv=None) -> dict:
                 proto.task_desc = task_for(proto.task_name, args.seed_list[0]).describe
         finally:
             torch.set_num_threads(threads_before)
+    if args.worker_list:
+        print(f"worker for seeds {args.worker_list} done; the process running every seed writes the report")
+        return {}
     return write_report(args, protos, machine())
 
 
