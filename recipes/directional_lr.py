@@ -867,7 +867,8 @@ class Protocol:
             if arm.grid:
                 grid = sorted(grids[arm.grid])
                 runs = [self.get(arm, lr, self.grid_seed) for lr in grid]
-                for _ in range(MAX_GRID_EXTENSIONS if len(grid) > 1 else 0):
+                extensions = 0 if self.args.quick or len(grid) < 2 else MAX_GRID_EXTENSIONS  # --quick: the code path only
+                for _ in range(extensions):
                     best = select_lr(runs)
                     if best == grid[-1]:
                         grid.append(ladder_step(grid[-1], up=True))
