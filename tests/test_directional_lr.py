@@ -185,7 +185,7 @@ def test_verdicts_are_two_sided_and_need_the_positive_control():
     md, summary = directional_lr.task_report(proto)
     assert summary["comparisons"]["E4-x3-k4 vs B0"]["steps@0"]["relative"] == pytest.approx(-50 / 80)
     assert "**Positive control** (LoRA+ reaches a level in significantly fewer steps than LoRA" in md
-    assert "NOT met — this testbed cannot show a speed-up" in md
+    assert "NOT met — this testbed did not resolve LoRA+'s speed-up" in md
     speed = next(line for line in md.splitlines() if line.startswith("- **Speed**"))
     assert "CI below 0): met — 90%: -62% [-62, -62]" in speed  # a clear speed-up is not hidden by the silent control
     assert "**Directional beats global**" not in md  # no B1 ran: no verdict that would need it
