@@ -49,6 +49,9 @@ def kill_mid_write(flag, child, timeout: float = 60.0) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns into pytest
         try:
+            # one thread: GNU OpenMP is not fork-safe, and a child that enters a parallel region with the pool the
+            # parent left behind (2 threads, after earlier tests ran) can hang there (seen in CI: "did not reach")
+            torch.set_num_threads(1)
             child(flag)
         finally:
             os._exit(3)
