@@ -111,6 +111,30 @@ def _randn(rows: int, cols: int, *, generator: torch.Generator | None, dtype: to
     return torch.randn(rows, cols, generator=g, dtype=dtype, device=g.device).to(device)
 
 
+def range_test_matrix(shape: tuple[int, int], l: int, k: int, oversample: int, warm_start, generator, dtype, device):
+    """The (b, l) test matrix of the randomized range finder: the warm-start columns first, then Gaussian ones from
+    `generator`. One function, so the sharded path (trainer_ext.spectral) draws exactly the same numbers."""
+    a, b = shape
+    cols = []
+    if warm_start is not None:
+        w = _as_matrix(warm_start, "warm_start")
+        if w.shape[0] != b:
+            raise ValueError(
+                f"warm_start must have one row per column of m: m has shape ({a}, {b}), "
+                f"warm_start has shape {tuple(w.shape)}; pass the previous check's V (shape ({b}, k))"
+            )
+        if w.shape[1] > l:
+            raise ValueError(
+                f"warm_start has {w.shape[1]} columns, more than the {l} test vectors used "
+                f"(min(k + oversample, min(a, b)) with k={k}, oversample={oversample}); pass at most {l} columns"
+            )
+        cols.append(w.to(device=device, dtype=dtype))
+    j = cols[0].shape[1] if cols else 0
+    if l > j:
+        cols.append(_randn(b, l - j, generator=generator, dtype=dtype, device=device))
+    return torch.cat(cols, dim=1)
+
+
 def top_k_svd(
     m: torch.Tensor,
     k: int,
@@ -154,24 +178,7 @@ def top_k_svd(
 
     # sample size: never more columns than the matrix has rank room for
     l = min(k + oversample, min(a, b))
-    cols = []
-    if warm_start is not None:
-        w = _as_matrix(warm_start, "warm_start")
-        if w.shape[0] != b:
-            raise ValueError(
-                f"warm_start must have one row per column of m: m has shape ({a}, {b}), "
-                f"warm_start has shape {tuple(w.shape)}; pass the previous check's V (shape ({b}, k))"
-            )
-        if w.shape[1] > l:
-            raise ValueError(
-                f"warm_start has {w.shape[1]} columns, more than the {l} test vectors used "
-                f"(min(k + oversample, min(a, b)) with k={k}, oversample={oversample}); pass at most {l} columns"
-            )
-        cols.append(w.to(device=m.device, dtype=m.dtype))
-    j = cols[0].shape[1] if cols else 0
-    if l > j:
-        cols.append(_randn(b, l - j, generator=generator, dtype=m.dtype, device=m.device))
-    omega = torch.cat(cols, dim=1)
+    omega = range_test_matrix((a, b), l, k, oversample, warm_start, generator, m.dtype, m.device)
 
     q, _ = torch.linalg.qr(m @ omega)  # (a, l), orthonormal basis of the sampled range
     for _ in range(niter):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from peft_ext._checks import check_finite, check_number
-from peft_ext.linalg import _as_matrix, _check_int, _check_k, _randn, top_k_svd  # noqa: F401
+from peft_ext.linalg import _as_matrix, _check_int, _check_k, _randn, range_test_matrix, top_k_svd  # noqa: F401
 
 __all__ = [
     "top_k_svd",
@@ -558,19 +558,7 @@ def sharded_top_k_svd(
         return vh[:k].T, s[:k], gather(q @ ur[:, :k])  # m^T = (Q ur) s vh
 
     l = min(k + oversample, min(a, b))
-    cols = []
-    if warm_start is not None:
-        w = _as_matrix(warm_start, "warm_start")
-        if w.shape[0] != b or w.shape[1] > l:
-            raise ValueError(
-                f"warm_start must have shape ({b}, j) with j <= {l} for a matrix of shape ({a}, {b}), got "
-                f"{tuple(w.shape)}; pass the previous check's V"
-            )
-        cols.append(w.to(device=x.device, dtype=x.dtype))
-    j = cols[0].shape[1] if cols else 0
-    if l > j:
-        cols.append(_randn(b, l - j, generator=generator, dtype=x.dtype, device=x.device))
-    omega = torch.cat(cols, dim=1)
+    omega = range_test_matrix((a, b), l, k, oversample, warm_start, generator, x.dtype, x.device)
     if not rows:
         omega = omega[m.offset : m.offset + m.sizes[m.rank]]
 
