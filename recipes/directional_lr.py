@@ -77,7 +77,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipe
 import data  # noqa: E402
 import zoo  # noqa: E402
 from common import machine  # noqa: E402
-from evidence import bootstrap_ci, bootstrap_mean, fmt_ci, paired_difference, paired_time_difference, time_to_level  # noqa: E402
+from evidence import (bootstrap_ci, bootstrap_mean, fmt_ci, ladder_step, paired_difference,  # noqa: E402
+                      paired_time_difference, time_to_level)
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -815,13 +816,6 @@ def auc(curve: list[dict]) -> float:
 
 
 MAX_GRID_EXTENSIONS = 2
-
-
-def ladder_step(lr: float, up: bool) -> float:
-    """The next LR on the 1-3-10 ladder the grids use: 3e-3 -> 1e-2 -> 3e-2 up, 3e-5 -> 1e-5 -> 3e-6 down."""
-    mantissa = lr / 10 ** math.floor(math.log10(lr))
-    factor = (3.0 if mantissa < 2 else 10 / 3) if up else (0.3 if mantissa < 2 else 1 / 3)
-    return float(f"{lr * factor:.2g}")
 
 
 def select_lr(runs: list[dict]) -> float:

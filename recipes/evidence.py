@@ -84,3 +84,10 @@ def fmt_ci(ci: tuple[float, float, float] | dict, scale: float = 1.0, digits: in
         return "—"
     sign = "+" if signed else ""
     return f"{m * scale:{sign}.{digits}f} [{lo * scale:{sign}.{digits}f}, {hi * scale:{sign}.{digits}f}]"
+
+
+def ladder_step(lr: float, up: bool) -> float:
+    """The next LR on the 1-3-10 ladder the grids use: 3e-3 -> 1e-2 -> 3e-2 up, 3e-5 -> 1e-5 -> 3e-6 down."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr))
+    factor = (3.0 if mantissa < 2 else 10 / 3) if up else (0.3 if mantissa < 2 else 1 / 3)
+    return float(f"{lr * factor:.2g}")

@@ -87,7 +87,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipes/lorax_transfer.py` finds its modules
 
 import data  # noqa: E402
-from evidence import fmt_ci, paired_difference  # noqa: E402
+from evidence import fmt_ci, ladder_step, paired_difference  # noqa: E402
 
 TARGET_MODULES = ["query", "key", "value", "dense"]
 EXCLUDE_MODULES = ["pooler.dense"]  # mean pooling never uses the pooler: a LoRA there would get no gradient
@@ -148,11 +148,13 @@ class Args:
     steps: int = field(default=60, metadata={"help": "optimizer steps per adapter training (~0.45 epoch at batch 8; "
                                                       "70+ trainings make this the budget's largest knob)"})
     batch_size: int = field(default=8, metadata={"help": "docstrings per adapter training step"})
-    lr_grid: list[float] = field(default_factory=lambda: [1e-3, 3e-3], metadata={
+    lr_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3], metadata={
         "help": "ordinary LoRA learning rates tried on the source (seed 0, validation accuracy picks one)"})
-    lorax_lr_grid: list[float] = field(default_factory=lambda: [3e-3, 1e-2], metadata={
+    lorax_lr_grid: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2], metadata={
         "help": "LoRA-X learning rates (of the singular values, which start at the source's sigma_i), tried the "
                 "same way"})
+    lr_extensions: int = field(default=2, metadata={
+        "help": "times a grid whose best LR is at its edge is extended one ladder step past it (0: never)"})
     max_length: int = field(default=64, metadata={"help": "tokens per docstring (training and evaluation)"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={
         "help": "adapter seeds (initialisation and data order); seed 0 also picks the learning rates"})
@@ -206,6 +208,8 @@ def check_args(a: Args) -> Optional[str]:
         value = getattr(a, name)
         if value < 1:
             return f"--{name} must be an integer >= 1, got {value}"
+    if a.lr_extensions < 0:
+        return f"--lr_extensions must be an integer >= 0 (0: never extend the grid), got {a.lr_extensions}"
     if a.simcse_batch_size < 2:
         return (f"--simcse_batch_size must be >= 2 (the other paragraphs of the batch are the InfoNCE negatives), "
                 f"got {a.simcse_batch_size}")
@@ -334,8 +338,8 @@ def recovers_down_to(points: list[tuple[float, dict]], level: float) -> dict:
 def settings_key(args: Args, model_path: str) -> str:
     """Hash of everything that changes a unit's result: units of other settings never mix."""
     keys = ["task", "per_class", "centroid_per_class", "r", "k", "steps", "batch_size", "lr_grid", "lorax_lr_grid",
-            "max_length", "phi_threshold", "simcse_lr", "simcse_batch_size", "simcse_max_length", "temperature",
-            "target_seed", "target_base"]
+            "lr_extensions", "max_length", "phi_threshold", "simcse_lr", "simcse_batch_size", "simcse_max_length",
+            "temperature", "target_seed", "target_base"]
     blob = json.dumps({"model": _model_id(model_path), **{k: getattr(args, k) for k in keys}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -726,11 +730,28 @@ def load_target(run: Run, t: Target) -> nn.Module:
 
 def pick_lr(run: Run, kind: str) -> dict:
     """Each grid LR trained on the source with seed 0, scored on validation; the best (ties: the smaller) is kept.
-    The seed-0 adapters are kept: the source unit of seed 0 reuses the chosen one."""
+    A best LR at an edge of the grid extends it one 1-3-10 ladder step past that edge, up to --lr_extensions times
+    (a grid whose best point is its edge has not found the optimum). The seed-0 adapters are kept: the source unit
+    of seed 0 reuses the chosen one."""
     grid = sorted(run.args.lorax_lr_grid if kind == "lorax" else run.args.lr_grid)
     scores = {lr: source_unit(run, kind, 0, lr)["val"]["accuracy"] for lr in grid}
-    best = max(grid, key=lambda lr: (scores[lr], -lr))
-    return {"lr": best, "val": scores}
+    extended = []
+    for _ in range(run.args.lr_extensions if len(grid) > 1 else 0):
+        best = select_lr(scores)
+        lo, hi = min(scores), max(scores)
+        if best not in (lo, hi):
+            break
+        lr = ladder_step(hi, up=True) if best == hi else ladder_step(lo, up=False)
+        scores[lr] = source_unit(run, kind, 0, lr)["val"]["accuracy"]
+        extended.append(lr)
+    best = select_lr(scores)
+    return {"lr": best, "val": {lr: scores[lr] for lr in sorted(scores)}, "grid": grid, "extended": extended,
+            "interior": min(scores) < best < max(scores)}
+
+
+def select_lr(scores: dict[float, float]) -> float:
+    """The LR with the best validation accuracy; ties go to the smaller LR."""
+    return max(scores, key=lambda lr: (scores[lr], -lr))
 
 
 def source_unit(run: Run, kind: str, seed: int, lr: float) -> dict:
@@ -1005,7 +1026,8 @@ def _list(res: dict, sign: int) -> str:
 def markdown(args: Args, got: dict, summary: dict, verdict_lines: list[str], machine: str, task: dict) -> str:
     table = summary["table"]
     names = sorted(table, key=lambda k: -table[k]["phi"])
-    lrs = ", ".join(f"{KIND_LABELS[k]} {v['lr']:g}" for k, v in got["lr"].items())
+    lrs = ", ".join(f"{KIND_LABELS[k]} {v['lr']:g} (of " + ", ".join(f"{float(x):g}" for x in v["val"])
+                    + ("" if v.get("interior", True) else "; at the grid's edge") + ")" for k, v in got["lr"].items())
     src = got["source"]["test"]["accuracy"]
     src_ad = {k: statistics.mean(r["test"]["accuracy"] for r in v.values()) for k, v in got["source_adapters"].items()
               if v}

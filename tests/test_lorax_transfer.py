@@ -70,6 +70,27 @@ def test_recovers_down_to_walks_from_the_closest_target():
 # ------------------------------------------------------------------------------------------------ flags
 
 
+@pytest.mark.parametrize("peak, grid, tried, chosen, interior", [
+    (3e-3, [1e-3, 3e-3, 1e-2], [1e-3, 3e-3, 1e-2], 3e-3, True),  # interior at once: no extension
+    (1e-1, [1e-3, 3e-3, 1e-2], [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], 1e-1, False),  # two steps up, still at the edge
+    (3e-4, [1e-3, 3e-3, 1e-2], [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], 3e-4, True),  # two steps down: 3e-4 is interior
+])
+def test_pick_lr_extends_a_grid_whose_best_is_an_edge(monkeypatch, peak, grid, tried, chosen, interior):
+    import math as m
+
+    calls = []
+
+    def fake_unit(run, kind, seed, lr):
+        calls.append(lr)
+        return {"val": {"accuracy": -abs(m.log10(lr) - m.log10(peak))}}  # a single peak at `peak` in log-LR
+
+    monkeypatch.setattr(lt, "source_unit", fake_unit)
+    run = type("R", (), {"args": lt.Args(lorax_lr_grid=grid, lr_extensions=2)})()
+    got = lt.pick_lr(run, "lorax")
+    assert sorted(calls) == sorted(tried) and got["lr"] == chosen
+    assert sorted(got["extended"]) == [x for x in tried if x not in grid] and got["interior"] is interior
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--kinds", "dora"], "--kinds got ['dora']"),
     (["--seeds", "0", "0"], "--seeds got [0, 0]"),
