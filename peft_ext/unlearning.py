@@ -277,3 +277,84 @@ def extraction(completion: str, secret: str) -> dict:
     agree = [i < len(got) and got[i] == w for i, w in enumerate(want)]
     prefix = next((i for i, a in enumerate(agree) if not a), len(want))
     return {"exact": all(agree), "prefix": prefix, "digits": sum(agree) / len(want)}
+
+
+# ------------------------------------------------------------------------------------------------ unlearning losses
+# The baselines an unlearning method must beat (gradient ascent, GradDiff, NPO, task-vector negation), as pure functions
+# of numbers a model produced (torch tensors, so that they carry gradients) or of state dicts.
+
+
+def _seq_tensor(values, field: str):
+    import torch
+
+    t = values if torch.is_tensor(values) else torch.as_tensor(values, dtype=torch.float64)
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(f"{field} must be a non-empty 1-D tensor (one value per sequence), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{field} must hold floating-point log-probabilities, got dtype {t.dtype}")
+    if not torch.isfinite(t.detach()).all():
+        raise ValueError(f"{field} holds a non-finite value: pass finite log-probabilities")
+    return t
+
+
+def npo_loss(policy_logp, reference_logp, beta: float):
+    """Negative Preference Optimization (Zhang et al. 2024): (2 / beta) * mean softplus(beta * (logp_theta -
+    logp_ref)) over forget sequences, with each sequence's log-probability summed over its answer tokens.
+
+    It equals (2 / beta) log 2 where the model still matches the reference; as beta -> 0 its gradient tends to that of
+    mean(logp_theta), i.e. gradient ascent on the forget NLL, while for beta > 0 a sequence that is already unlikely
+    (logp_theta << logp_ref) stops pushing (its weight sigmoid(beta * (logp_theta - logp_ref)) -> 0): NPO's point."""
+    import torch.nn.functional as F
+
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"npo_loss: beta must be a finite number > 0 (NPO uses 0.1), got {beta!r}")
+    pol = _seq_tensor(policy_logp, "policy_logp")
+    ref = _seq_tensor(reference_logp, "reference_logp").detach().to(pol.device, pol.dtype)
+    if pol.shape != ref.shape:
+        raise ValueError(f"npo_loss: policy_logp and reference_logp need one value per sequence each, got "
+                         f"{pol.numel()} and {ref.numel()}")
+    return (2.0 / beta) * F.softplus(beta * (pol - ref)).mean()
+
+
+def grad_diff_loss(forget_nll, retain_nll, retain_weight: float = 1.0):
+    """GradDiff (Liu et al. 2022; TOFU's "grad_diff"): -forget_nll + retain_weight * retain_nll; minimising it ascends
+    the forget loss and descends the retain loss. retain_weight 0 is plain gradient ascent."""
+    if isinstance(retain_weight, bool) or not isinstance(retain_weight, (int, float)) \
+            or not math.isfinite(retain_weight) or retain_weight < 0:
+        raise ValueError(f"grad_diff_loss: retain_weight must be a finite number >= 0 (1: TOFU's), got {retain_weight!r}")
+    for field, v in (("forget_nll", forget_nll), ("retain_nll", retain_nll)):
+        if isinstance(v, bool) or not (hasattr(v, "shape") or isinstance(v, (int, float))) \
+                or (hasattr(v, "shape") and tuple(v.shape) != ()):
+            raise ValueError(f"grad_diff_loss: {field} must be a scalar loss (a 0-d tensor or a number), got {v!r:.80}")
+    return -forget_nll + retain_weight * retain_nll
+
+
+def task_vector_negation(finetuned: Mapping, forget_finetuned: Mapping, base: Mapping | None = None,
+                         lam: float = 1.0) -> dict:
+    """Task-vector negation (Ilharco et al. 2023, "Editing models with task arithmetic"), over state dicts:
+    W - lam * dW_forget for every floating-point tensor, where dW_forget = forget_finetuned - (base if given, else
+    finetuned), i.e. by default the delta of the model fine-tuned further on the forget set only (the unlearning
+    baselines' use). Tensors that are not floating point, and keys only in `finetuned`, are returned unchanged;
+    every key of forget_finetuned (and base) must be in finetuned with the same shape."""
+    import torch
+
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"task_vector_negation: lam must be a finite number (the scale of the negated delta), got {lam!r}")
+    ref = finetuned if base is None else base
+    for field, sd in (("forget_finetuned", forget_finetuned), ("base", ref)):
+        missing = [k for k in sd if k not in finetuned]
+        if missing:
+            raise ValueError(f"task_vector_negation: {field} has keys finetuned lacks ({missing[:3]}): pass state dicts "
+                             "of the same architecture")
+        bad = [k for k in sd if tuple(sd[k].shape) != tuple(finetuned[k].shape)]
+        if bad:
+            raise ValueError(f"task_vector_negation: {field}[{bad[0]!r}] has shape {tuple(sd[bad[0]].shape)}, "
+                             f"finetuned's is {tuple(finetuned[bad[0]].shape)}: pass state dicts of one architecture")
+    out = {}
+    for k, w in finetuned.items():
+        if k in forget_finetuned and torch.is_floating_point(w) and (base is None or k in ref):
+            delta = forget_finetuned[k].to(w.device, torch.float64) - ref[k].to(w.device, torch.float64)
+            out[k] = (w.double() - lam * delta).to(w.dtype)
+        else:
+            out[k] = w
+    return out
