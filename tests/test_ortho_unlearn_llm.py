@@ -1,0 +1,123 @@
+"""recipes/ortho_unlearn_llm.py: the tuning rule, the CI verdicts, the Fisher-ratio map, and the --quick run end to
+end with its resume (a second invocation trains and scores nothing) and a refused bad flag."""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import ortho_unlearn_llm as ou  # noqa: E402
+import tofu_finetune  # noqa: E402
+
+QUICK = str(ROOT / "recipes/presets/ortho_unlearn_llm_quick.yaml")
+
+
+def test_tuning_rule_maximises_forget_quality_above_the_utility_floor():
+    pts = [{"lr": 1, "fq": 0.9, "utility_select": 0.5}, {"lr": 2, "fq": 0.3, "utility_select": 0.96},
+           {"lr": 3, "fq": 0.3, "utility_select": 0.99}, {"lr": 4, "fq": 0.1, "utility_select": 1.0}]
+    best, kept = ou.pick_operating_point(pts, floor=0.95)
+    assert (best["lr"], kept) == (3, True)  # the 0.9 point loses utility; between equal FQ, higher utility
+    best, kept = ou.pick_operating_point(pts, floor=1.5)
+    assert (best["lr"], kept) == (4, False)  # nobody keeps the floor: the least damaging point, flagged
+    with pytest.raises(ValueError, match="no grid points"):
+        ou.pick_operating_point([], 0.9)
+
+
+def test_ci_verdict_needs_the_whole_interval():
+    assert ou.ci_verdict((0.1, 0.06, 0.2), 0.05, above=True) == "met"
+    assert ou.ci_verdict((0.04, 0.01, 0.049), 0.05, above=True) == "missed"
+    assert ou.ci_verdict((0.06, 0.01, 0.2), 0.05, above=True) == "unresolved"
+    assert ou.ci_verdict((1.0, 0.5, 1.5), 1.5, above=False) == "met"
+    assert ou.ci_verdict((3.0, 2.0, 4.0), 1.5, above=False) == "missed"
+    assert ou.ci_verdict((math.nan,) * 3, 1.5, above=False) == "unresolved"
+
+
+def test_fisher_ratio_map_is_forget_over_retain():
+    from peft_ext.ortho.saliency import EntrySaliency
+
+    f = EntrySaliency(kind="fisher", maps={"w": torch.tensor([[2.0, 0.0, 1.0]])}, batches=1)
+    r = EntrySaliency(kind="fisher", maps={"w": torch.tensor([[1.0, 1.0, 0.0]])}, batches=1)
+    got = ou.fisher_ratio_maps(f, r, eps=1e-3).maps["w"]
+    eps = 1e-3 * (2 / 3)
+    assert got[0].tolist() == pytest.approx([2 / (1 + eps), 0.0, 1 / eps], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ou_llm")
+    argv = ["--config", QUICK, "--output_dir", str(base / "out"), "--cache_dir", str(base / "cache"),
+            "--results_copy", str(base / "copy.json")]
+    return base, argv, ou.main(argv)
+
+
+def test_quick_run_scores_every_arm_and_writes_the_report(quick):
+    base, _, res = quick
+    out = base / "out"
+    assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "plane.png"}
+    assert json.loads((base / "copy.json").read_text())["rows"] == res["rows"]
+    arms = {r["arm"] for r in res["rows"]}
+    assert arms == set(ou.ARMS)
+    for r in res["rows"]:  # the fields the issue asks for, per arm and seed
+        for k in ("seed", "density", "base_kind", "alpha", "forget_quality", "model_utility", "truth_ratio",
+                  "exposure", "extraction"):
+            assert k in r
+        assert 0.0 <= r["forget_quality"] <= 1.0 and 0.0 <= r["model_utility"] <= 1.0
+    # the oracle against itself: KS p = 1; random and the baselines ran both seeds, deterministic selectors one
+    assert res["reference"]["oracle"]["forget_quality"] == 1.0
+    seeds = {(r["arm"], r["seed"]) for r in res["rows"]}
+    assert {("random", 0), ("random", 1), ("npo", 0), ("npo", 1), ("contrastive", 0)} <= seeds
+    assert ("contrastive", 1) not in seeds
+    # alpha=1 with base none gives the fine-tuned weights back exactly: the fine-tuned model's numbers
+    ft = res["reference"]["finetuned"]
+    a1 = [r for r in res["rows"] if r["alpha"] == 1.0 and r["base_kind"] == "none"]
+    assert a1 and all(r["forget_quality"] == pytest.approx(ft["forget_quality"], rel=1e-6) for r in a1)
+    assert all(r["truth_ratio"] == pytest.approx(ft["truth_ratio"], abs=1e-5) for r in a1)
+    # verdicts computed for every setting, from the listed outcomes
+    for e in res["summary"]:
+        assert set(e["verdicts"].values()) <= {"met", "missed", "unresolved", "vacuous"}
+    # tuning read seed 0's grid only, and the operating point is one of its points
+    for arm, t in res["tuning"].items():
+        assert len(t["grid"]) == 2 and t["operating_point"] in [
+            {k: p[k] for k in ("lr", "beta", "lam") if p.get(k) is not None} for p in t["grid"]]
+    assert "Verdict (computed)" in (base / "out" / "results.md").read_text()
+
+
+def test_second_invocation_trains_nothing_and_a_lost_unit_is_redone(quick, monkeypatch):
+    base, argv, res = quick
+    units = sorted(Path(ou.unit_dir(ou.parse_args(argv))).glob("*.json"))
+    before = {p.name: p.stat().st_mtime_ns for p in units}
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished unit was recomputed")
+
+    for mod, name in ((ou, "unlearn"), (ou, "ortho_split"), (ou, "score"), (tofu_finetune, "finetune")):
+        monkeypatch.setattr(mod, name, refuse)
+    again = ou.main(argv)
+    assert again["rows"] == res["rows"]
+    assert {p.name: p.stat().st_mtime_ns for p in units} == before
+    # a killed run: one unit missing is the only one redone
+    monkeypatch.undo()
+    lost = next(p for p in units if p.name.startswith("arm__ga__"))
+    os.remove(lost)
+    calls = []
+    real = ou.score
+    monkeypatch.setattr(ou, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ou.main(argv)
+    assert lost.exists() and len(calls) == 1
+
+
+def test_bad_flag_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        ou.parse_args(["--densities", "0.01", "1.5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--densities/--sweep_density got 1.5: densities must be in (0, 1)" in err
+    with pytest.raises(SystemExit):
+        ou.parse_args(["--arms", "ga", "rmu"])
+    assert "--arms got ['rmu']: choose from" in capsys.readouterr().err
