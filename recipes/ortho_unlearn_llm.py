@@ -45,13 +45,27 @@ Verdicts, computed per arm against the issue's three criteria with 95% bootstrap
 (recipes/evidence.py): forget quality within the oracle's band (p >= --fq_band, 0.05: the KS test cannot tell the
 arm's forget truth ratios from the oracle's), utility >= 95% of the fine-tuned model's, forget-ID exposure at chance
 (<= the oracle's, which never saw those IDs, + --exposure_margin bits). Met when the whole CI is on the right side,
-missed when the whole CI is on the wrong side, unresolved otherwise.
+missed when the whole CI is on the wrong side, unresolved otherwise; "vacuous" (never met) when the fine-tuned model
+itself already meets the criterion (e.g. it never memorised the IDs), since then the criterion tests nothing.
 
 Outputs in --output_dir: units-<settings hash>/<unit>.json (one complete-or-absent file per (arm, setting, seed):
 a killed run resumes where it stopped), results.json / results.md / plane.png (forget quality x model utility,
 every unit a point, the oracle and the fine-tuned model marked; beside it the alpha sweep); --results_copy.
 
-Budget: see the docstring section "Cost" below (measured, not guessed).
+Cost, measured (this module's unlearn() and score() timed on one gradient-ascent unit shrunk to ~2 min, SmolLM2, 1
+torch thread, nice 10, on a 2-core AMD EPYC busy with another experiment): 3 optimizer steps of 8 pairs 47 s (the
+first steps are the slow ones: an earlier probe of 16-pair steps took 24.6, 19.2, 6.5 s); tofu_scores on 10 items
+13.8 s (forget), 10.7 s (retain-eval), 4.6 s (world: 3 answers fewer); one ID canary against 100 sampled IDs plus its
+greedy extraction 12.0 s. Extrapolated per unit at this default (10 steps ~120 s, GradDiff ~200 s; 30 items per set;
+2 + 2 canaries): a tuning unit ~195 s, a baseline arm unit ~260 s, an OrthoSplit unit ~140 s, a reference unit ~200 s;
+the contrastive and Fisher-ratio maps ~6 min each (36 backward batches). The issue's full grid (4 densities x 4 base
+kinds, 3 seeds of random, 5 alphas, 50 items, 5 canaries at 200 IDs) came to ~8.6 h of that thread, so the default is
+cut to what fits: densities 1% and 5%, base kinds none and int4 (int8 sits next to none and nf4 next to int4 in the
+old recipe), alphas 0, 0.5, 1, 30 items per set, 2 canaries: 2 reference, 13 tuning, 12 baseline and 30
+OrthoSplit units, ~3 h of one busy thread, i.e. ~1.5-2 h with 2 threads on an idle 2-core machine (not measured:
+2-thread torch stalls on this shared box). Not included: tofu_finetune's two fine-tunes (~30 min each there, cached).
+The full grid: --densities 0.005 0.01 0.02 0.05 --base_kinds none int8 int4 nf4 --alphas 0 0.25 0.5 0.75 1, or the GPU
+preset. Every unit is its own file, so the run can be made in chunks (kill it; rerun the same command).
 
 Not here: the `--dataset locuslab/TOFU --model ...` path of recipes/ortho_unlearn.py (real TOFU has no ID numbers and
 its perturbed answers live in other files); that recipe keeps it.
@@ -106,22 +120,23 @@ class Args:
     ft_batch_size: int = field(default=16, metadata={"help": "tofu_finetune --batch_size"})
     ft_max_steps: int = field(default=-1, metadata={"help": "tofu_finetune --max_steps (-1: the epochs)"})
     # scoring
-    n_world: int = field(default=50, metadata={"help": "real world-fact items (capitals) in the utility"})
-    max_items: int = field(default=50, metadata={
+    n_world: int = field(default=30, metadata={"help": "real world-fact items (capitals) in the utility"})
+    max_items: int = field(default=30, metadata={
         "help": "items per scored set (forget, retain-select, retain-eval, world; 0: all): each retain-eval item costs "
                 "5 scored answers and a 32-token greedy answer"})
-    canaries: int = field(default=3, metadata={"help": "forget (and retain-eval) people whose ID exposure is scored"})
+    canaries: int = field(default=2, metadata={"help": "forget (and retain-eval) people whose ID exposure is scored"})
     exposure_samples: int = field(default=100, metadata={
         "help": "sampled IDs per canary for the skew-normal extrapolation (>= 20; Carlini et al. use thousands)"})
     # arms
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": f"any of {ARMS}"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seed 0 also runs the tuning grids"})
-    densities: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05],
-                                   metadata={"help": "OrthoSplit densities in (0, 1)"})
-    base_kinds: list[str] = field(default_factory=lambda: list(BASE_KINDS), metadata={"help": f"any of {BASE_KINDS}"})
-    sweep_density: float = field(default=0.02, metadata={"help": "the alpha sweep's density (base none)"})
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
-                                metadata={"help": "the alpha sweep; must include 0"})
+    densities: list[float] = field(default_factory=lambda: [0.01, 0.05], metadata={
+        "help": "OrthoSplit densities in (0, 1) (the issue's 0.5-5%: 0.005 0.01 0.02 0.05; cut to fit 2 h, see Cost)"})
+    base_kinds: list[str] = field(default_factory=lambda: ["none", "int4"], metadata={
+        "help": f"any of {BASE_KINDS} (all four on a GPU; cut to fit 2 h, see Cost)"})
+    sweep_density: float = field(default=0.01, metadata={"help": "the alpha sweep's density (base none)"})
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0],
+                                metadata={"help": "the alpha sweep; must include 0 (GPU: 0 0.25 0.5 0.75 1)"})
     baseline_lrs: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4],
                                       metadata={"help": "the ga / graddiff / npo learning-rate grid"})
     npo_betas: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "NPO's beta grid (NPO: 0.1)"})
