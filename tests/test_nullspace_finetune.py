@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "nullspace_finetune.py"
 sys.path.insert(0, str(ROOT / "recipes"))
 
-METHODS = ("lora", "pissa", "corda_kpm", "nullspace_v1", "nullspace_v2", "nullspace_split")
+METHODS = ("lora", "head_only", "lora_fa", "pissa", "corda_kpm", "nullspace_v1", "nullspace_v2", "nullspace_split")
 
 
 def _max_rel_diff(a: ActivationStats, b: ActivationStats) -> float:
@@ -86,21 +87,34 @@ def quick_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("nullspace_finetune")
     out = root / "out"
+    cpu = time.process_time()
     results = nullspace_finetune.main(["--quick", "--cache-dir", str(root / "cache"), "--output-dir", str(out), "--quiet"])
-    return root, out, results
+    return root, out, results, time.process_time() - cpu
+
+
+@pytest.mark.slow
+def test_quick_run_with_the_controls_stays_fast(quick_run):
+    """Both testbeds, all 8 methods (head only skipped on causal), 1 seed, the tiny Llama's pre-training included.
+    Measured with 1 torch thread on the shared 2-core box: 22 s of CPU time (6 methods before the
+    controls: ~15 s); wall time there ran from 39 s to 121 s with the box shared, so the bound is on this process's CPU
+    time, which the neighbours do not inflate."""
+    _, _, results, cpu_seconds = quick_run
+    print(f"quick run: {cpu_seconds:.1f} s CPU, {results['seconds']:.1f} s wall")
+    assert cpu_seconds < 90, (cpu_seconds, results["seconds"])
 
 
 @pytest.mark.slow
 def test_quick_run_writes_table_json_and_plot(quick_run):
-    root, out, results = quick_run
+    root, out, results, _ = quick_run
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "tradeoff.png", "nullspace_report_encoder.txt",
                                               "nullspace_report_causal.txt"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["world_size"] == 1 and set(saved["testbeds"]) == {"encoder", "causal"}
     md = (out / "results.md").read_text()
     for name, bed in saved["testbeds"].items():
-        assert set(bed["summary"]) == set(METHODS), (name, bed.get("skipped"))  # attrs is installed: CorDA runs
-        assert len(bed["runs"]) == len(METHODS)
+        ran = set(METHODS) - ({"head_only"} if name == "causal" else set())  # a causal LM has no separate task head
+        assert set(bed["summary"]) == ran, (name, bed.get("skipped"))  # attrs is installed: CorDA runs
+        assert len(bed["runs"]) == len(ran)
         for run in bed["runs"]:
             assert 0.0 <= run["task"] <= 100.0 and 0.0 <= run["task_val"] <= 100.0
             assert all(math.isfinite(v) for v in run["knowledge"].values()), run
@@ -108,7 +122,20 @@ def test_quick_run_writes_table_json_and_plot(quick_run):
         assert base["knowledge"][bed["meta"]["primary"]] == 0.0  # the drift of the base from itself
         assert bed["stats_cache"]["tokens"] > 0 and bed["nullspace_report"]["layers"]
         assert bed["verdicts"] and all(v in md for v in bed["verdicts"])
+    assert set(saved["testbeds"]["causal"]["skipped"]) == {"head_only"}
+    assert "no task head" in saved["testbeds"]["causal"]["skipped"]["head_only"]
     enc = saved["testbeds"]["encoder"]
+    # head only leaves the backbone alone: its drift is exactly 0, and it trains only the classifier
+    (head,) = [r for r in enc["runs"] if r["method"] == "head_only"]
+    assert head["knowledge"]["embedding_drift"] == 0.0 and head["knowledge"]["hidden_drift"] == 0.0
+    assert head["knowledge"]["recall_at_1"] == enc["base"]["knowledge"]["recall_at_1"]
+    assert head["trainable_params"] == 384 * 6 + 6  # MiniLM's hidden size x the quick task's 6 classes, + bias
+    lora_fa, v2 = ([r for r in enc["runs"] if r["method"] == m][0] for m in ("lora_fa", "nullspace_v2"))
+    assert lora_fa["trainable_params"] == v2["trainable_params"]  # both train B (and the head) only
+    assert enc["comparison"]["tolerance"] == 1.0  # one LoRA seed: no spread, the floor
+    assert {(c["method"], c["ref"]) for c in enc["comparison"]["pairs"]} >= {("head_only", "lora"), ("lora_fa", "lora"),
+                                                                            ("nullspace_v2", "lora_fa")}
+    assert all(c["outcome"] == "one seed, no CI" for c in enc["comparison"]["pairs"])
     for run in enc["runs"]:
         k = run["knowledge"]
         assert 0.0 <= k["embedding_drift"] <= 2.0 and k["hidden_drift"] >= 0.0
@@ -123,8 +150,12 @@ def test_quick_run_writes_table_json_and_plot(quick_run):
     # the table: header, base row, one row per method; verdict lines say met / not met or why there is none
     assert "| method | docstring accuracy (%) | embedding drift (1−cos) | hidden-state drift | half→half R@1 (%) |" in md
     assert "| method | fact exact match (%) | held-out ppl | Δppl (%) | KL(base‖tuned) nats/token |" in md
-    for label in ("LoRA", "PiSSA", "CorDA-kpm", "NullSpaceLoRA v1", "NullSpaceLoRA v2", "NullSpaceLoRA split", "base (no fine-tune)"):
-        assert md.count(f"| {label} |") == 2, label
+    for label in ("LoRA", "head only", "LoRA-FA", "PiSSA", "CorDA-kpm", "NullSpaceLoRA v1", "NullSpaceLoRA v2",
+                  "NullSpaceLoRA split", "base (no fine-tune)"):  # one row per testbed (head only: skipped on causal)
+        rows = [line for line in md.splitlines() if line.startswith(f"| {label} | ")
+                and ("±" in line or "skipped:" in line or label.startswith("base"))]
+        assert len(rows) == 2, (label, rows)
+    assert "| NullSpaceLoRA v2 | LoRA-FA |" in md  # the paired comparison table
     for b in saved["testbeds"].values():
         assert all(v.startswith(("**Did NullSpaceLoRA", "Target for", "**No verdict")) for v in b["verdicts"])
         assert all(("**met**" in v or "**not met**" in v) for v in b["verdicts"] if v.startswith("Target for"))
@@ -134,7 +165,7 @@ def test_quick_run_writes_table_json_and_plot(quick_run):
 def test_recipe_reuses_statistics_and_recomputes_when_data_or_layers_change(quick_run, tmp_path):
     import nullspace_finetune
 
-    root, _, _ = quick_run
+    root, _, _, _ = quick_run
     shutil.copytree(root / "cache" / "stats", tmp_path / "stats")  # the quick run's cache, left intact for other tests
     common = ["--quick", "--testbeds", "causal", "--stats-only", "--cache-dir", str(root / "cache"), "--quiet",
               "--stats-dir", str(tmp_path / "stats"), "--output-dir", str(tmp_path / "out")]
@@ -152,7 +183,7 @@ def test_recipe_reuses_statistics_and_recomputes_when_data_or_layers_change(quic
 def test_two_processes_give_the_statistics_of_one(quick_run, tmp_path):
     """The recipe under `accelerate launch` with our multi-GPU config file, forced onto 2 CPU processes: sharded
     calibration + all-reduce give the one-process statistics, and DDP training runs."""
-    root, _, _ = quick_run
+    root, _, _, _ = quick_run
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     run = subprocess.run(
@@ -250,24 +281,209 @@ def test_bad_flags_are_refused_by_name(capsys):
     assert a.calib_dataset == "x.jsonl" and a.output_dir == "o" and a.encoder_lrs == [1e-3, 3e-3]
 
 
-def test_verdicts_are_computed_from_the_numbers():
+# ------------------------------------------------------------------------------------------------ controls, match rule
+
+
+def _tiny_encoder_testbed(tmp_path):
+    """A 2-layer BERT classifier (3 classes) as the encoder testbed's methods see it, with 16 random examples."""
+    import argparse
+
+    import nullspace_finetune as nf
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=64, num_labels=3)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(cfg).eval()
+
+    g = torch.Generator().manual_seed(0)
+    train_set = [{"input_ids": torch.randint(1, 64, (8,), generator=g).tolist(), "labels": i % 3} for i in range(16)]
+
+    def collate(feats):
+        ids = torch.tensor([f["input_ids"] for f in feats])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([f["labels"] for f in feats])}
+
+    targets = nf.resolve_targets(fresh(0), ["query", "value"], [], ["classifier"])
+    meta = {"task": "acc", "primary": "drift", "knowledge": [("drift", "drift", "{:.3f}")]}
+    testbed = nf.Testbed(name="encoder", model_path="tiny-bert", fresh=fresh, task_type="SEQ_CLS", targets=targets,
+                         modules_to_save=["classifier"], calib_batches=[], calib_samples=[], heldout_batches=[],
+                         train_set=train_set, collator=collate, evaluate=None, lrs=[1e-2], steps=2, batch_size=4,
+                         meta=meta)
+    args = argparse.Namespace(r=4, bf16=False)
+    ctx = nf.RunContext(args=args, device=torch.device("cpu"), rank=0, world=1, work=str(tmp_path), progress=False)
+    return testbed, args, ctx
+
+
+def test_embedding_drift_is_one_minus_cos_and_exactly_zero_for_unmoved_rows():
+    import nullspace_finetune as nf
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 384, generator=g), torch.randn(5, 384, generator=g)
+    expected = 1 - torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    torch.testing.assert_close(nf.one_minus_cos(a, b), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(nf.one_minus_cos(a, -a), torch.full((5,), 2.0, dtype=torch.float64))
+    assert torch.equal(nf.one_minus_cos(a, a.clone()), torch.zeros(5, dtype=torch.float64))
+
+
+def test_lora_fa_a_is_orthonormal_frozen_and_stays_put_while_b_trains(tmp_path):
+    import nullspace_finetune as nf
+
+    testbed, args, ctx = _tiny_encoder_testbed(tmp_path)
+    model, _ = nf.build("lora_fa", testbed, 0, args, ctx, None, {})
+    a = {n: p for n, p in model.named_parameters() if ".lora_A." in n}
+    b = {n: p for n, p in model.named_parameters() if ".lora_B." in n}
+    assert len(a) == len(b) == len(testbed.targets) == 4
+    for p in a.values():
+        assert not p.requires_grad and p.shape == (args.r, 32)
+        torch.testing.assert_close(p @ p.T, torch.eye(args.r), atol=1e-6, rtol=0)  # orthonormal rows
+    assert all(p.requires_grad and not p.any() for p in b.values())  # B trains and starts at 0: the base output
+    plain, _ = nf.build("lora", testbed, 0, args, ctx, None, {})  # a plain LoRA A is neither orthonormal nor frozen
+    plain_a = next(p for n, p in plain.named_parameters() if ".lora_A." in n)
+    assert plain_a.requires_grad and not torch.allclose(plain_a @ plain_a.T, torch.eye(args.r), atol=1e-2)
+
+    a0 = {n: p.detach().clone() for n, p in a.items()}
+    b0 = {n: p.detach().clone() for n, p in b.items()}
+    nf.train(model, testbed, 1e-2, 0, args, ctx)  # the recipe's Trainer path, 2 steps
+    assert all(torch.equal(p, a0[n]) for n, p in a.items())
+    assert all(not torch.equal(p, b0[n]) for n, p in b.items())
+    again, _ = nf.build("lora_fa", testbed, 0, args, ctx, None, {})  # the seed fixes the basis
+    other, _ = nf.build("lora_fa", testbed, 1, args, ctx, None, {})
+    first = next(iter(a0))
+    assert torch.equal(dict(again.named_parameters())[first], a0[first])
+    assert not torch.allclose(dict(other.named_parameters())[first], a0[first])
+
+
+def test_head_only_trains_the_head_and_no_backbone_weight(tmp_path):
+    import dataclasses
+
+    import nullspace_finetune as nf
+
+    testbed, args, ctx = _tiny_encoder_testbed(tmp_path)
+    model, _ = nf.build("head_only", testbed, 0, args, ctx, None, {})
+    head = {"classifier.weight", "classifier.bias"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == head
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    nf.train(model, testbed, 1e-2, 0, args, ctx)
+    assert {n for n, p in model.named_parameters() if not torch.equal(p, before[n])} == head
+    with pytest.raises(ValueError, match="head_only.*no separate task head.*drop head_only"):
+        nf.build("head_only", dataclasses.replace(testbed, modules_to_save=None), 0, args, ctx, None, {})
+
+
+def test_grid_extends_past_a_winning_edge_up_to_the_limit(tmp_path, monkeypatch):
+    import argparse
+    import dataclasses
+
+    import nullspace_finetune as nf
+
+    assert nf.next_lr({1e-3: 50.0, 3e-3: 60.0, 1e-2: 70.0}) == 3e-2
+    assert nf.next_lr({1e-3: 70.0, 3e-3: 60.0, 1e-2: 50.0}) == 3e-4
+    assert nf.next_lr({1e-3: 70.0, 3e-3: 70.0, 1e-2: 60.0}) == 3e-4  # ties go to the smaller LR: an edge
+    assert nf.next_lr({1e-3: 50.0, 3e-3: 70.0, 1e-2: 60.0}) is None
+
+    testbed, _, ctx = _tiny_encoder_testbed(tmp_path)
+    peak = {"lora": 3e-2, "head_only": 10.0}  # validation score peaks at this LR (head_only: past any reachable one)
+
+    def fake_run(method, tb, seed, lr, args, ctx, stats, state):
+        score = 80.0 - 10 * abs(math.log10(lr / peak[method]))
+        return {"method": method, "seed": seed, "lr": lr, "task": score, "task_val": score, "knowledge": {"drift": lr},
+                "init_seconds": 0.0, "train_seconds": 0.0, "trainable_params": 1}
+
+    monkeypatch.setattr(nf, "run_one", fake_run)
+    testbed = dataclasses.replace(testbed, lrs=[1e-3, 3e-3, 1e-2],
+                                  evaluate=lambda m: {"task": 10.0, "task_val": 10.0, "knowledge": {"drift": 0.0}})
+    args = argparse.Namespace(method_list=["lora", "head_only"], seed_list=[0, 1, 2], stats_only=False,
+                              max_grid_extensions=2, task_tolerance=None, bootstrap=200)
+    out = nf.run_testbed(testbed, args, ctx)
+    lora, head = out["lr_selection"]["lora"], out["lr_selection"]["head_only"]
+    assert [g["lr"] for g in lora["grid"]] == [1e-3, 3e-3, 1e-2, 3e-2, 0.1] and lora["extended"] == [3e-2, 0.1]
+    assert lora["chosen"] == 3e-2 and lora["interior"]
+    assert head["extended"] == [3e-2, 0.1] and head["chosen"] == 0.1 and not head["interior"]  # stopped by the limit
+    assert sorted((r["method"], r["seed"], r["lr"]) for r in out["runs"]) == [
+        ("head_only", 0, 0.1), ("head_only", 1, 0.1), ("head_only", 2, 0.1),
+        ("lora", 0, 3e-2), ("lora", 1, 3e-2), ("lora", 2, 3e-2)]
+
+
+def test_match_rule_is_two_sided_and_the_tolerance_comes_from_loras_seeds():
+    import nullspace_finetune as nf
+
+    assert nf.match_status(+3.0, 2.0) == "better"  # better by more than the tolerance: NOT matched
+    assert nf.match_status(-3.0, 2.0) == "worse"
+    assert nf.match_status(+2.0, 2.0) == nf.match_status(-1.5, 2.0) == "matched"
+    assert nf.task_tolerance([60.0, 65.0, 70.0]) == (5.0, "LoRA's seed-to-seed std of the test score over 3 seeds, 5.0, "
+                                                          "floor 1")
+    assert nf.task_tolerance([65.0, 65.2, 65.1])[0] == 1.0  # the floor
+    assert nf.task_tolerance([65.0])[0] == 1.0 and "no seed spread" in nf.task_tolerance([65.0])[1]
+    assert nf.task_tolerance([60.0, 70.0], given=2.5) == (2.5, "set by --task-tolerance")
+    assert nf.outcome("matched", (0.0, -1.0, 1.0), (-0.1, -0.2, -0.05)) == "less drift"
+    assert nf.outcome("matched", (0.0, -1.0, 1.0), (-0.1, -0.2, 0.05)) == "no resolvable difference"
+    assert nf.outcome("better", (9.0, 5.0, 14.0), (-0.07, -0.08, -0.06)) == "dominates"
+    assert nf.outcome("better", (9.0, -1.0, 14.0), (-0.07, -0.08, -0.06)) == "not matched"  # task CI reaches 0
+    assert nf.outcome("better", (9.0, 5.0, 14.0), (0.07, 0.06, 0.08)) == "not matched"
+    mean, lo, hi = nf.paired_seed_ci({0: 0.10, 1: 0.20, 2: 0.30}, {0: 0.17, 1: 0.26, 2: 0.38, 3: 9.0}, 2000)
+    assert mean == pytest.approx(-0.07) and -0.08 - 1e-12 <= lo <= hi <= -0.06 + 1e-12  # seed 3 unpaired: left out
+
+
+def _bed(rows: dict, skipped=None) -> dict:
+    """A testbed result from per-seed (task, drift) rows, compared as the recipe does."""
     import nullspace_finetune as nf
 
     meta = {"task": "acc", "primary": "drift", "knowledge": [("drift", "drift", "{:.3f}")]}
+    runs = [{"method": m, "seed": s, "lr": 1e-3, "task": t, "knowledge": {"drift": d}, "init_seconds": 0.0,
+             "train_seconds": 0.0, "trainable_params": 1} for m, rs in rows.items() for s, (t, d) in enumerate(rs)]
+    bed = {"runs": runs, "grid_runs": [], "meta": meta, "base": {"task": 10.0}, "skipped": skipped or {},
+           "summary": nf.summarise(runs, meta)}
+    bed["comparison"] = nf.compare(bed, 0, None, 400)
+    return bed
 
-    def bed(rows, skipped=None):
-        summ = {m: {"task": (t, 0.0), "knowledge": {"drift": (d, 0.0)}} for m, (t, d) in rows.items()}
-        return {"summary": summ, "meta": meta, "base": {"task": 10.0}, "skipped": skipped or {}}
 
-    lines = nf.verdicts("x", bed({"lora": (80.0, 0.10), "pissa": (81.0, 0.20), "corda_kpm": (79.0, 0.06),
-                                  "nullspace_v2": (79.5, 0.05), "nullspace_v1": (70.0, 0.01)}))
-    assert "? yes." in lines[0] and "NullSpaceLoRA v2" in lines[0]  # v1 is off by 10 points: not "matched"
-    v2 = next(line for line in lines if line.startswith("Target for NullSpaceLoRA v2"))
-    assert "**met**" in v2 and "50% lower" in v2
-    v1 = next(line for line in lines if line.startswith("Target for NullSpaceLoRA v1"))
-    assert "**not met**" in v1 and "task within 1 point of LoRA: not met" in v1
-    lines = nf.verdicts("x", bed({"lora": (80.0, 0.10), "corda_kpm": (80.0, 0.04), "nullspace_v2": (80.0, 0.05)}))
-    assert "? partly." in lines[0] and "not lower than CorDA-kpm" in lines[0]
-    assert "below CorDA-kpm: not met" in lines[1] and "**not met**" in lines[1]
-    lines = nf.verdicts("x", bed({"lora": (10.5, 0.10), "nullspace_v2": (10.0, 0.05)}))
+def test_verdicts_are_two_sided_and_state_the_controls():
+    import nullspace_finetune as nf
+
+    lora = [(60.0, 0.10), (65.0, 0.12), (70.0, 0.11)]  # tolerance: std 5.0
+    # one better by more than the tolerance and one worse, both with less drift: neither is "matched" (the one-sided
+    # rule matched the better one), and neither dominates (the worse one's task, the better one's drift CI)
+    bed = _bed({"lora": lora, "nullspace_v1": [(50.0, 0.05), (52.0, 0.06), (54.0, 0.04)],
+                "nullspace_v2": [(75.0, 0.09), (78.0, 0.13), (80.0, 0.10)]})
+    assert bed["comparison"]["tolerance"] == 5.0
+    pairs = {(c["method"], c["ref"]): c for c in bed["comparison"]["pairs"]}
+    assert pairs[("nullspace_v1", "lora")]["match"] == "worse" and pairs[("nullspace_v2", "lora")]["match"] == "better"
+    assert all(pairs[(v, "lora")]["outcome"] == "not matched" for v in ("nullspace_v1", "nullspace_v2"))
+    lines = nf.verdicts("x", bed)
+    assert "**Did NullSpaceLoRA keep more knowledge than LoRA at matched task? not shown.**" in lines[1]
+    assert lines[0].startswith("Matched task is two-sided: |task − task(LoRA)| ≤ 5.0 points")
+
+    # head only reaches LoRA's task with drift 0; v2 matches LoRA with less drift but is not above head only: vacuous.
+    # LoRA-FA (random frozen A) drifts more than v2 at matched task: the basis, not the freezing, cuts drift
+    rows = {"lora": lora, "head_only": [(64.0, 0.0), (66.0, 0.0), (68.0, 0.0)],
+            "lora_fa": [(63.0, 0.28), (66.0, 0.27), (69.0, 0.29)],
+            "nullspace_v2": [(62.0, 0.04), (67.0, 0.05), (69.0, 0.03)]}
+    lines = nf.verdicts("x", _bed(rows))
+    head = next(v for v in lines if "Head-only control" in v)
+    assert head.startswith("**Head-only control: this task does not need backbone changes.**")
+    assert "drift 0.000) scores 66.0 vs LoRA 65.0 (Δ +1.0" in head and "within ±5.0" in head
+    answer = next(v for v in lines if v.startswith("**Did NullSpaceLoRA"))
+    assert "? yes, but vacuous here.**" in answer and "→ less drift" in answer
+    basis = next(v for v in lines if v.startswith("**Basis or freezing (NullSpaceLoRA v2 vs LoRA-FA"))
+    assert "the null-space basis, not the freezing, cuts drift" in basis and "drift 0.040 vs 0.280" in basis
+    assert "Δ -0.240 [" in basis
+    fa = next(v for v in lines if v.startswith("LoRA-FA vs LoRA:"))
+    assert "within ±5.0" in fa and "→ more drift" in fa
+
+    # head only well below LoRA: the task needs the backbone, and v2's matched win is a plain yes
+    rows["head_only"] = [(40.0, 0.0), (42.0, 0.0), (44.0, 0.0)]
+    lines = nf.verdicts("x", _bed(rows))
+    assert any(v.startswith("Head-only control:") and "this task needs backbone changes" in v for v in lines)
+    assert any("? yes.**" in v for v in lines)
+    v2 = next(v for v in lines if v.startswith("Target for NullSpaceLoRA v2"))
+    assert "**not met**" in v2 and "task matched (two-sided, ±5.0) or higher with less drift (dominates): met" in v2
+    assert "≥30% below LoRA with the CI below 0: met (64% lower" in v2 and "CorDA-kpm did not run: not in --methods" in v2
+
+    # LoRA-FA drifting as little as v2: the freezing explains it
+    rows["lora_fa"] = [(62.0, 0.04), (67.0, 0.06), (69.0, 0.02)]
+    basis = next(v for v in nf.verdicts("x", _bed(rows)) if v.startswith("**Basis or freezing"))
+    assert "the freezing, not the basis, explains the lower drift" in basis
+
+    lines = nf.verdicts("x", _bed({"lora": [(10.5, 0.1), (10.5, 0.1)], "nullspace_v2": [(10.0, 0.05), (10.0, 0.05)]}))
     assert lines[0].startswith("**No verdict:** plain LoRA did not learn the task")
