@@ -54,14 +54,19 @@ Testbeds (both offline):
 
 Written atomically to --output-dir: results.json (arguments, machine, per-run numbers, summaries, cache status, the
 NullSpaceLoRA verification), results.md (per testbed: method | task | knowledge metrics mean ± std over seeds |
-seconds, then the verdict lines computed from the numbers) and tradeoff.png (task metric vs primary drift).
+seconds, the LR search, the seed-paired comparisons, then the verdict lines computed from the numbers) and tradeoff.png
+(task metric vs primary drift).
 
-Duration of the default configuration on 2 busy CPU cores with --threads 1, estimated from timed pieces (one
-default-size run of each kind; the README has a measured run): encoder ~12 min (24 fine-tunes: 2 learning rates on
-seed 0 + 2 more seeds, x 6 methods; each ~12 s of training, ~7 s of evaluation, ~1 s of loading; NullSpaceLoRA
-initialisation ~10 s, CorDA preprocessing ~25 s once; statistics ~20 s), causal ~6-8 min (tiny Llama pre-training
-~2 min once, then cached; 24 fine-tunes of 150 steps at 8-15 s). About 18-20 minutes in all, 2 fewer with the tiny
-Llama cached.
+Duration of `--testbeds encoder` (the default configuration; the README's MiniLM block), from default-size runs timed
+here at --threads 1, niced, in CPU seconds per fine-tune (initialisation + 30 training steps + evaluation): LoRA 17.6,
+LoRA-FA 17.0, head only 10.5; the NullSpaceLoRA variants add their initialisation (~5-10 s), CorDA its preprocessing
+(~25 s, once), the calibration statistics ~28 s once, start-up and the base evaluation ~15 s. 40 fine-tunes (3 grid
+LRs on seed 0 + 2 more seeds, x 8 methods) plus 0-16 grid extensions (expect ~6: head only wants larger LRs than the
+grid's 1e-2, and a method best at an edge adds one or two): ~15 min of one core, ~19 min with every extension. That is
+its wall time when the process has a core to itself; on the shared 2-core box beside a 2-thread experiment the same
+LoRA run took 34-190 s of wall time (20-50% of a core), so expect 30-60 min there. The causal testbed adds ~8-12 min
+(estimated from the earlier measured run: tiny Llama pre-training ~2 min once, then cached; 35-49 fine-tunes of 150
+steps at 10-13 s).
 
 At scale: under `accelerate launch` the calibration batches are sharded over the processes and the statistics are
 all-reduced (the same covariance as one process); training is DDP through transformers' Trainer (per-process batch =
