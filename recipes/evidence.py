@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from typing import Optional
 
 
 def bootstrap_mean(runs: list[dict], key: str, n: int, seed: int = 0) -> tuple[float, float, float]:
@@ -91,3 +92,42 @@ def ladder_step(lr: float, up: bool) -> float:
     mantissa = lr / 10 ** math.floor(math.log10(lr))
     factor = (3.0 if mantissa < 2 else 10 / 3) if up else (0.3 if mantissa < 2 else 1 / 3)
     return float(f"{lr * factor:.2g}")
+
+
+def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Upper-right Pareto front of (task, knowledge) points, sorted by task."""
+    pts = sorted(points, key=lambda p: (-p[0], -p[1]))
+    out, best_k = [], -math.inf
+    for t, k in pts:
+        if k > best_k:
+            out.append((t, k))
+            best_k = k
+    return sorted(out)
+
+
+def knowledge_at(fr: list[tuple[float, float]], task: float) -> Optional[float]:
+    """Knowledge kept at `task`, linearly interpolated between the two front points around it; None outside the
+    front's task range (no extrapolation: a method is compared only at task levels it actually reached)."""
+    if not fr or not fr[0][0] <= task <= fr[-1][0]:
+        return None
+    for (t0, k0), (t1, k1) in zip(fr, fr[1:]):
+        if t0 <= task <= t1:
+            return k0 if t1 == t0 else k0 + (k1 - k0) * (task - t0) / (t1 - t0)
+    return fr[-1][1]  # a one-point front at exactly `task`
+
+
+def matched_task_levels(fronts: dict[str, list[tuple[float, float]]]) -> list[float]:
+    """Three task levels every front spans (the quartiles of the common range), or [] when the ranges do not meet."""
+    lo = max(fr[0][0] for fr in fronts.values())
+    hi = min(fr[-1][0] for fr in fronts.values())
+    if hi < lo:
+        return []
+    return [lo + q * (hi - lo) for q in (0.25, 0.5, 0.75)] if hi > lo else [lo]
+
+
+def front_comparison(fr: list[tuple[float, float]], ref: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(task level, knowledge of `fr` minus knowledge of `ref`) at the quartiles of the task range both lr fronts
+    span; [] when they share none."""
+    if not fr or not ref:
+        return []
+    return [(t, knowledge_at(fr, t) - knowledge_at(ref, t)) for t in matched_task_levels({"a": fr, "b": ref})]

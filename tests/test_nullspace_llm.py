@@ -13,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 
+import evidence  # noqa: E402
 import knowledge  # noqa: E402
 import nullspace_llm as rec  # noqa: E402
 
@@ -47,13 +48,13 @@ def test_bootstrap_and_paired_difference_closed_forms():
 
 
 def test_front_and_knowledge_at_matched_task():
-    fr = rec.front([(0.2, 0.9), (0.5, 0.8), (0.4, 0.7), (0.9, 0.3)])
+    fr = evidence.front([(0.2, 0.9), (0.5, 0.8), (0.4, 0.7), (0.9, 0.3)])
     assert fr == [(0.2, 0.9), (0.5, 0.8), (0.9, 0.3)]  # (0.4, 0.7) is dominated by (0.5, 0.8)
-    assert rec.knowledge_at(fr, 0.35) == pytest.approx(0.85)  # halfway between (0.2, 0.9) and (0.5, 0.8)
-    assert rec.knowledge_at(fr, 0.9) == pytest.approx(0.3) and rec.knowledge_at(fr, 0.95) is None and rec.knowledge_at(fr, 0.1) is None
-    levels = rec.matched_task_levels({"a": fr, "b": [(0.3, 0.5), (0.7, 0.4)]})
+    assert evidence.knowledge_at(fr, 0.35) == pytest.approx(0.85)  # halfway between (0.2, 0.9) and (0.5, 0.8)
+    assert evidence.knowledge_at(fr, 0.9) == pytest.approx(0.3) and evidence.knowledge_at(fr, 0.95) is None and evidence.knowledge_at(fr, 0.1) is None
+    levels = evidence.matched_task_levels({"a": fr, "b": [(0.3, 0.5), (0.7, 0.4)]})
     assert levels == pytest.approx([0.4, 0.5, 0.6])  # quartiles of the common range [0.3, 0.7]
-    assert rec.matched_task_levels({"a": [(0.1, 1.0), (0.2, 0.9)], "b": [(0.5, 0.5)]}) == []
+    assert evidence.matched_task_levels({"a": [(0.1, 1.0), (0.2, 0.9)], "b": [(0.5, 0.5)]}) == []
 
 
 def test_verdict_needs_matched_task_and_both_references():
