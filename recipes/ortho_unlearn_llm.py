@@ -5,7 +5,7 @@
     python recipes/ortho_unlearn_llm.py --config recipes/presets/ortho_unlearn_llm_gpu.yaml     # when a GPU is lent
     python recipes/ortho_unlearn_llm.py --report_only --results_copy results/ortho_unlearn_llm.json
 
-Models: recipes/tofu_finetune.py's full fine-tune of SmolLM2-135M-Instruct's block linears on every person (the
+Models: recipes/tofu_models.py's full fine-tune of SmolLM2-135M-Instruct's block linears on every person (the
 "fine-tuned" model) and the oracle fine-tuned without the forget people, built or reused from its cache (same flags,
 prefixed ft_). SmolLM2's weights are Q4_1-dequantised (recipes/smollm2.py): say so next to any figure.
 
@@ -89,7 +89,7 @@ from typing import Literal, Optional
 import torch
 
 import tofu_data
-import tofu_finetune
+import tofu_models
 from evidence import bootstrap_ci
 
 ORTHO_SELECTORS = ("contrastive", "fisher_ratio", "random")
@@ -108,7 +108,7 @@ class Args:
     output_dir: str = field(default="runs/ortho_unlearn_llm", metadata={"help": "unit JSONs and the report"})
     results_copy: Optional[str] = field(default=None, metadata={
         "help": "also write results.json here (the README run: results/ortho_unlearn_llm.json)"})
-    # the fine-tune (recipes/tofu_finetune.py's flags of the same name without ft_)
+    # the fine-tune (recipes/tofu_models.py's flags of the same name without ft_)
     model: Literal["smollm2", "tiny"] = field(default="smollm2", metadata={
         "help": "smollm2: SmolLM2-135M-Instruct; tiny: tofu_finetune's random 2-layer Llama (tests; numbers mean nothing)"})
     cache_dir: str = field(default="runs/cache", metadata={"help": "SmolLM2 and the fine-tuned models' cache"})
@@ -200,8 +200,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
     return args
 
 
-def finetune_args(args: Args) -> tofu_finetune.Args:
-    return tofu_finetune.Args(model=args.model, cache_dir=args.cache_dir, n_people=args.n_people,
+def finetune_args(args: Args) -> tofu_models.FinetuneArgs:
+    return tofu_models.FinetuneArgs(model=args.model, cache_dir=args.cache_dir, n_people=args.n_people,
                               forget_fraction=args.forget_fraction, seed=args.data_seed, lr=args.ft_lr,
                               epochs=args.ft_epochs, batch_size=args.ft_batch_size, max_steps=args.ft_max_steps,
                               threads=args.threads, device=args.device)
@@ -280,14 +280,14 @@ def load_world(args: Args, log) -> World:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     fa = finetune_args(args)
-    full = tofu_finetune.build(fa, "full", log)
-    oracle = tofu_finetune.build(fa, "oracle", log)
+    full = tofu_models.build(fa, "full", log)
+    oracle = tofu_models.build(fa, "oracle", log)
     splits = tofu_data.make_splits(args.n_people, args.forget_fraction, seed=args.data_seed, n_world=args.n_world)
     tok = AutoTokenizer.from_pretrained(full["folder"])
     model = AutoModelForCausalLM.from_pretrained(full["folder"], dtype=torch.float32).to(args.device).eval()
-    base, _ = tofu_finetune.base_model(fa, tofu_data.make_splits(args.n_people, args.forget_fraction,
+    base, _ = tofu_models.base_model(fa, tofu_data.make_splits(args.n_people, args.forget_fraction,
                                                                    seed=args.data_seed, n_world=0))
-    base_state = {n + ".weight": m.weight.detach().clone() for n, m in tofu_finetune.block_linears(base).items()}
+    base_state = {n + ".weight": m.weight.detach().clone() for n, m in tofu_models.block_linears(base).items()}
     del base
     pop = splits.people
     items = {"forget": cap(tofu_data.qa_items(list(splits.forget), population=pop), args.max_items),
@@ -350,7 +350,7 @@ REF_SETS = ("forget", "retain_select", "retain_eval", "world")
 
 def _examples(tok, pairs):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return tofu_finetune.answer_only_examples(tok, pairs), tofu_finetune.pad_collate(pad)
+    return tofu_models.answer_only_examples(tok, pairs), tofu_models.pad_collate(pad)
 
 
 def sequence_logp(model, batch: dict) -> torch.Tensor:
@@ -375,7 +375,7 @@ def unlearn(model, world: World, method: str, lr: float, seed: int, args: Args, 
 
     fx, collate = _examples(world.tok, world.pairs["forget"])
     rx, _ = _examples(world.tok, world.pairs["retain_select"])
-    params = [p for m in tofu_finetune.block_linears(model).values() for p in m.parameters()]
+    params = [p for m in tofu_models.block_linears(model).values() for p in m.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -438,7 +438,7 @@ def ortho_inputs(world: World, selector: str, args: Args, cache: dict) -> dict:
 
     if selector in cache:
         return cache[selector]
-    probe = OrthoSplitConfig(target_modules=list(tofu_finetune.BLOCK_KINDS), base_kind="none")
+    probe = OrthoSplitConfig(target_modules=list(tofu_models.BLOCK_KINDS), base_kind="none")
     f_b, r_b = saliency_batches(world, "forget", args), saliency_batches(world, "retain_select", args)
     if selector == "contrastive":
         ref = world.base_state
@@ -457,7 +457,7 @@ def ortho_inputs(world: World, selector: str, args: Args, cache: dict) -> dict:
 def ortho_split(world: World, selector: str, density: float, base_kind: str, seed: int, args: Args, cache: dict):
     from peft_ext import OrthoSplitConfig, orthosplit
 
-    cfg = OrthoSplitConfig(target_modules=list(tofu_finetune.BLOCK_KINDS), base_kind=base_kind, density=density,
+    cfg = OrthoSplitConfig(target_modules=list(tofu_models.BLOCK_KINDS), base_kind=base_kind, density=density,
                            selector="fisher" if selector == "fisher_ratio" else selector, seed=seed)
     inputs = ortho_inputs(world, selector, args, cache)
     with warnings.catch_warnings():

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 
 import ortho_unlearn_llm as ou  # noqa: E402
-import tofu_finetune  # noqa: E402
+import tofu_models  # noqa: E402
 
 QUICK = str(ROOT / "recipes/presets/ortho_unlearn_llm_quick.yaml")
 
@@ -97,7 +97,7 @@ def test_second_invocation_trains_nothing_and_a_lost_unit_is_redone(quick, monke
     def refuse(*a, **k):
         raise AssertionError("a finished unit was recomputed")
 
-    for mod, name in ((ou, "unlearn"), (ou, "ortho_split"), (ou, "score"), (tofu_finetune, "finetune")):
+    for mod, name in ((ou, "unlearn"), (ou, "ortho_split"), (ou, "score"), (tofu_models, "finetune")):
         monkeypatch.setattr(mod, name, refuse)
     again = ou.main(argv)
     assert again["rows"] == res["rows"]

@@ -456,7 +456,7 @@ def test_load_tofu_errors(tmp_path):
 
 
 def test_relative_delta_norms_closed_form():
-    import tofu_finetune as tf
+    import tofu_models as tf
 
     w = {"layers.0.mlp.up_proj": torch.ones(2, 3), "layers.1.mlp.up_proj": 2 * torch.ones(2, 3),
          "layers.0.self_attn.q_proj": torch.eye(3)}
@@ -471,7 +471,7 @@ def test_relative_delta_norms_closed_form():
 
 
 def test_answer_only_labels_are_the_scored_answer_tokens(tok):
-    import tofu_finetune as tf
+    import tofu_models as tf
 
     pairs = td.qa_pairs(td.make_people(2))
     examples = tf.answer_only_examples(tok, pairs)
@@ -484,11 +484,12 @@ def test_answer_only_labels_are_the_scored_answer_tokens(tok):
 
 
 def test_finetune_quick_trains_block_linears_caches_and_reports(tmp_path, monkeypatch):
-    import tofu_finetune as tf
+    import tofu_finetune
+    import tofu_models as tf
     from transformers import AutoModelForCausalLM
 
     preset = str(ROOT / "recipes" / "presets" / "tofu_finetune_quick.yaml")
-    out = tf.main(["--config", preset, "--cache_dir", str(tmp_path)])
+    out = tofu_finetune.main(["--config", preset, "--cache_dir", str(tmp_path)])
     full, oracle = out["full"], out["oracle"]
     assert (full["people"], oracle["people"]) == (10, 8) and full["train"]["steps"] == 8 * 5  # 50 pairs / 10 per step
     assert full["forget_ppl"] < oracle["forget_ppl"]  # only "full" saw the forget people
@@ -503,10 +504,10 @@ def test_finetune_quick_trains_block_linears_caches_and_reports(tmp_path, monkey
     # a rerun with the same settings reuses both folders without training; another lr is another folder
     real_finetune = tf.finetune
     monkeypatch.setattr(tf, "finetune", lambda *a, **k: pytest.fail("retrained a cached model"))
-    again = tf.main(["--config", preset, "--cache_dir", str(tmp_path)])
+    again = tofu_finetune.main(["--config", preset, "--cache_dir", str(tmp_path)])
     assert again["full"] == full and again["oracle"] == oracle
-    args = tf.parse_args(["--config", preset])
-    assert tf.settings_key(args, "tiny-0") != tf.settings_key(tf.parse_args(["--config", preset, "--lr", "0.001"]),
-                                                             "tiny-0")
+    args = tofu_finetune.parse_args(["--config", preset])
+    other = tofu_finetune.parse_args(["--config", preset, "--lr", "0.001"])
+    assert tf.settings_key(args, "tiny-0") != tf.settings_key(other, "tiny-0")
     with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 1\), got 1.0"):
         real_finetune(base, None, [("q", "a")], warmup_ratio=1.0)
