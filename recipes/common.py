@@ -57,6 +57,33 @@ def comma_choices(parser, flag: str, value: str, allowed: tuple[str, ...]) -> li
     return list(dict.fromkeys(names))
 
 
+def parse_with_preset(args_class, argv: list[str] | None = None, quick_preset: str | None = None):
+    """(parser, args) of a recipe's argument dataclass with its YAML preset applied: the preset is `--config` or, when
+    that is not given and the recipe's `quick` field is set, `quick_preset`; its keys become defaults, so flags given
+    explicitly still win. An unreadable preset or one with keys the dataclass does not have ends the program through `parser.error`."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(args_class)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    path = args.config or (quick_preset if getattr(args, "quick", False) else None)
+    if path:
+        import yaml
+
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            parser.error(f"--config {path!r} cannot be read ({e.strerror}); pass an existing YAML file")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(args_class)})
+        if unknown:
+            parser.error(f"--config {path}: unknown keys {unknown}; use the field names of --help")
+        parser.set_defaults(**values)
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return parser, args
+
+
 @contextlib.contextmanager
 def recipe_runtime(threads: int):
     """What a recipe's main() runs inside: transformers' logging quiet (errors only, no progress bars) and `threads`

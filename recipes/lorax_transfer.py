@@ -205,24 +205,9 @@ class Args:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Args:
-    from transformers import HfArgumentParser
+    from common import parse_with_preset
 
-    parser = HfArgumentParser(Args)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    preset = args.config or (os.path.join(PRESETS, "lorax_transfer_quick.yaml") if args.quick else None)
-    if preset:
-        import yaml
-
-        try:
-            with open(preset) as f:
-                values = yaml.safe_load(f) or {}
-        except OSError as e:
-            parser.error(f"--config {preset!r} cannot be read ({e.strerror}); pass an existing YAML file")
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Args)})
-        if unknown:
-            parser.error(f"--config {preset}: unknown keys {unknown}; use the field names of --help")
-        parser.set_defaults(**values)
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser, args = parse_with_preset(Args, argv, quick_preset=os.path.join(PRESETS, "lorax_transfer_quick.yaml"))
     problem = check_args(args)
     if problem:
         parser.error(problem)

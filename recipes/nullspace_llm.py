@@ -125,20 +125,9 @@ class Args:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Args:
-    from transformers import HfArgumentParser
+    from common import parse_with_preset
 
-    parser = HfArgumentParser(Args)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            preset = yaml.safe_load(f) or {}
-        unknown = set(preset) - {f.name for f in dataclasses.fields(Args)}
-        if unknown:
-            parser.error(f"--config {args.config}: unknown keys {sorted(unknown)}")
-        parser.set_defaults(**preset)
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser, args = parse_with_preset(Args, argv)
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         parser.error(f"--methods got {bad}: choose from {', '.join(METHODS)}")

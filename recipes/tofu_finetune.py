@@ -9,7 +9,6 @@ this recipe parses the flags (tofu_models.FinetuneArgs) and builds the models it
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 from tofu_models import FinetuneArgs as Args
@@ -17,20 +16,9 @@ from tofu_models import build
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Args:
-    from transformers import HfArgumentParser
+    from common import parse_with_preset
 
-    parser = HfArgumentParser(Args)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            preset = yaml.safe_load(f) or {}
-        unknown = set(preset) - {f.name for f in dataclasses.fields(Args)}
-        if unknown:
-            parser.error(f"--config {args.config}: unknown keys {sorted(unknown)}")
-        parser.set_defaults(**preset)
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    parser, args = parse_with_preset(Args, argv)
     bad = [w for w in args.which if w not in ("full", "oracle")]
     if bad or not args.which:
         parser.error(f"--which got {bad or args.which}: choose from full, oracle")
