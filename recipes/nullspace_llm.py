@@ -71,6 +71,7 @@ from zoo import frozen_orthonormal_a  # noqa: E402
 # default run has answered the main question before the rest
 METHODS = ("lora", "lora_wd", "nullspace_v2", "lora_fa", "pissa", "milora", "nullspace_v1", "nullspace_split",
            "corda_kpm", "lora_wd3")
+CALIBRATED = frozenset({"nullspace_v1", "nullspace_v2", "nullspace_split", "corda_kpm"})  # read the calibration text
 LABELS = {"lora": "LoRA", "lora_wd": "LoRA + WD", "lora_wd3": "LoRA + WD 0.3", "lora_fa": "LoRA-FA", "pissa": "PiSSA",
           "milora": "MiLoRA", "corda_kpm": "CorDA-kpm", "nullspace_v1": "NullSpaceLoRA v1",
           "nullspace_v2": "NullSpaceLoRA v2", "nullspace_split": "NullSpaceLoRA split"}
@@ -387,12 +388,23 @@ def _write_json(path: str, payload) -> None:
         json.dump(payload, f, indent=1)
 
 
-def run_dir(args: Args) -> str:
+def run_dir(args: Args, method: Optional[str] = None) -> str:
+    """Where a method's runs live. A method that reads no calibration data trains and scores identically under both
+    --calibration settings (same data, same probes), so its runs live in the knowledge setting's folder and the general
+    setting reuses them instead of training them twice."""
+    if method is not None and method not in CALIBRATED and args.calibration != "knowledge":
+        args = dataclasses.replace(args, calibration="knowledge")
     return os.path.join(args.output_dir, f"runs-{settings_key(args)}")
 
 
 def run_path(args: Args, method: str, lr: float, seed: int) -> str:
-    return os.path.join(run_dir(args), f"{method}__lr{lr:.3g}__s{seed}.json")
+    return os.path.join(run_dir(args, method), f"{method}__lr{lr:.3g}__s{seed}.json")
+
+
+def report_name(args: Args, name: str) -> str:
+    """results.json / results.md / pareto.png for the default setting; results-general.json ... for the other."""
+    stem, ext = os.path.splitext(name)
+    return os.path.join(args.output_dir, name if args.calibration == "knowledge" else f"{stem}-{args.calibration}{ext}")
 
 
 def run_one(method, lr, seed, args, base_path, data, tok, stats_cache, base_logprobs, log) -> dict:
@@ -454,10 +466,13 @@ def evaluate_base(model, tok, data: Data, args: Args, base_logprobs) -> dict:
 
 # ------------------------------------------------------------------------------------------------ report
 def load_runs(args: Args) -> list[dict]:
-    d = run_dir(args)
-    if not os.path.isdir(d):
-        return []
-    return [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d)) if "__lr" in f and f.endswith(".json")]
+    runs = []
+    for m in args.methods:
+        d = run_dir(args, m)
+        if os.path.isdir(d):
+            runs += [json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))
+                     if f.startswith(f"{m}__lr") and f.endswith(".json")]
+    return runs
 
 
 def summarise(args: Args, runs: list[dict], base: dict) -> dict:
@@ -643,10 +658,10 @@ def report(args: Args, log) -> dict:
     md = markdown(args, summary, base, mach)
     results = {"args": dataclasses.asdict(args), "machine": mach, "base": base, "summary": summary, "markdown": md,
                "runs": runs}
-    _write_json(os.path.join(args.output_dir, "results.json"), results)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+    _write_json(report_name(args, "results.json"), results)
+    with open(report_name(args, "results.md"), "w") as f:
         f.write(md)
-    plot(summary, runs, os.path.join(args.output_dir, "pareto.png"))
+    plot(summary, runs, report_name(args, "pareto.png"))
     if args.results_copy:
         _write_json(args.results_copy, results)
     for v in summary["verdicts"]:

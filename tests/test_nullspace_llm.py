@@ -1,6 +1,7 @@
 """recipes/nullspace_llm.py and recipes/knowledge.py: the protocol's pure functions against closed forms, the knowledge
 probe on a fake model, and the recipe's quick mode (with resume) on the embedded SmolLM2."""
 
+import dataclasses
 import json
 import math
 import os
@@ -89,6 +90,24 @@ def test_front_comparison_is_pairwise():
     want = [(0.35, 0.8625 - 0.475), (0.4, 0.85 - 0.45), (0.45, 0.8375 - 0.425)]
     assert [x for p in got for x in p] == pytest.approx([x for p in want for x in p])
     assert rec.front_comparison(fr, [(0.8, 0.1)]) == []
+
+
+def test_general_calibration_reuses_uncalibrated_runs_and_reports_under_its_own_names(tmp_path):
+    k = rec.parse_args(["--output_dir", str(tmp_path)])
+    g = rec.parse_args(["--output_dir", str(tmp_path), "--calibration", "general"])
+    for m in rec.METHODS:  # the same file when the method reads no calibration text, a separate one when it does
+        same = rec.run_path(k, m, 1e-3, 0) == rec.run_path(g, m, 1e-3, 0)
+        assert same == (m not in rec.CALIBRATED), m
+    assert rec.CALIBRATED <= set(rec.METHODS)
+    assert rec.report_name(k, "pareto.png") == str(tmp_path / "pareto.png")
+    assert rec.report_name(g, "results.md") == str(tmp_path / "results-general.md")
+    # load_runs: each method from its own folder, a method's files only (lora must not pick up lora_wd's)
+    for args, m, lr in ((k, "lora", 1e-3), (k, "lora_wd", 1e-3), (k, "nullspace_v2", 1e-2), (g, "nullspace_v2", 3e-3)):
+        os.makedirs(os.path.dirname(rec.run_path(args, m, lr, 0)), exist_ok=True)
+        Path(rec.run_path(args, m, lr, 0)).write_text(json.dumps({"method": m, "lr": lr, "seed": 0}))
+    g_runs = sorted((r["method"], r["lr"]) for r in rec.load_runs(g))
+    assert g_runs == [("lora", 1e-3), ("lora_wd", 1e-3), ("nullspace_v2", 3e-3)]
+    assert len(rec.load_runs(dataclasses.replace(k, methods=["lora"]))) == 1
 
 
 def test_people_items_train_on_one_phrasing_and_score_disjoint_paraphrases():
