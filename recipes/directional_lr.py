@@ -682,9 +682,29 @@ class Probe(TrainerCallback):
         self._t0 = None
         self.optimizer = None
         self.params: dict[str, torch.Tensor] = {}
+        self.w0: dict[str, torch.Tensor] = {}  # each target's matrix at the start: sigma_max of the update W - W0
+        self.sigma0: dict[str, float] = {}
+
+    @torch.no_grad()
+    def spectra(self, model) -> dict[str, float]:
+        """sigma_max of every target matrix (max over targets), of its update since the start (max sigma_max(W - W0):
+        the size of what training added, which an untouched pretrained matrix cannot hide) and the largest growth
+        sigma_max(W) / sigma_max(W0) of any one target."""
+        sig, delta, growth = [], [], []
+        for n, w in effective_matrices(model, self.targets).items():
+            w = w.float()
+            s = sigma_max(w, iters=20)[0]
+            sig.append(s)
+            delta.append(sigma_max(w - self.w0[n].to(w.device), iters=20)[0])
+            growth.append(s / self.sigma0[n] if self.sigma0[n] > 0 else math.inf)
+        return {"sigma_max": max(sig), "sigma_max_delta": max(delta), "sigma_growth": max(growth)}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        with torch.no_grad():
+            for n, w in effective_matrices(model, self.targets).items():
+                self.w0[n] = w.float().to("cpu", copy=True)
+                self.sigma0[n] = sigma_max(self.w0[n], iters=20)[0]
         if self.track:
             wanted = {f"{t}.weight" for t in self.targets}
             self.params = {n: p for n, p in model.named_parameters() if n in wanted and p.requires_grad}
@@ -755,11 +775,11 @@ class Probe(TrainerCallback):
             model.eval()
             correct = self.task.predict(model, self.task.val)
             model.train(was_training)
-            sig = {n: sigma_max(w.float(), iters=20)[0] for n, w in effective_matrices(model, self.targets).items()}
+            spec = self.spectra(model)
             self.curve.append({"step": step, "time": self.train_time, "acc": sum(correct) / len(correct),
-                               "loss": loss, "sigma_max": max(sig.values())})
+                               "loss": loss, **spec})
             bad_loss = loss is not None and (not math.isfinite(loss) or loss > self.diverge_loss)
-            if bad_loss or not all(math.isfinite(v) for v in sig.values()):
+            if bad_loss or not math.isfinite(spec["sigma_max"]) or not math.isfinite(spec["sigma_max_delta"]):
                 self.diverged = True
                 control.should_training_stop = True
         self._t0 = time.perf_counter()
@@ -932,6 +952,11 @@ def compare(proto: Protocol, a: str, b: str) -> dict | None:
     return out
 
 
+def fmt_opt(v: float | None, fmt: str) -> str:
+    """A number, or a dash when the runs did not record it."""
+    return "—" if v is None else fmt.format(v)
+
+
 def arm_row(proto: Protocol, name: str) -> dict | None:
     runs = proto.runs_of(name)
     levels = levels_for(proto, family_baseline(name))
@@ -944,6 +969,9 @@ def arm_row(proto: Protocol, name: str) -> dict | None:
            "final_test": bootstrap_mean(test_items(runs), "items", n),
            "final_val": bootstrap_ci([r["final_val"] for r in runs], n),
            "sigma_max": statistics.mean(max(c["sigma_max"] for c in r["curve"]) for r in runs)}
+    for key in ("sigma_max_delta", "sigma_growth"):  # recorded since issue 16's review; older runs lack them
+        if all(r["curve"] and key in r["curve"][0] for r in runs):
+            row[key] = statistics.mean(max(c[key] for c in r["curve"]) for r in runs)
     if all("amplified_fraction" in r for r in runs):
         row["amplified_fraction"] = statistics.mean(r["amplified_fraction"] for r in runs)
     for i, level in enumerate(levels):
@@ -1023,9 +1051,12 @@ def verdicts(proto: Protocol, comps: dict[tuple[str, str], dict], rows: dict[str
                      f"{'met' if lo >= -0.002 else 'NOT met'} — {fmt_ci(e4['final_test'], 100, 1, True)} points.")
     e4_row, b1_row = rows.get(e4_name) if e4_name else None, rows.get("B1")
     if e4_row and b0:
+        key = "sigma_max_delta" if all("sigma_max_delta" in r for r in (e4_row, b0, b1_row or b0)) else "sigma_max"
+        what = ("mean over seeds of the largest sigma_max of an update W - W0" if key == "sigma_max_delta" else
+                "mean max sigma_max of the target matrices (runs recorded before the update's sigma_max was)")
         lines.append(f"**Stability** (no divergence, sigma_max controlled): E4 diverged in {e4_row['diverged']}/"
-                     f"{e4_row['seeds']} runs, mean max sigma_max {e4_row['sigma_max']:.2f} vs B0 {b0['sigma_max']:.2f}"
-                     + (f", B1 {b1_row['sigma_max']:.2f} ({b1_row['diverged']}/{b1_row['seeds']} diverged)" if b1_row else "")
+                     f"{e4_row['seeds']} runs; {what}: E4 {e4_row[key]:.3f} vs B0 {b0[key]:.3f}"
+                     + (f", B1 {b1_row[key]:.3f} ({b1_row['diverged']}/{b1_row['seeds']} diverged)" if b1_row else "")
                      + ".")
     e4_b1 = comps.get((e4_name, "B1")) if e4_name else None
     if e4_b1 and e4:
@@ -1095,8 +1126,8 @@ def task_report(proto: Protocol) -> tuple[str, dict]:
     lines += ["", f"Levels ({' and '.join(f'{int(100 * f)}%' for f in LEVEL_FRACTIONS)} of the tuned baseline's final "
               f"validation accuracy): {'; '.join(x for x in lv if x)}."]
     head = ("| arm | lr | trainable | steps to 90% | steps to 97% | s to 90% | s to 97% | final test top-1 (%) | "
-            "max σ_max | diverged |")
-    lines += ["", head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "max σ_max(ΔW) | max σ_max growth | diverged |")
+    lines += ["", head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in names:
         r = rows.get(n)
         if r is None:
@@ -1109,7 +1140,8 @@ def task_report(proto: Protocol) -> tuple[str, dict]:
                              + (f" ({cens} never)" if cens else ""))
         label = f"{n} (= E4)" if n == e4_name else (f"{n} (×{r['ratio']:g}, k={r['k']})" if n == "B2" else n)
         lines.append(f"| {label} | {r['lr']:g} | {r['trainable']:,} | " + " | ".join(cells)
-                     + f" | {fmt_ci(r['final_test'], 100)} | {r['sigma_max']:.2f} | {r['diverged']}/{r['seeds']} |")
+                     + f" | {fmt_ci(r['final_test'], 100)} | {fmt_opt(r.get('sigma_max_delta'), '{:.3f}')} | "
+                     f"{fmt_opt(r.get('sigma_growth'), '×{:.3f}')} | {r['diverged']}/{r['seeds']} |")
     lines += ["", "Paired differences A − B on the held-out seeds (steps: relative to B's mean, a run that never "
               "reached a level counted at the budget; accuracy: points, CI over seeds and test items):", "",
               "| A vs B | steps to 90% | steps to 97% | final test (points) |", "|---|---:|---:|---:|"]
@@ -1158,13 +1190,14 @@ def plot(protos: list[Protocol], out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for what, ylabel, fname in (("acc", "validation top-1", "curves.png"), ("sigma_max", "max σ_max of target matrices", "sigma_max.png")):
+    for what, ylabel, fname in (("acc", "validation top-1", "curves.png"), ("sigma_max_delta", "max σ_max(W − W₀) over target matrices", "sigma_max.png")):
         fig, axes = plt.subplots(1, len(protos), figsize=(6 * len(protos), 4.2), squeeze=False)
         for ax, proto in zip(axes[0], protos):
             for arm in proto.arms:
                 if arm.family and arm.name != proto.selected.get(arm.family):
                     continue
-                curves = [r["curve"] for r in proto.runs_of(arm.name, held_out=False) if r["curve"]]
+                curves = [r["curve"] for r in proto.runs_of(arm.name, held_out=False)
+                          if r["curve"] and what in r["curve"][0]]  # older runs did not record sigma_max_delta
                 if not curves:
                     continue
                 n = min(len(c) for c in curves)

@@ -69,6 +69,7 @@ BLOCKS = {
     "tour": tour_block,
     "bnb-cpu": lambda: results_printed("bnb_cpu_paths.json"),
     "nullspace-llm": lambda: results_markdown("nullspace_llm/results.json"),
+    "nullspace-llm-general": lambda: results_markdown("nullspace_llm/results-general.json"),  # --calibration general
     "bench-nullspace-step": lambda: results_printed("nullspace_step.json"),
     "bench-forgetting": lambda: results_printed("forgetting_overhead.json"),
     "directional": lambda: results_markdown("directional_lr.json"),  # committed: results/directional_lr.json

@@ -96,6 +96,22 @@ def test_top_k_energy_is_the_ceiling_of_every_rank_k_pair():
     assert projection_energy(m, ru, rv) < directional_lr.top_k_energy(m, 3)
 
 
+def test_probe_measures_the_update_not_the_pretrained_matrix():
+    """sigma_max of W - W0 and the growth of sigma_max against closed forms: W0 = diag(5, 1), update 0.5 e1 e2^T."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(torch.tensor([5.0, 1.0])))
+    probe = directional_lr.Probe(task=None, every=1, diverge_loss=20.0, targets=["0"], track=None)
+    probe.on_train_begin(None, None, None, model=model, optimizer=None)
+    with torch.no_grad():
+        model[0].weight[0, 1] += 0.5
+    spec = probe.spectra(model)
+    assert spec["sigma_max_delta"] == pytest.approx(0.5, abs=1e-6)  # the update's own spectral norm
+    s_new = float(torch.linalg.svdvals(model[0].weight.detach())[0])
+    assert spec["sigma_max"] == pytest.approx(s_new, abs=1e-5) and spec["sigma_growth"] == pytest.approx(s_new / 5, abs=1e-6)
+    assert directional_lr.fmt_opt(None, "{:.2f}") == "—" and directional_lr.fmt_opt(0.5, "×{:.2f}") == "×0.50"
+
+
 def test_bad_flags_are_refused_with_the_fix(capsys):
     cases = [(["--runs", "B0,E5"], "unknown arm(s) ['E5']"),
              (["--model", "x"], "--model and --dataset go together"),
