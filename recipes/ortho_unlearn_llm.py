@@ -65,7 +65,12 @@ old recipe), alphas 0, 0.5, 1, 30 items per set, 2 canaries: 2 reference, 13 tun
 OrthoSplit units, ~3 h of one busy thread, i.e. ~1.5-2 h with 2 threads on an idle 2-core machine (not measured:
 2-thread torch stalls on this shared box). Not included: tofu_finetune's two fine-tunes (~30 min each there, cached).
 The full grid: --densities 0.005 0.01 0.02 0.05 --base_kinds none int8 int4 nf4 --alphas 0 0.25 0.5 0.75 1, or the GPU
-preset. Every unit is its own file, so the run can be made in chunks (kill it; rerun the same command).
+preset. Every unit is its own file, so the run can be made in chunks (kill it; rerun the same command). On two
+cores, two one-thread processes sharing --output_dir split the work without repeating any unit:
+    python recipes/ortho_unlearn_llm.py --threads 1 --arms ga graddiff npo task_vector &
+    python recipes/ortho_unlearn_llm.py --threads 1 --arms contrastive fisher_ratio random &
+then `--report_only` (all arms). Build the two fine-tunes first, one per core (tofu_finetune.py --threads 1 --which
+full & ... --which oracle), or both processes will train the same model.
 
 Not here: the `--dataset locuslab/TOFU --model ...` path of recipes/ortho_unlearn.py (real TOFU has no ID numbers and
 its perturbed answers live in other files); that recipe keeps it.
@@ -577,24 +582,13 @@ def run_all(args: Args, log) -> None:
     from peft_ext import ortho_alpha
 
     world = load_world(args, log)
-    ref = {}
-    for which in ("finetuned", "oracle"):
-        u = {"stage": "ref", "arm": which}
-        if load_unit(args, u) is None:
-            t0 = time.perf_counter()
-            if which == "finetuned":
-                model = world.finetuned
-            else:
-                from transformers import AutoModelForCausalLM
-
-                model = AutoModelForCausalLM.from_pretrained(world.oracle_folder, dtype=torch.float32).to(args.device)
-            save_unit(args, u, score(model.eval(), world, REF_SETS, args, canaries=True), {}, time.perf_counter() - t0,
-                      log)
-            del model
-        ref[which] = load_unit(args, u)
+    baselines = [a for a in args.arms if a in BASELINES]
+    # the baselines' tuning needs the reference units first; a process running only OrthoSplit arms scores them last,
+    # so two processes split by --arms (baselines / OrthoSplit) do not both score them (Budget)
+    ref = reference_units(world, args, log) if baselines else None
     # baselines: the grid on seed 0 (forget + retain-select), then every seed at the chosen point
     tv_cache: dict = {}
-    for arm in [a for a in args.arms if a in BASELINES]:
+    for arm in baselines:
         for hp in grid(args, arm):
             run_baseline(world, arm, hp, 0, "tune", args, log, tv_cache)
         hp, kept, _ = operating_points(args, arm, ref)
@@ -619,6 +613,28 @@ def run_all(args: Args, log) -> None:
             save_unit(args, u, scores, {"split_seconds": round(split_s, 1)}, time.perf_counter() - t1 + split_s, log)
             split_s = 0.0
         del split
+    if ref is None:
+        reference_units(world, args, log)
+
+
+def reference_units(world, args: Args, log) -> dict:
+    """The fine-tuned model's and the oracle's scores (units ref__finetuned / ref__oracle), scored once."""
+    ref = {}
+    for which in ("finetuned", "oracle"):
+        u = {"stage": "ref", "arm": which}
+        if load_unit(args, u) is None:
+            t0 = time.perf_counter()
+            if which == "finetuned":
+                model = world.finetuned
+            else:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(world.oracle_folder, dtype=torch.float32).to(args.device)
+            save_unit(args, u, score(model.eval(), world, REF_SETS, args, canaries=True), {}, time.perf_counter() - t0,
+                      log)
+            del model
+        ref[which] = load_unit(args, u)
+    return ref
 
 
 # ------------------------------------------------------------------------------------------------ report

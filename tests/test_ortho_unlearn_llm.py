@@ -113,6 +113,20 @@ def test_second_invocation_trains_nothing_and_a_lost_unit_is_redone(quick, monke
     assert lost.exists() and len(calls) == 1
 
 
+def test_an_orthosplit_only_process_scores_the_references_last(quick, monkeypatch):
+    """Two processes split by --arms: the OrthoSplit-only one leaves the reference units to the baselines' process
+    (which needs them first) and scores them itself only at its end, if they are still missing."""
+    base, argv, _ = quick
+    udir = Path(ou.unit_dir(ou.parse_args(argv)))
+    for p in list(udir.glob("ref__*.json")) + list(udir.glob("*__random__*.json")):
+        os.remove(p)
+    order = []
+    real = ou.save_unit
+    monkeypatch.setattr(ou, "save_unit", lambda args, u, *a: order.append(u["arm"]) or real(args, u, *a))
+    ou.run_all(ou.parse_args(argv + ["--arms", "random"]), lambda *a: None)
+    assert order and set(order[:-2]) == {"random"} and order[-2:] == ["finetuned", "oracle"]
+
+
 def test_bad_flag_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         ou.parse_args(["--densities", "0.01", "1.5"])
