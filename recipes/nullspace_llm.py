@@ -71,7 +71,8 @@ from zoo import frozen_orthonormal_a  # noqa: E402
 # default run has answered the main question before the rest
 METHODS = ("lora", "lora_wd", "nullspace_v2", "lora_fa", "pissa", "milora", "nullspace_v1", "nullspace_split",
            "corda_kpm", "lora_wd3")
-CALIBRATED = frozenset({"nullspace_v1", "nullspace_v2", "nullspace_split", "corda_kpm"})  # read the calibration text
+NULLSPACE = ("nullspace_v2", "nullspace_v1", "nullspace_split")
+CALIBRATED = frozenset({*NULLSPACE, "corda_kpm"})  # the methods that read the calibration text
 LABELS = {"lora": "LoRA", "lora_wd": "LoRA + WD", "lora_wd3": "LoRA + WD 0.3", "lora_fa": "LoRA-FA", "pissa": "PiSSA",
           "milora": "MiLoRA", "corda_kpm": "CorDA-kpm", "nullspace_v1": "NullSpaceLoRA v1",
           "nullspace_v2": "NullSpaceLoRA v2", "nullspace_split": "NullSpaceLoRA split"}
@@ -505,12 +506,12 @@ def summarise(args: Args, runs: list[dict], base: dict) -> dict:
             "exact_test": statistics.mean(r["exact_test"] for r in at),
             "front": front([(r["task_test"], r["knowledge_test"]) for r in grid]),
         }
-    for ref in ("lora_wd", "lora"):
+    for ref in ("lora_wd", "lora", "corda_kpm"):
         if ref not in out["methods"]:
             continue
         ref_runs = [r for r in runs if r["method"] == ref and r["lr"] == out["methods"][ref]["lr"]]
         for m, s in out["methods"].items():
-            if m == ref:
+            if m == ref or (ref == "corda_kpm" and m not in NULLSPACE):
                 continue
             at = [r for r in runs if r["method"] == m and r["lr"] == s["lr"]]
             s[f"vs_{ref}"] = {"knowledge": paired_difference(at, ref_runs, "knowledge_test_items", args.bootstrap),
@@ -529,32 +530,10 @@ def verdicts(summary: dict, args: Args) -> list[str]:
     seed, no CI)."""
     lines = []
     ms = summary["methods"]
-    ci = lambda d: f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"  # noqa: E731  (mean [CI low, CI high])
     for m, s in ms.items():
         if m in ("lora", "lora_wd"):
             continue
-        parts = []
-        for ref in ("lora_wd", "lora"):
-            if f"vs_{ref}" not in s:
-                parts.append((ref, None, "not run"))
-                continue
-            dk, dt = s[f"vs_{ref}"]["knowledge"], s[f"vs_{ref}"]["task"]
-            matched = abs(dt[0]) <= args.task_match
-            if not matched and dt[1] > 0 and dk[1] > 0:
-                parts.append((ref, True, f"dominates: higher task (Δtask {ci(dt)}) and more knowledge "
-                                         f"(Δknowledge {ci(dk)})"))
-            elif not matched:
-                fc = front_comparison(s.get("front", []), ms.get(ref, {}).get("front", []))
-                shown = (", ".join(f"{d:+.3f} at task {t:.2f}" for t, d in fc) if fc
-                         else "the lr fronts share no task range")
-                parts.append((ref, False, f"task not matched (Δtask {ci(dt)}); lr fronts, seed 0, Δknowledge: "
-                                          f"{shown} (one seed, not counted)"))
-            elif dk[1] > 0:
-                parts.append((ref, True, f"keeps more (Δknowledge {ci(dk)})"))
-            elif dk[2] < 0:
-                parts.append((ref, False, f"keeps LESS (Δknowledge {ci(dk)})"))
-            else:
-                parts.append((ref, False, f"no resolvable difference (Δknowledge {ci(dk)})"))
+        parts = [(ref, *compare(s, ref, ms, args)) for ref in ("lora_wd", "lora")]
         met = all(ok for _, ok, _ in parts)
         detail = "; ".join(f"vs {LABELS[r]}: {t}" for r, _, t in parts)
         unfinished = [x for x in (m, "lora_wd", "lora") if not ms.get(x, {}).get("complete", False)]
@@ -563,7 +542,35 @@ def verdicts(summary: dict, args: Args) -> list[str]:
                   f"{'holds' if met else 'does not hold'})" if unfinished else ("MET" if met else "not met"))
         lines.append(f"{LABELS[m]} keeps more knowledge than LoRA + WD (and than LoRA) at matched task: "
                      f"{status} — {detail}")
+    # the closest published competitor: CorDA's knowledge-preserved mode (PEFT) also builds the adapter from the
+    # calibration activations' covariance, so a NullSpaceLoRA claim of novelty has to beat it, not only LoRA
+    for m in [m for m in NULLSPACE if m in ms and "corda_kpm" in ms]:
+        ok, text = compare(ms[m], "corda_kpm", ms, args)
+        unfinished = [x for x in (m, "corda_kpm") if not ms[x].get("complete", False)]
+        status = (f"PENDING (protocol unfinished for {', '.join(LABELS[x] for x in unfinished)}; so far: "
+                  f"{'holds' if ok else 'does not hold'})" if unfinished else ("MET" if ok else "not met"))
+        lines.append(f"{LABELS[m]} keeps more knowledge than CorDA-kpm at matched task: {status} — {text}")
     return lines
+
+
+def compare(s: dict, ref: str, ms: dict, args: Args) -> tuple[Optional[bool], str]:
+    """Does the method with summary `s` keep more knowledge than `ref` at matched task (verdicts' docstring)?"""
+    ci = lambda d: f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"  # noqa: E731  (mean [CI low, CI high])
+    if f"vs_{ref}" not in s:
+        return None, "not run"
+    dk, dt = s[f"vs_{ref}"]["knowledge"], s[f"vs_{ref}"]["task"]
+    matched = abs(dt[0]) <= args.task_match
+    if not matched and dt[1] > 0 and dk[1] > 0:
+        return True, f"dominates: higher task (Δtask {ci(dt)}) and more knowledge (Δknowledge {ci(dk)})"
+    if not matched:
+        fc = front_comparison(s.get("front", []), ms.get(ref, {}).get("front", []))
+        shown = ", ".join(f"{d:+.3f} at task {t:.2f}" for t, d in fc) if fc else "the lr fronts share no task range"
+        return False, f"task not matched (Δtask {ci(dt)}); lr fronts, seed 0, Δknowledge: {shown} (one seed, not counted)"
+    if dk[1] > 0:
+        return True, f"keeps more (Δknowledge {ci(dk)})"
+    if dk[2] < 0:
+        return False, f"keeps LESS (Δknowledge {ci(dk)})"
+    return False, f"no resolvable difference (Δknowledge {ci(dk)})"
 
 
 def general_text_verdicts(summary: dict) -> list[str]:
@@ -609,6 +616,13 @@ def markdown(args: Args, summary: dict, base: dict, machine: str) -> str:
         cells = [fmt(s[f"vs_{ref}"][k]) if f"vs_{ref}" in s else "—" for ref in ("lora_wd", "lora")
                  for k in ("knowledge", "task")]
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    vs_corda = [(m, s) for m, s in summary["methods"].items() if "vs_corda_kpm" in s]
+    if vs_corda:
+        lines += ["", "NullSpaceLoRA against CorDA-kpm (PEFT's knowledge-preserved CorDA, which also builds the adapter "
+                  "from the calibration activations), paired the same way:", "",
+                  "| method | Δ knowledge vs CorDA-kpm | Δ task vs CorDA-kpm |", "|---|---|---|"]
+        lines += [f"| {LABELS[m]} | {fmt(s['vs_corda_kpm']['knowledge'])} | {fmt(s['vs_corda_kpm']['task'])} |"
+                  for m, s in vs_corda]
     ref = summary["methods"].get("lora_wd", {}).get("front", [])
     lines += ["", "Fronts over the lr grid (seed 0, test numbers; every run is a point in pareto.png): each method's "
               "knowledge kept minus LoRA + WD's, interpolated at the quartiles of the task range both fronts span:", "",

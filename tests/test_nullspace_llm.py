@@ -81,6 +81,14 @@ def test_verdict_needs_matched_task_and_both_references():
     s["methods"]["lora"]["front"] = [(0.3, 0.5), (0.5, 0.4)]
     line = rec.verdicts(s, args)[0]
     assert ": not met" in line and "lr fronts, seed 0, Δknowledge: +0.388 at task 0.35" in line and "not counted" in line
+    # against CorDA-kpm (NullSpaceLoRA's closest competitor): its own verdict line, same rule, only for the variants
+    s["methods"]["corda_kpm"] = {"complete": True}
+    s["methods"]["nullspace_v2"]["vs_corda_kpm"] = {"knowledge": (0.09, -0.01, 0.2), "task": (0.0, -0.02, 0.02)}
+    lines = rec.verdicts(s, args)
+    (corda,) = [x for x in lines if "than CorDA-kpm" in x]
+    assert corda.startswith("NullSpaceLoRA v2 keeps more knowledge than CorDA-kpm at matched task: not met")
+    s["methods"]["nullspace_v2"]["vs_corda_kpm"]["knowledge"] = (-0.3, -0.5, -0.1)
+    assert "keeps LESS" in [x for x in rec.verdicts(s, args) if "than CorDA-kpm" in x][0]
 
 
 def test_front_comparison_is_pairwise():
