@@ -73,6 +73,7 @@ BLOCKS = {
     "bench-nullspace-step": lambda: results_printed("nullspace_step.json"),
     "bench-forgetting": lambda: results_printed("forgetting_overhead.json"),
     "directional": lambda: results_markdown("directional_lr.json"),  # committed: results/directional_lr.json
+    "directional-scratch": lambda: results_markdown("directional_lr_scratch.json"),  # --tasks digits,planted
     "nullspace-finetune": lambda: recipe_markdown("nullspace_finetune"),
     "bench-calibration": lambda: results_printed("calibration_minilm.json"),
     "bench-calibration-smollm2": lambda: results_printed("calibration_smollm2.json"),
