@@ -27,6 +27,22 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
     return args
 
 
+def write_report(args: Args, report: dict) -> str:
+    """The model's report, with the settings that made it, complete-or-absent under --results_dir."""
+    import json
+    import os
+
+    from peft_ext.files import atomic_file
+    from tofu_models import settings
+
+    path = os.path.join(args.results_dir, f"{report['which']}-{report['settings_key']}.json")
+    os.makedirs(args.results_dir, exist_ok=True)
+    row = {**{k: v for k, v in report.items() if k != "folder"}, "settings": settings(args)}
+    with atomic_file(path, field="results_dir") as tmp, open(tmp, "w") as f:
+        json.dump(row, f, indent=1)
+    return path
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     from common import recipe_runtime
 
@@ -40,6 +56,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             log(f"{which}: forget PPL {r['forget_ppl']:.3f}, retain-eval PPL {r['retain_ppl']:.3f}, "
                 f"{r['train']['steps']} steps in {r['train']['seconds']} s; ||dW||/||W||: {delta}")
             out[which] = r
+            if args.results_dir:
+                write_report(args, r)
     return out
 
 

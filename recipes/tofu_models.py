@@ -60,6 +60,9 @@ class FinetuneArgs:
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu",
                         metadata={"help": "where models train and are scored"})
     which: list[str] = field(default_factory=lambda: ["full", "oracle"], metadata={"help": "models to build"})
+    results_dir: Optional[str] = field(default=None, metadata={
+        "help": "also write each model's report (settings, steps, loss, PPLs, ||dW||/||W||) here as "
+                "<which>-<settings key>.json (the README's: results/tofu_finetune)"})
     config: Optional[str] = field(default=None, metadata={"help": "a YAML preset (recipes/presets/); flags override it"})
 
 
@@ -202,10 +205,14 @@ def base_model(args: FinetuneArgs, splits: tofu_data.TofuSplits):
     return smollm2.load_smollm2(args.cache_dir, log=lambda *a: None)
 
 
-def settings_key(args: FinetuneArgs, base_id: str) -> str:
-    keep = {k: getattr(args, k) for k in ("n_people", "forget_fraction", "seed", "lr", "epochs", "batch_size",
+def settings(args: FinetuneArgs) -> dict:
+    """The flags that change the fine-tuned model (the cache key's content; written into every report)."""
+    return {k: getattr(args, k) for k in ("n_people", "forget_fraction", "seed", "lr", "epochs", "batch_size",
                                           "warmup_ratio", "weight_decay", "max_steps")}
-    blob = json.dumps({"base": base_id, "version": CACHE_VERSION, **keep}, sort_keys=True)
+
+
+def settings_key(args: FinetuneArgs, base_id: str) -> str:
+    blob = json.dumps({"base": base_id, "version": CACHE_VERSION, **settings(args)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -232,6 +239,7 @@ def build(args: FinetuneArgs, which: str, log=print) -> dict:
                      seed=args.seed, max_steps=args.max_steps, device=args.device)
     model.to("cpu")
     report = {"which": which, "people": len(people), "pairs": 5 * len(people), "settings_key": key, "base": base,
+              "settings": settings(args),
               "train": train, **evaluate_finetune(before, model, tok, splits)}
     with atomic_directory(folder, overwrite=True, field="cache_dir") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

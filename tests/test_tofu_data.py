@@ -504,8 +504,12 @@ def test_finetune_quick_trains_block_linears_caches_and_reports(tmp_path, monkey
     # a rerun with the same settings reuses both folders without training; another lr is another folder
     real_finetune = tf.finetune
     monkeypatch.setattr(tf, "finetune", lambda *a, **k: pytest.fail("retrained a cached model"))
-    again = tofu_finetune.main(["--config", preset, "--cache_dir", str(tmp_path)])
+    again = tofu_finetune.main(["--config", preset, "--cache_dir", str(tmp_path), "--results_dir", str(tmp_path / "res")])
     assert again["full"] == full and again["oracle"] == oracle
+    # --results_dir: each report with the settings that made it (the cached ones too), no model folder path
+    rep = json.loads((tmp_path / "res" / f"full-{full['settings_key']}.json").read_text())
+    assert rep["forget_ppl"] == full["forget_ppl"] and "folder" not in rep
+    assert rep["settings"]["lr"] == tofu_finetune.parse_args(["--config", preset]).lr
     args = tofu_finetune.parse_args(["--config", preset])
     other = tofu_finetune.parse_args(["--config", preset, "--lr", "0.001"])
     assert tf.settings_key(args, "tiny-0") != tf.settings_key(other, "tiny-0")
