@@ -63,7 +63,7 @@ kinds, 3 seeds of random, 5 alphas, 50 items, 5 canaries at 200 IDs) came to ~8.
 cut to what fits: densities 1% and 5%, base kinds none and int4 (int8 sits next to none and nf4 next to int4 in the
 old recipe), alphas 0, 0.5, 1, 30 items per set, 2 canaries: 2 reference, 13 tuning, 12 baseline and 30
 OrthoSplit units, ~3 h of one busy thread, i.e. ~1.5-2 h with 2 threads on an idle 2-core machine (not measured:
-2-thread torch stalls on this shared box). Not included: tofu_finetune's two fine-tunes (~30 min each there, cached).
+2-thread torch stalls on this shared box). Not included: tofu_finetune's two fine-tunes (~15 min each at one thread, measured; cached).
 The full grid: --densities 0.005 0.01 0.02 0.05 --base_kinds none int8 int4 nf4 --alphas 0 0.25 0.5 0.75 1, or the GPU
 preset. Every unit is its own file, so the run can be made in chunks (kill it; rerun the same command). On two
 cores, two one-thread processes sharing --output_dir split the work without repeating any unit:

@@ -65,6 +65,22 @@ def results_markdown(filename: str) -> str | None:
     return re.sub(r"^(#{1,5}) ", r"#\1 ", json.loads(path.read_text())["markdown"].rstrip(), flags=re.M)
 
 
+def tofu_finetune_block() -> str | None:
+    """One row per fine-tuned model committed under results/tofu_finetune/ (recipes/tofu_finetune.py --results_dir)."""
+    rows = [json.loads(p.read_text()) for p in sorted((ROOT / "results" / "tofu_finetune").glob("*.json"))]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (r["settings"]["lr"], r["settings"]["epochs"], r["which"]))
+    lines = ["| model | lr | epochs | steps | forget answer PPL | retain-eval answer PPL | ‖ΔW‖/‖W‖ (block linears) "
+             "| train s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        st = r["settings"]
+        lines.append(f"| {r['which']} ({r['people']} people) | {st['lr']:g} | {st['epochs']:g} | {r['train']['steps']} | "
+                     f"{r['forget_ppl']:.3f} | {r['retain_ppl']:.3f} | {r['relative_delta']['all']:.4f} | "
+                     f"{r['train']['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 BLOCKS = {
     "tour": tour_block,
     "bnb-cpu": lambda: results_printed("bnb_cpu_paths.json"),
@@ -83,6 +99,7 @@ BLOCKS = {
     "bench-lorax-svd": lambda: results_printed("lorax_svd_accuracy.json"),
     "lorax-transfer": lambda: results_markdown("lorax_transfer.json"),  # recipes/lorax_transfer.py --results_copy
     "ortho-unlearn": lambda: recipe_markdown("ortho_unlearn"),
+    "tofu-finetune": tofu_finetune_block,
     "bench-ortho": lambda: printed_block("ortho_latency.json"),
     "bench-ortho-cuda": lambda: printed_block("ortho_cuda.json"),
 }
