@@ -120,7 +120,7 @@ class Args:
     n_people: int = field(default=100, metadata={"help": "fictitious people (5 QA pairs each), as tofu_finetune"})
     forget_fraction: float = field(default=0.1, metadata={"help": "share of people to forget (TOFU's forget10)"})
     data_seed: int = field(default=0, metadata={"help": "people, splits and the fine-tune's seed (tofu_finetune --seed)"})
-    ft_lr: float = field(default=3e-5, metadata={"help": "tofu_finetune --lr"})
+    ft_lr: float = field(default=1e-4, metadata={"help": "tofu_finetune --lr (its default; see results/tofu_finetune)"})
     ft_epochs: float = field(default=5.0, metadata={"help": "tofu_finetune --epochs"})
     ft_batch_size: int = field(default=16, metadata={"help": "tofu_finetune --batch_size"})
     ft_max_steps: int = field(default=-1, metadata={"help": "tofu_finetune --max_steps (-1: the epochs)"})
@@ -151,7 +151,7 @@ class Args:
                                                               "task vector's forget fine-tune)"})
     unlearn_batch_size: int = field(default=8, metadata={"help": "forget (and retain) pairs per step"})
     graddiff_weight: float = field(default=1.0, metadata={"help": "GradDiff's retain weight (TOFU: 1)"})
-    tv_lr: float = field(default=3e-5, metadata={"help": "lr of the task vector's forget fine-tune (the fine-tune's)"})
+    tv_lr: float = field(default=1e-4, metadata={"help": "lr of the task vector's forget fine-tune (the fine-tune's)"})
     # verdicts
     utility_floor: float = field(default=0.95, metadata={"help": "utility >= this x the fine-tuned model's"})
     fq_band: float = field(default=0.05, metadata={"help": "forget quality (KS p) at or above this = oracle's band"})
