@@ -1018,7 +1018,6 @@ def drift_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(t, -k) for t, k in front([(t, -d) for t, d in points])]
 
 
-
 def references(method: str, present) -> list[str]:
     """What `method` is compared with: every method with LoRA; the NullSpaceLoRA variants also with LoRA-FA (the same
     freezing with a random basis: basis or freezing?), head only (does the backbone change buy task?) and CorDA-kpm."""

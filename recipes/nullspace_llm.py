@@ -63,8 +63,7 @@ from typing import Literal, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `python recipes/nullspace_llm.py` finds its modules
-from evidence import (bootstrap_mean, front, front_comparison, knowledge_at,  # noqa: E402  (shared verdict maths)
-                      matched_task_levels, paired_difference)
+from evidence import bootstrap_mean, front, front_comparison, paired_difference  # noqa: E402  (shared verdict maths)
 from zoo import frozen_orthonormal_a  # noqa: E402
 
 # The run order: the comparisons the claim rests on first (v2 against LoRA, LoRA + WD and LoRA-FA), so an interrupted
@@ -381,12 +380,16 @@ def operating_point(runs: list[dict], frac: float = 0.95) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _write_json(path: str, payload) -> None:
-    """JSON written complete-or-absent (a killed run leaves each finished run's file whole or missing)."""
+def _write_text(path: str, text: str) -> None:
+    """A file written complete-or-absent (a killed run leaves each finished run's file whole or missing)."""
     from peft_ext.files import atomic_file
 
     with atomic_file(path, field="output_dir") as tmp, open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
+        f.write(text)
+
+
+def _write_json(path: str, payload) -> None:
+    _write_text(path, json.dumps(payload, indent=1))
 
 
 def run_dir(args: Args, method: Optional[str] = None) -> str:
@@ -520,7 +523,6 @@ def summarise(args: Args, runs: list[dict], base: dict) -> dict:
     return out
 
 
-
 def verdicts(summary: dict, args: Args) -> list[str]:
     """'A keeps more knowledge than B at matched task' for every method A against lora_wd, met only when it also holds
     against plain lora. At the operating points (3 seeds, paired bootstrap CIs): matched = |task_A - task_B| <=
@@ -536,21 +538,25 @@ def verdicts(summary: dict, args: Args) -> list[str]:
         parts = [(ref, *compare(s, ref, ms, args)) for ref in ("lora_wd", "lora")]
         met = all(ok for _, ok, _ in parts)
         detail = "; ".join(f"vs {LABELS[r]}: {t}" for r, _, t in parts)
-        unfinished = [x for x in (m, "lora_wd", "lora") if not ms.get(x, {}).get("complete", False)]
-        # a verdict on an unfinished protocol (grid or seeds missing) is not a verdict: the operating point may move
-        status = (f"PENDING (protocol unfinished for {', '.join(LABELS[x] for x in unfinished)}; so far: "
-                  f"{'holds' if met else 'does not hold'})" if unfinished else ("MET" if met else "not met"))
         lines.append(f"{LABELS[m]} keeps more knowledge than LoRA + WD (and than LoRA) at matched task: "
-                     f"{status} — {detail}")
+                     f"{status(met, (m, 'lora_wd', 'lora'), ms)} — {detail}")
     # the closest published competitor: CorDA's knowledge-preserved mode (PEFT) also builds the adapter from the
     # calibration activations' covariance, so a NullSpaceLoRA claim of novelty has to beat it, not only LoRA
     for m in [m for m in NULLSPACE if m in ms and "corda_kpm" in ms]:
         ok, text = compare(ms[m], "corda_kpm", ms, args)
-        unfinished = [x for x in (m, "corda_kpm") if not ms[x].get("complete", False)]
-        status = (f"PENDING (protocol unfinished for {', '.join(LABELS[x] for x in unfinished)}; so far: "
-                  f"{'holds' if ok else 'does not hold'})" if unfinished else ("MET" if ok else "not met"))
-        lines.append(f"{LABELS[m]} keeps more knowledge than CorDA-kpm at matched task: {status} — {text}")
+        lines.append(f"{LABELS[m]} keeps more knowledge than CorDA-kpm at matched task: "
+                     f"{status(ok, (m, 'corda_kpm'), ms)} — {text}")
     return lines
+
+
+def status(met: bool, involved: tuple[str, ...], ms: dict) -> str:
+    """MET / not met, or PENDING while any involved method's protocol (grid or seeds) is unfinished: a verdict on an
+    unfinished protocol is not a verdict, the operating point may still move."""
+    unfinished = [x for x in involved if not ms.get(x, {}).get("complete", False)]
+    if unfinished:
+        return (f"PENDING (protocol unfinished for {', '.join(LABELS[x] for x in unfinished)}; so far: "
+                f"{'holds' if met else 'does not hold'})")
+    return "MET" if met else "not met"
 
 
 def compare(s: dict, ref: str, ms: dict, args: Args) -> tuple[Optional[bool], str]:
@@ -673,8 +679,7 @@ def report(args: Args, log) -> dict:
     results = {"args": dataclasses.asdict(args), "machine": mach, "base": base, "summary": summary, "markdown": md,
                "runs": runs}
     _write_json(report_name(args, "results.json"), results)
-    with open(report_name(args, "results.md"), "w") as f:
-        f.write(md)
+    _write_text(report_name(args, "results.md"), md)
     plot(summary, runs, report_name(args, "pareto.png"))
     if args.results_copy:
         _write_json(args.results_copy, results)

@@ -196,9 +196,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
 
 def finetune_args(args: Args) -> tofu_models.FinetuneArgs:
     return tofu_models.FinetuneArgs(model=args.model, cache_dir=args.cache_dir, n_people=args.n_people,
-                              forget_fraction=args.forget_fraction, seed=args.data_seed, lr=args.ft_lr,
-                              epochs=args.ft_epochs, batch_size=args.ft_batch_size, max_steps=args.ft_max_steps,
-                              threads=args.threads, device=args.device)
+                                    forget_fraction=args.forget_fraction, seed=args.data_seed, lr=args.ft_lr,
+                                    epochs=args.ft_epochs, batch_size=args.ft_batch_size, max_steps=args.ft_max_steps,
+                                    threads=args.threads, device=args.device)
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
@@ -280,7 +280,7 @@ def load_world(args: Args, log) -> World:
     tok = AutoTokenizer.from_pretrained(full["folder"])
     model = AutoModelForCausalLM.from_pretrained(full["folder"], dtype=torch.float32).to(args.device).eval()
     base, _ = tofu_models.base_model(fa, tofu_data.make_splits(args.n_people, args.forget_fraction,
-                                                                   seed=args.data_seed, n_world=0))
+                                                                 seed=args.data_seed, n_world=0))
     base_state = {n + ".weight": m.weight.detach().clone() for n, m in tofu_models.block_linears(base).items()}
     del base
     pop = splits.people
