@@ -61,11 +61,16 @@ def parse_with_preset(args_class, argv: list[str] | None = None, quick_preset: s
     """(parser, args) of a recipe's argument dataclass with its YAML preset applied: the preset is `--config` or, when
     that is not given and the recipe's `quick` field is set, `quick_preset`; its keys become defaults, so flags given
     explicitly still win. An unreadable preset or one with keys the dataclass does not have ends the program through `parser.error`."""
+    import argparse
     import dataclasses
+    import re
 
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(args_class)
+    for action in parser._actions:  # argparse %-formats help text: a literal "5%" in a field's help broke --help
+        if action.help and action.help is not argparse.SUPPRESS:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     path = args.config or (quick_preset if getattr(args, "quick", False) else None)
     if path:

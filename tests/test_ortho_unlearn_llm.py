@@ -135,3 +135,16 @@ def test_bad_flag_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         ou.parse_args(["--arms", "ga", "rmu"])
     assert "--arms got ['rmu']: choose from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["ortho_unlearn_llm", "lorax_transfer", "nullspace_llm", "tofu_finetune"])
+def test_recipe_help_prints(recipe, capsys):
+    """`--help` of every recipe parsed through common.parse_with_preset prints and exits 0: argparse %-formats help
+    text, and a literal "5%" or "%i" in a field's help used to crash it with a ValueError/TypeError."""
+    import importlib
+
+    module = importlib.import_module(recipe)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--config" in capsys.readouterr().out
