@@ -110,7 +110,9 @@ UNIT_VERSION = 1  # bump when what a unit computes changes
 
 @dataclass
 class Args:
-    output_dir: str = field(default="runs/ortho_unlearn_llm", metadata={"help": "unit JSONs and the report"})
+    output_dir: str = field(default="results/ortho_unlearn_llm", metadata={
+        "help": "unit JSONs and the report; the README run's are committed here (a few KB per unit), so a run cut off "
+                "at a session's end resumes from the repository (runs/ does not survive a fresh checkout)"})
     results_copy: Optional[str] = field(default=None, metadata={
         "help": "also write results.json here (the README run: results/ortho_unlearn_llm.json)"})
     # the fine-tune (recipes/tofu_models.py's flags of the same name without ft_)

@@ -1,6 +1,7 @@
 """Rewrite the generated blocks of README.md from what the recipes and benchmarks wrote. Figures are never typed.
 
     .venv/bin/python scripts/update_readme.py            # after `make tour` and the benchmarks
+    .venv/bin/python scripts/update_readme.py --check    # exit 1 if a block differs from what its source generates
 
 Each block sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; a block whose source file is missing is
 left as it is (and said so).
@@ -9,6 +10,7 @@ left as it is (and said so).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -100,27 +102,59 @@ BLOCKS = {
     "lorax-transfer": lambda: results_markdown("lorax_transfer.json"),  # recipes/lorax_transfer.py --results_copy
     "ortho-unlearn": lambda: recipe_markdown("ortho_unlearn"),
     "tofu-finetune": tofu_finetune_block,
+    "ortho-unlearn-llm": lambda: results_markdown("ortho_unlearn_llm.json"),  # ortho_unlearn_llm.py --results_copy
     "bench-ortho": lambda: printed_block("ortho_latency.json"),
     "bench-ortho-cuda": lambda: printed_block("ortho_cuda.json"),
 }
 
+# blocks built from git-ignored runs/ (a local `make tour` or benchmark run): --check skips them, since a developer's
+# own run may differ from the committed README without anything being stale
+FROM_RUNS = {"tour", "bench-monitor", "bench-ortho", "bench-ortho-cuda"}
 
-def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+
+def render(text: str) -> tuple[str, list[str]]:
+    """README text with every block whose source exists regenerated, and one line per block saying what happened.
+    Raises ValueError when a block's markers are missing."""
+    said = []
     for name, make in BLOCKS.items():
         body = make()
         if body is None:
-            print(f"{name}: no results file yet, block left unchanged")
+            said.append(f"{name}: no results file yet, block left unchanged")
             continue
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(\n<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
-            print(f"{name}: markers not found in README.md", file=sys.stderr)
-            return 1
+            raise ValueError(f"{name}: markers not found in README.md; add <!-- {name}:begin -->, a line, "
+                             f"<!-- {name}:end --> where the block belongs")
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
-        print(f"{name}: updated")
-    readme.write_text(text)
+        said.append(f"{name}: updated")
+    return text, said
+
+
+def main(argv: list[str] | None = None, readme: Path = ROOT / "README.md") -> int:
+    check = "--check" in (sys.argv[1:] if argv is None else argv)
+    old = readme.read_text()
+    try:
+        text, said = render(old)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if check:  # CI: the README's tables must be what the committed results generate
+        names = [line.split(":")[0] for line in said if line.endswith("updated")]
+        stale = [n for n in names if n not in FROM_RUNS and _block(old, n) != _block(text, n)]
+        print("README.md is stale in: " + ", ".join(stale) + "; run scripts/update_readme.py" if stale
+              else "README.md blocks match their sources")
+        return 1 if stale else 0
+    print("\n".join(said))
+    if text != old:  # complete or not at all: a kill mid-write never leaves a truncated README
+        tmp = readme.with_name(".README.md.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, readme)
     return 0
+
+
+def _block(text: str, name: str) -> str:
+    m = re.search(rf"<!-- {name}:begin -->\n(.*?)\n<!-- {name}:end -->", text, re.S)
+    return m.group(1) if m else ""
 
 
 if __name__ == "__main__":
