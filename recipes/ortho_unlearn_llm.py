@@ -47,6 +47,16 @@ arm's forget truth ratios from the oracle's), utility >= 95% of the fine-tuned m
 (<= the oracle's, which never saw those IDs, + --exposure_margin bits). Met when the whole CI is on the right side,
 missed when the whole CI is on the wrong side, unresolved otherwise; "vacuous" (never met) when the fine-tuned model
 itself already meets the criterion (e.g. it never memorised the IDs), since then the criterion tests nothing.
+Beside the three, ours: retain-eval answer probability >= 95% of the fine-tuned model's. TOFU's model utility is a
+harmonic mean and follows its smallest term; here that is the retain truth-ratio score (~0.13, as the perturbed
+answers differ from the true ones in a few tokens of a shared template), so utility can rise while the retain answers'
+probability falls by a third. The report gives both and counts the issue's three apart from ours.
+
+References besides the fine-tuned model and the oracle, for each quantised --base_kinds (run by the process that
+runs OrthoSplit arms): the fine-tuned model with every block linear replaced by Q(W_ft) and no ortho stream, scored
+like an arm, with what Q keeps of the fine-tuning delta (peft_ext.ortho.quant.delta_survival: the share of entries
+whose quantised value moved, ||Q(W_ft) - Q(W_0)|| / ||dW||, and the quantisation noise in units of ||dW||): the
+seeds' question, whether a 4-bit base by itself erases a realistic delta.
 
 Outputs in --output_dir: units-<settings hash>/<unit>.json (one complete-or-absent file per (arm, setting, seed):
 a killed run resumes where it stopped), results.json / results.md / plane.png (forget quality x model utility,
@@ -105,6 +115,7 @@ LABELS = {"contrastive": "OrthoSplit contrastive", "fisher_ratio": "OrthoSplit F
           "random": "OrthoSplit random", "ga": "gradient ascent", "graddiff": "GradDiff", "npo": "NPO",
           "task_vector": "task-vector negation", "finetuned": "fine-tuned", "oracle": "oracle"}
 DETERMINISTIC = ("contrastive", "fisher_ratio")
+ISSUE_CRITERIA = ("forget_quality_in_oracle_band", "utility_at_least_95pct", "exposure_at_chance")
 UNIT_VERSION = 1  # bump when what a unit computes changes
 
 
@@ -617,6 +628,8 @@ def run_all(args: Args, log) -> None:
         del split
     if ref is None:
         reference_units(world, args, log)
+    if any(a in ORTHO_SELECTORS for a in args.arms):
+        quant_units(world, args, log)
 
 
 def reference_units(world, args: Args, log) -> dict:
@@ -639,6 +652,31 @@ def reference_units(world, args: Args, log) -> dict:
     return ref
 
 
+def quant_units(world, args: Args, log) -> None:
+    """For every quantised --base_kinds: the fine-tuned model with each block linear replaced by its base-kind
+    round trip Q(W_ft) and no ortho stream (unit ref__quant_<kind>), scored like an arm, with what Q keeps of the
+    fine-tuning delta W_ft - W_0 (peft_ext.ortho.quant.delta_survival over every block linear): does a quantised
+    base by itself erase a realistic delta, and so the forget people?"""
+    from peft_ext.ortho.quant import delta_survival, quantize, summarise_survival
+
+    for kind in [k for k in args.base_kinds if k != "none"]:
+        u = {"stage": "ref", "arm": f"quant_{kind}"}
+        if load_unit(args, u) is not None:
+            continue
+        t0 = time.perf_counter()
+        model = copy.deepcopy(world.finetuned)
+        parts = []
+        with torch.no_grad():
+            for name, lin in tofu_models.block_linears(model).items():
+                w = lin.weight
+                parts.append(delta_survival(world.base_state[name + ".weight"].to(w.device), w, kind))
+                w.copy_(quantize(w, kind))
+        survival = summarise_survival(parts)
+        save_unit(args, u, score(model.eval(), world, EVAL_SETS, args, canaries=True), {"survival": survival},
+                  time.perf_counter() - t0, log)
+        del model
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -652,7 +690,10 @@ def unit_metrics(row: dict, oracle_tr: list[float]) -> dict:
             "forget_probability": s["forget"]["probability"], "forget_rouge": s["forget"]["rouge"],
             "exposure": s["canary_forget"]["exposure"], "exposure_sampled": s["canary_forget"]["exposure_sampled"],
             "extraction": s["canary_forget"]["extraction"], "retain_exposure": s["canary_retain"]["exposure"],
-            "retain_extraction": s["canary_retain"]["extraction"]}
+            "retain_extraction": s["canary_retain"]["extraction"],
+            # reported beside utility: TOFU's harmonic mean is dominated by its smallest term (here the retain
+            # truth-ratio score, ~0.13), so it barely moves when the answers' probability falls
+            "retain_probability": s["retain_eval"]["probability"], "world_probability": s["world"]["probability"]}
 
 
 def setting_label(r: dict) -> str:
@@ -670,6 +711,11 @@ def summarise(args: Args) -> dict:
         raise SystemExit(f"no finished reference units under {unit_dir(args)}: run without --report_only first")
     oracle_tr = ref["oracle"]["scores"]["forget"]["truth_ratios"]
     refs = {w: unit_metrics(r, oracle_tr) for w, r in ref.items()}
+    quantised = {}
+    for kind in [k for k in args.base_kinds if k != "none"]:
+        q = load_unit(args, {"stage": "ref", "arm": f"quant_{kind}"})
+        if q is not None:
+            quantised[kind] = unit_metrics(q, oracle_tr) | {"survival": q["survival"]}
     rows = []
     for name in sorted(os.listdir(unit_dir(args))):
         if not name.startswith("arm__") or not name.endswith(".json"):
@@ -686,6 +732,7 @@ def summarise(args: Args) -> dict:
         tuning[arm] = {"operating_point": hp, "kept_floor": kept,
                        "grid": [{k: p.get(k) for k in ("lr", "beta", "lam", "fq", "utility_select")} for p in points]}
     ft_util = refs["finetuned"]["model_utility"]
+    ft_prob = refs["finetuned"]["retain_probability"]
     chance = refs["oracle"]["exposure"] + args.exposure_margin
     settings: dict = {}
     for r in rows:
@@ -694,20 +741,25 @@ def summarise(args: Args) -> dict:
     for label, rs in settings.items():
         entry = {"setting": label, "arm": rs[0]["arm"], "alpha": rs[0]["alpha"], "seeds": sorted(r["seed"] for r in rs),
                  "deterministic": rs[0]["arm"] in DETERMINISTIC}
-        for key in ("forget_quality", "model_utility", "truth_ratio", "exposure", "extraction", "retain_exposure"):
+        for key in ("forget_quality", "model_utility", "truth_ratio", "exposure", "extraction", "retain_exposure",
+                    "retain_probability", "world_probability"):
             entry[key] = bootstrap_ci([r[key] for r in rs], args.bootstrap)
         entry["verdicts"] = {
             "forget_quality_in_oracle_band": ci_verdict(entry["forget_quality"], args.fq_band, above=True),
             "utility_at_least_95pct": ci_verdict(entry["model_utility"], args.utility_floor * ft_util, above=True),
-            "exposure_at_chance": ci_verdict(entry["exposure"], chance, above=False)}
+            "exposure_at_chance": ci_verdict(entry["exposure"], chance, above=False),
+            # ours, beside the issue's three: the retain-eval answers' probability keeps 95% of the fine-tuned's
+            "retain_probability_at_least_95pct": ci_verdict(entry["retain_probability"],
+                                                            args.utility_floor * ft_prob, above=True)}
         # a criterion the fine-tuned model itself meets tests nothing: never report it as met
         if refs["finetuned"]["forget_quality"] >= args.fq_band:
             entry["verdicts"]["forget_quality_in_oracle_band"] = "vacuous"
         if refs["finetuned"]["exposure"] <= chance:
             entry["verdicts"]["exposure_at_chance"] = "vacuous"
         summary.append(entry)
-    return {"reference": refs, "rows": rows, "summary": summary, "tuning": tuning,
-            "thresholds": {"fq_band": args.fq_band, "utility": args.utility_floor * ft_util, "exposure": chance}}
+    return {"reference": refs, "quantised": quantised, "rows": rows, "summary": summary, "tuning": tuning,
+            "thresholds": {"fq_band": args.fq_band, "utility": args.utility_floor * ft_util, "exposure": chance,
+                           "retain_probability": args.utility_floor * ft_prob}}
 
 
 def _ci(t, digits=3) -> str:
@@ -722,22 +774,40 @@ def markdown(args: Args, res: dict, machine: str) -> str:
     lines = [f"Machine: {machine}. Model: {'SmolLM2-135M-Instruct (Q4_1-dequantised weights)' if args.model == 'smollm2' else 'tiny random Llama (numbers mean nothing)'}, "
              f"{args.n_people} fictitious people, forget {args.forget_fraction:.0%}; scored sets capped at "
              f"{args.max_items or 'all'} items; secrets = each person's 6-digit ID number (no separate canaries).", "",
-             "| model | forget quality | model utility | forget truth ratio | forget-ID exposure (bits) | extraction | "
-             "retain-ID exposure |", "|---|---|---|---|---|---|---|"]
+             "| model | forget quality | model utility | retain-eval answer prob. | forget truth ratio | "
+             "forget-ID exposure (bits) | extraction | retain-ID exposure |", "|---|---|---|---|---|---|---|---|"]
     for w, m in ref.items():
-        lines.append(f"| {LABELS[w]} | {m['forget_quality']:.3g} | {m['model_utility']:.3f} | {m['truth_ratio']:.3f} | "
-                     f"{m['exposure']:.2f} | {m['extraction']:.0%} | {m['retain_exposure']:.2f} |")
+        lines.append(f"| {LABELS[w]} | {m['forget_quality']:.3g} | {m['model_utility']:.3f} | "
+                     f"{m['retain_probability']:.3f} | {m['truth_ratio']:.3f} | {m['exposure']:.2f} | "
+                     f"{m['extraction']:.0%} | {m['retain_exposure']:.2f} |")
+    if res.get("quantised"):
+        lines += ["", "What a quantised base does to the fine-tuning delta by itself: the fine-tuned model with every "
+                  "block linear replaced by Q(W_ft), no ortho stream. Entries moved: share of entries whose quantised "
+                  "value differs between W_ft and W_0; kept: ||Q(W_ft) - Q(W_0)|| / ||W_ft - W_0||; aligned: "
+                  "<Q(W_ft) - Q(W_0), dW> / ||dW||^2 (1 = the delta kept exactly); noise: ||Q(W_ft) - W_ft|| / ||dW||.",
+                  "", "| base | entries moved | kept | aligned | noise | forget quality | model utility | "
+                  "retain-eval answer prob. | forget-ID exposure |", "|---|---|---|---|---|---|---|---|---|"]
+        for kind, m in res["quantised"].items():
+            sv = m["survival"]
+            lines.append(f"| {kind} | {sv['changed_share']:.2%} | {sv['kept_norm']:.2f} | {sv['aligned']:.2f} | "
+                         f"{sv['error_over_delta']:.1f} | {m['forget_quality']:.3g} | {m['model_utility']:.3f} | "
+                         f"{m['retain_probability']:.3f} | {m['exposure']:.2f} |")
     lines += ["", f"Thresholds: forget quality >= {th['fq_band']:g} (the oracle's band); utility >= "
               f"{th['utility']:.3f} ({args.utility_floor:.0%} of the fine-tuned model's); forget-ID exposure <= "
-              f"{th['exposure']:.2f} bits (the oracle's + {args.exposure_margin:g}). Mean [95% bootstrap CI over seeds]; "
+              f"{th['exposure']:.2f} bits (the oracle's + {args.exposure_margin:g}); ours, beside the issue's three: "
+              f"retain-eval answer probability >= {th['retain_probability']:.3f} ({args.utility_floor:.0%} of the "
+              "fine-tuned model's), since model utility, a harmonic mean, follows its smallest term (the retain "
+              "truth-ratio score) and hides falls in answer probability. Mean [95% bootstrap CI over seeds]; "
               "deterministic arms (contrastive, Fisher-ratio) ran once, so their CI is a point.", "",
-              "| arm | seeds | forget quality | model utility | truth ratio | exposure | extraction | FQ in band | "
-              "utility >= 95% | exposure at chance |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| arm | seeds | forget quality | model utility | retain-eval prob. | truth ratio | exposure | extraction "
+              "| FQ in band | utility >= 95% | exposure at chance | retain prob. >= 95% |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(res["summary"], key=lambda e: ((e["alpha"] or 0.0) != 0, e["setting"])):
         v = e["verdicts"]
         lines.append(f"| {e['setting']} | {len(e['seeds'])} | {_ci(e['forget_quality'])} | {_ci(e['model_utility'])} | "
-                     f"{_ci(e['truth_ratio'])} | {_ci(e['exposure'])} | {_ci(e['extraction'], 2)} | "
-                     f"{v['forget_quality_in_oracle_band']} | {v['utility_at_least_95pct']} | {v['exposure_at_chance']} |")
+                     f"{_ci(e['retain_probability'])} | {_ci(e['truth_ratio'])} | {_ci(e['exposure'])} | "
+                     f"{_ci(e['extraction'], 2)} | {v['forget_quality_in_oracle_band']} | {v['utility_at_least_95pct']} "
+                     f"| {v['exposure_at_chance']} | {v['retain_probability_at_least_95pct']} |")
     for arm, t in res["tuning"].items():
         grid_txt = "; ".join(f"{ {k: p[k] for k in ('lr', 'beta', 'lam') if p.get(k) is not None} }: FQ {p['fq']:.3g}, "
                              f"retain-select utility {p['utility_select']:.3f}" for p in t["grid"])
@@ -745,12 +815,17 @@ def markdown(args: Args, res: dict, machine: str) -> str:
                      + ("" if t["kept_floor"] else " (NO grid point kept 95% of the fine-tuned retain-select utility: "
                                                     "the highest-utility point is used)"))
     alpha0 = [e for e in res["summary"] if e["alpha"] in (None, 0.0)]
-    all3 = [e["setting"] for e in alpha0 if all(x == "met" for x in e["verdicts"].values())]
-    lines += ["", "Verdict (computed): " + (f"{len(all3)} arm(s) meet all three criteria: {'; '.join(all3)}." if all3
-                                            else "no arm meets all three criteria.")]
+    all3 = [e["setting"] for e in alpha0 if all(e["verdicts"][c] == "met" for c in ISSUE_CRITERIA)]
+    all4 = [x for x in all3 if next(e for e in alpha0 if e["setting"] == x)["verdicts"][
+        "retain_probability_at_least_95pct"] == "met"]
+    lines += ["", "Verdict (computed): " + (f"{len(all3)} arm(s) meet all three criteria: {'; '.join(all3)}" if all3
+                                            else "no arm meets all three criteria")
+              + (f"; {len(all4)} of them also keep 95% of the retain-eval answer probability"
+                 + (f" ({'; '.join(all4)})." if all4 else ".") if all3 else ".")]
     for crit, text in (("forget_quality_in_oracle_band", "forget quality in the oracle's band"),
                        ("utility_at_least_95pct", "utility >= 95% of the fine-tuned model's"),
-                       ("exposure_at_chance", "forget-ID exposure at chance")):
+                       ("exposure_at_chance", "forget-ID exposure at chance"),
+                       ("retain_probability_at_least_95pct", "retain-eval answer probability >= 95% (ours)")):
         met = [e["setting"] for e in alpha0 if e["verdicts"][crit] == "met"]
         lines.append(f"- {text}: met by {len(met)} of {len(alpha0)} settings at alpha=0"
                      + (f" ({'; '.join(met[:6])}{' ...' if len(met) > 6 else ''})" if met else "") + ".")

@@ -703,3 +703,34 @@ def test_a_failure_while_writing_the_splits_puts_every_layer_back(monkeypatch):
     assert len(calls) == 4  # q written, k failed, then both put back
     assert _same_tensors(_layer_tensors(model), before)
     assert not any(m.is_initialized("default") for _, m in peft_ext.ortho.ortho_layers(model))
+
+
+def test_delta_survival_closed_forms():
+    from peft_ext.ortho.quant import delta_survival, summarise_survival
+
+    # int4 per row, max|row| = 7: scale 1, codes are the integers
+    before = torch.tensor([[7.0, 1.0, 2.0, -3.0]])
+    tiny = before + torch.tensor([[0.0, 0.2, -0.1, 0.3]])  # below half a step, no boundary crossed
+    s = delta_survival(before, tiny, "int4")
+    assert s["changed"] == 0 and s["kept_sq"] == 0 and s["cross"] == 0
+    assert s["delta_sq"] == pytest.approx(0.04 + 0.01 + 0.09)
+    summ = summarise_survival([s])
+    assert summ["kept_norm"] == 0 and summ["aligned"] == 0 and summ["changed_share"] == 0
+    # one entry crosses a boundary (1.0 -> 1.6 rounds to 2): dQ = [0, 1, 0, 0], d = [0, 0.6, 0, 0]
+    cross = before + torch.tensor([[0.0, 0.6, 0.0, 0.0]])
+    s = delta_survival(before, cross, "int4")
+    assert s["changed"] == 1 and s["kept_sq"] == pytest.approx(1.0) and s["cross"] == pytest.approx(0.6)
+    assert s["error_sq"] == pytest.approx(0.16)
+    summ = summarise_survival([s, delta_survival(before, tiny, "int4")])  # sums over weights, then shares
+    assert summ["changed_share"] == pytest.approx(1 / 8)
+    assert summ["kept_norm"] == pytest.approx((1.0 / (0.36 + 0.14)) ** 0.5)
+    assert summ["aligned"] == pytest.approx(0.6 / 0.5)
+    # "none" keeps every delta exactly
+    w0, w1 = torch.randn(5, 6), torch.randn(5, 6)
+    summ = summarise_survival([delta_survival(w0, w1, "none")])
+    assert summ["kept_norm"] == pytest.approx(1) and summ["aligned"] == pytest.approx(1)
+    assert summ["error_over_delta"] == 0 and summ["changed_share"] == 1
+    with pytest.raises(ValueError, match="differ in shape"):
+        delta_survival(w0, w1.T, "int4")
+    with pytest.raises(ValueError, match="did not change"):
+        summarise_survival([delta_survival(w0, w0, "int4")])

@@ -86,7 +86,16 @@ def test_quick_run_scores_every_arm_and_writes_the_report(quick):
     for arm, t in res["tuning"].items():
         assert len(t["grid"]) == 2 and t["operating_point"] in [
             {k: p[k] for k in ("lr", "beta", "lam") if p.get(k) is not None} for p in t["grid"]]
-    assert "Verdict (computed)" in (base / "out" / "results.md").read_text()
+    md = (base / "out" / "results.md").read_text()
+    assert "Verdict (computed)" in md
+    # the quantised base by itself (int8 in the quick preset): what it keeps of the delta, scored like an arm
+    q = res["quantised"]["int8"]
+    assert set(q["survival"]) == {"changed_share", "kept_norm", "aligned", "error_over_delta"}
+    assert 0 < q["survival"]["changed_share"] <= 1 and "What a quantised base does" in md
+    # our fourth check beside the three, never counted among them
+    assert all("retain_probability_at_least_95pct" in e["verdicts"] for e in res["summary"])
+    assert res["thresholds"]["retain_probability"] == pytest.approx(
+        0.95 * res["reference"]["finetuned"]["retain_probability"])
 
 
 def test_second_invocation_trains_nothing_and_a_lost_unit_is_redone(quick, monkeypatch):
@@ -124,7 +133,8 @@ def test_an_orthosplit_only_process_scores_the_references_last(quick, monkeypatc
     real = ou.save_unit
     monkeypatch.setattr(ou, "save_unit", lambda args, u, *a: order.append(u["arm"]) or real(args, u, *a))
     ou.run_all(ou.parse_args(argv + ["--arms", "random"]), lambda *a: None)
-    assert order and set(order[:-2]) == {"random"} and order[-2:] == ["finetuned", "oracle"]
+    # then the quantised-fine-tune references (this process runs OrthoSplit arms; the quick preset's int8)
+    assert order and set(order[:-3]) == {"random"} and order[-3:] == ["finetuned", "oracle", "quant_int8"]
 
 
 def test_bad_flag_is_refused_in_one_line(capsys):

@@ -72,6 +72,37 @@ def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown simulated base kind {kind!r}; choose one of {SIMULATED}")
 
 
+def delta_survival(before: torch.Tensor, after: torch.Tensor, kind: str) -> dict[str, float]:
+    """What a base kind keeps of a fine-tuning delta `after - before` (one weight, (out, in)): sums over the weight's
+    entries, so layers add up (`summarise_survival` turns them into shares).
+
+    - changed: entries whose quantised value differs between `after` and `before` (out of `entries`);
+    - delta_sq: ||after - before||^2; kept_sq: ||Q(after) - Q(before)||^2 (the delta as the quantised model sees it);
+    - cross: <Q(after) - Q(before), after - before> (kept_sq = delta_sq = cross when nothing is lost);
+    - error_sq: ||Q(after) - after||^2 (the quantisation error of the fine-tuned weight).
+    A delta below half a quantisation step that crosses no rounding boundary changes nothing: kept_sq = 0.
+    """
+    if before.shape != after.shape:
+        raise ValueError(f"delta_survival: before {tuple(before.shape)} and after {tuple(after.shape)} differ in "
+                         "shape; pass the same weight before and after fine-tuning")
+    b, a = before.float(), after.float()
+    qb, qa = quantize(b, kind), quantize(a, kind)
+    d, dq = a - b, qa - qb
+    return {"entries": float(a.numel()), "changed": float((dq != 0).sum()), "delta_sq": float((d * d).sum()),
+            "kept_sq": float((dq * dq).sum()), "cross": float((dq * d).sum()), "error_sq": float(((qa - a) ** 2).sum())}
+
+
+def summarise_survival(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Shares over many weights of `delta_survival`'s sums: changed_share (entries whose code moved), kept_norm
+    (||dQ|| / ||d||), aligned (the share of d that dQ carries: <dQ, d> / ||d||^2, 1 when kept exactly), and
+    error_over_delta (||Q(after) - after|| / ||d||: quantisation noise in units of the delta)."""
+    tot = {k: sum(p[k] for p in parts) for k in ("entries", "changed", "delta_sq", "kept_sq", "cross", "error_sq")}
+    if tot["delta_sq"] <= 0:
+        raise ValueError("summarise_survival: the weights did not change (||after - before|| = 0): no delta to keep")
+    return {"changed_share": tot["changed"] / tot["entries"], "kept_norm": (tot["kept_sq"] / tot["delta_sq"]) ** 0.5,
+            "aligned": tot["cross"] / tot["delta_sq"], "error_over_delta": (tot["error_sq"] / tot["delta_sq"]) ** 0.5}
+
+
 def stored_bytes(kind: str, out_features: int, in_features: int, weight_bytes: int = 4) -> int:
     """Bytes the base stream needs when stored packed (codes + scales): what a deployment would hold.
 
