@@ -27,8 +27,10 @@ Arms (each at alpha=0 unless stated; --seeds each):
 Tuning rule, fixed before any retain-eval number is read: every baseline runs its grid (--baseline_lrs x
 --npo_betas for npo; --tv_lams for task_vector) on seed 0, scored on forget and retain-select only; the operating
 point maximises forget quality subject to retain-select utility >= --utility_floor (95%) of the fine-tuned model's
-(ties: higher utility); if no point keeps that utility, the one with the highest utility, flagged. The other seeds
-run there.
+(ties: higher utility); if no point keeps that utility, the one with the highest utility, flagged. A choice on
+the grid's edge is not tuned: the grid then grows one point past it (lr x3 or /3, lambda x2 or /2), up to
+--grid_extensions times (the first README run's GradDiff chose 1e-4, the top of the 3-point grid). The other seeds
+run at the final choice.
 
 Scores per unit (tofu_data.tofu_scores on forget / retain-eval / world; peft_ext.unlearning's math):
 forget quality = KS p-value of the forget truth ratios against the oracle's; model utility = harmonic mean of
@@ -160,6 +162,9 @@ class Args:
     npo_betas: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "NPO's beta grid (NPO: 0.1)"})
     tv_lams: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
                                  metadata={"help": "task-vector negation's lambda grid"})
+    grid_extensions: int = field(default=2, metadata={
+        "help": "times a baseline's tuning grid grows by one point (lr x3 or /3, lambda x2 or /2) while the chosen "
+                "point sits on its edge (0: the grid as given)"})
     unlearn_steps: int = field(default=10, metadata={"help": "optimizer steps of every baseline run (and of the "
                                                               "task vector's forget fine-tune)"})
     unlearn_batch_size: int = field(default=8, metadata={"help": "forget (and retain) pairs per step"})
@@ -197,6 +202,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Args:
             parser.error(f"{flag} got {values}: pass one or more numbers > 0")
     if not args.tv_lams or any(not v > 0 for v in args.tv_lams):
         parser.error(f"--tv_lams got {args.tv_lams}: pass one or more numbers > 0")
+    if args.grid_extensions < 0:
+        parser.error(f"--grid_extensions got {args.grid_extensions}: pass an integer >= 0 (0: the grids as given)")
     if args.exposure_samples < 20:
         parser.error(f"--exposure_samples got {args.exposure_samples}: the skew-normal fit needs >= 20")
     if args.unlearn_steps < 1 or args.unlearn_batch_size < 1:
@@ -566,12 +573,46 @@ def run_baseline(world: World, arm: str, hp: dict, seed: int, stage: str, args: 
               time.perf_counter() - t0, log)
 
 
+def edge_extension(hps: list[dict], best: dict, arm: str) -> Optional[dict]:
+    """The next grid point when the tuning rule's choice sits on an edge of the grid: lr x3 (or /3) past the largest
+    (smallest) lr at the chosen beta; lambda x2 (or /2) for task_vector. None when the choice is inside the grid."""
+    key, factor = ("lam", 2.0) if arm == "task_vector" else ("lr", 3.0)
+    values = sorted({hp[key] for hp in hps})
+    if len(values) < 2 or values[0] < best[key] < values[-1]:
+        return None
+    new = values[-1] * factor if best[key] == values[-1] else values[0] / factor
+    return {key: float(f"{new:.3g}")} | ({"beta": best["beta"]} if arm == "npo" else {})
+
+
+def tuned_grid(args: Args, arm: str, ref: dict, run=None) -> list[dict]:
+    """The arm's grid, grown by `edge_extension` (at most --grid_extensions points) while the chosen point is on an
+    edge: an optimum at the edge of the grid is not tuned. With `run` (hp -> None, trains and scores one seed-0
+    tuning unit) the missing units are made; without, the growth is replayed from the finished units (report)."""
+    hps = grid(args, arm)
+    for extension in range(args.grid_extensions + 1):
+        if run is not None:
+            for hp in hps:
+                run(hp)
+        rows = [load_unit(args, {"stage": "tune", "arm": arm, **hp, "seed": 0}) for hp in hps]
+        if any(r is None for r in rows) or extension == args.grid_extensions:
+            return hps
+        best, _ = pick_operating_point(tuning_points(args, arm, ref, rows), tuning_floor(args, ref))
+        nxt = edge_extension(hps, best, arm)
+        if nxt is None or nxt in hps:
+            return hps
+        hps = hps + [nxt]
+    return hps
+
+
+def tuning_floor(args: Args, ref: dict) -> float:
+    return args.utility_floor * utility(ref["finetuned"]["scores"], ("retain_select",))
+
+
 def operating_points(args: Args, arm: str, ref: dict) -> tuple[dict, bool, list[dict]]:
-    rows = [load_unit(args, {"stage": "tune", "arm": arm, **hp, "seed": 0}) for hp in grid(args, arm)]
+    rows = [load_unit(args, {"stage": "tune", "arm": arm, **hp, "seed": 0}) for hp in tuned_grid(args, arm, ref)]
     rows = [r for r in rows if r is not None]
-    floor = args.utility_floor * utility(ref["finetuned"]["scores"], ("retain_select",))
     points = tuning_points(args, arm, ref, rows)
-    best, kept = pick_operating_point(points, floor)
+    best, kept = pick_operating_point(points, tuning_floor(args, ref))
     return {k: best[k] for k in ("lr", "beta", "lam") if best.get(k) is not None}, kept, points
 
 
@@ -602,8 +643,7 @@ def run_all(args: Args, log) -> None:
     # baselines: the grid on seed 0 (forget + retain-select), then every seed at the chosen point
     tv_cache: dict = {}
     for arm in baselines:
-        for hp in grid(args, arm):
-            run_baseline(world, arm, hp, 0, "tune", args, log, tv_cache)
+        tuned_grid(args, arm, ref, run=lambda hp: run_baseline(world, arm, hp, 0, "tune", args, log, tv_cache))
         hp, kept, _ = operating_points(args, arm, ref)
         log(f"{arm}: operating point {hp}" + ("" if kept else " (no grid point kept the utility floor)"))
         for seed in args.seeds:
@@ -616,6 +656,9 @@ def run_all(args: Args, log) -> None:
     for u in todo:
         groups.setdefault((u["arm"], u["density"], u["base_kind"], u["seed"]), []).append(u)
     for (sel, d, kind, seed), units in groups.items():
+        units = [u for u in units if load_unit(args, u) is None]  # another process sharing --output_dir did them
+        if not units:
+            continue
         t0 = time.perf_counter()
         split = ortho_split(world, sel, d, kind, seed, args, cache)
         split_s = time.perf_counter() - t0

@@ -30,6 +30,37 @@ def test_tuning_rule_maximises_forget_quality_above_the_utility_floor():
         ou.pick_operating_point([], 0.9)
 
 
+def test_edge_extension_grows_past_an_edge_optimum_only():
+    hps = [{"lr": 1e-5}, {"lr": 3e-5}, {"lr": 1e-4}]
+    assert ou.edge_extension(hps, {"lr": 1e-4}, "graddiff") == {"lr": 3e-4}
+    assert ou.edge_extension(hps, {"lr": 1e-5}, "ga") == {"lr": pytest.approx(3.33e-6)}
+    assert ou.edge_extension(hps, {"lr": 3e-5}, "ga") is None
+    npo = [{"lr": lr, "beta": b} for lr in (1e-5, 1e-4) for b in (0.1, 0.5)]
+    assert ou.edge_extension(npo, {"lr": 1e-4, "beta": 0.5}, "npo") == {"lr": 3e-4, "beta": 0.5}
+    tv = [{"lam": 0.5}, {"lam": 1.0}, {"lam": 2.0}]
+    assert ou.edge_extension(tv, {"lam": 2.0}, "task_vector") == {"lam": 4.0}
+    assert ou.edge_extension([{"lr": 1e-4}], {"lr": 1e-4}, "ga") is None  # one point has no edge to grow from
+
+
+def test_tuned_grid_extends_until_the_optimum_is_inside(monkeypatch):
+    """FQ rises with lr up to 9e-4 and falls after: the 3-point grid's optimum (1e-4) is on its edge, so the grid
+    grows to 3e-4, then 9e-4 (edge again), and stops at --grid_extensions = 2 even though 9e-4 is still an edge."""
+    done = {}
+    monkeypatch.setattr(ou, "load_unit", lambda args, u: done.get(u["lr"]))
+    monkeypatch.setattr(ou, "tuning_points", lambda args, arm, ref, rows: [
+        {**r, "fq": -abs(r["lr"] - 9e-4), "utility_select": 1.0} for r in rows])
+    monkeypatch.setattr(ou, "tuning_floor", lambda args, ref: 0.5)
+    args = ou.parse_args(["--grid_extensions", "2"])
+    ran = []
+    got = ou.tuned_grid(args, "graddiff", {}, run=lambda hp: ran.append(hp["lr"]) or done.setdefault(hp["lr"], hp))
+    assert [hp["lr"] for hp in got] == pytest.approx([1e-5, 3e-5, 1e-4, 3e-4, 9e-4])
+    assert sorted(set(ran)) == pytest.approx([1e-5, 3e-5, 1e-4, 3e-4, 9e-4])
+    # the report replays the same growth from the finished units, running nothing
+    assert ou.tuned_grid(args, "graddiff", {}) == got
+    assert [hp["lr"] for hp in ou.tuned_grid(ou.parse_args(["--grid_extensions", "0"]), "graddiff", {})] == \
+        pytest.approx([1e-5, 3e-5, 1e-4])
+
+
 def test_ci_verdict_needs_the_whole_interval():
     assert ou.ci_verdict((0.1, 0.06, 0.2), 0.05, above=True) == "met"
     assert ou.ci_verdict((0.04, 0.01, 0.049), 0.05, above=True) == "missed"
@@ -84,7 +115,7 @@ def test_quick_run_scores_every_arm_and_writes_the_report(quick):
         assert set(e["verdicts"].values()) <= {"met", "missed", "unresolved", "vacuous"}
     # tuning read seed 0's grid only, and the operating point is one of its points
     for arm, t in res["tuning"].items():
-        assert len(t["grid"]) == 2 and t["operating_point"] in [
+        assert 2 <= len(t["grid"]) <= 2 + 2 and t["operating_point"] in [
             {k: p[k] for k in ("lr", "beta", "lam") if p.get(k) is not None} for p in t["grid"]]
     md = (base / "out" / "results.md").read_text()
     assert "Verdict (computed)" in md
