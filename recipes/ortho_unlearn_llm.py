@@ -527,7 +527,9 @@ def load_unit(args: Args, u: dict) -> Optional[dict]:
 
 
 def save_unit(args: Args, u: dict, scores: dict, extra: dict, seconds: float, log) -> dict:
-    row = {**u, "name": unit_name(u), "scores": scores, **extra, "seconds": round(seconds, 1)}
+    from common import machine
+
+    row = {**u, "name": unit_name(u), "scores": scores, **extra, "seconds": round(seconds, 1), "machine": machine()}
     _write_json(unit_path(args, u), row)
     log(f"{row['name']}: {seconds:.0f} s")
     return row
@@ -825,8 +827,9 @@ def markdown(args: Args, res: dict, machine: str) -> str:
                      f"{m['extraction']:.0%} | {m['retain_exposure']:.2f} |")
     if res.get("quantised"):
         lines += ["", "What a quantised base does to the fine-tuning delta by itself: the fine-tuned model with every "
-                  "block linear replaced by Q(W_ft), no ortho stream. Entries moved: share of entries whose quantised "
-                  "value differs between W_ft and W_0; kept: ||Q(W_ft) - Q(W_0)|| / ||W_ft - W_0||; aligned: "
+                  "block linear replaced by Q(W_ft), no ortho stream. Entries moved: share of entries whose dequantised "
+                  "value differs between Q(W_ft) and Q(W_0) (a row or block whose absmax moved rescales all of its "
+                  "entries, so this counts more than flipped codes); kept: ||Q(W_ft) - Q(W_0)|| / ||W_ft - W_0||; aligned: "
                   "<Q(W_ft) - Q(W_0), dW> / ||dW||^2 (1 = the delta kept exactly); noise: ||Q(W_ft) - W_ft|| / ||dW||.",
                   "", "| base | entries moved | kept | aligned | noise | forget quality | model utility | "
                   "retain-eval answer prob. | forget-ID exposure |", "|---|---|---|---|---|---|---|---|---|"]
@@ -899,6 +902,8 @@ def plot(res: dict, path: str) -> None:
     for w, style in (("oracle", "r*"), ("finetuned", "k*")):
         m = res["reference"][w]
         ax.plot(m["model_utility"], max(m["forget_quality"], 1e-30), style, markersize=14, label=LABELS[w])
+    for kind, m in res.get("quantised", {}).items():  # Q(W_ft) alone: what the quantised base does by itself
+        ax.plot(m["model_utility"], max(m["forget_quality"], 1e-30), "kX", markersize=10, label=f"fine-tuned, {kind} base")
     th = res["thresholds"]
     ax.axhline(th["fq_band"], color="r", ls=":", lw=1, label="oracle's band (p = 0.05)")
     ax.axvline(th["utility"], color="k", ls=":", lw=1, label="95% of fine-tuned utility")
@@ -928,13 +933,24 @@ def plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _unit_rows(args: Args) -> list[dict]:
+    out = []
+    for name in sorted(os.listdir(unit_dir(args))):
+        if name.endswith(".json"):
+            with open(os.path.join(unit_dir(args), name)) as f:
+                out.append(json.load(f))
+    return out
+
+
 def report(args: Args, log) -> dict:
     from common import machine
 
     from peft_ext.files import atomic_file
 
     res = summarise(args)
-    mach = machine()
+    # where the units ran (each records its machine; units from before that was recorded: the report's own line)
+    seen = sorted({r["machine"] for r in _unit_rows(args) if r.get("machine")})
+    mach = "; ".join(seen) if seen else machine() + " (the report's; its units recorded none)"
     md = markdown(args, res, mach)
     results = {"args": dataclasses.asdict(args), "machine": mach, "settings_key": settings_key(args), **res,
                "markdown": md}

@@ -76,7 +76,8 @@ def delta_survival(before: torch.Tensor, after: torch.Tensor, kind: str) -> dict
     """What a base kind keeps of a fine-tuning delta `after - before` (one weight, (out, in)): sums over the weight's
     entries, so layers add up (`summarise_survival` turns them into shares).
 
-    - changed: entries whose quantised value differs between `after` and `before` (out of `entries`);
+    - changed: entries whose dequantised value differs between Q(after) and Q(before) (out of `entries`): a row
+      (int8/int4) or block (nf4) whose absmax moved rescales every entry in it, so this is more than flipped codes;
     - delta_sq: ||after - before||^2; kept_sq: ||Q(after) - Q(before)||^2 (the delta as the quantised model sees it);
     - cross: <Q(after) - Q(before), after - before> (kept_sq = delta_sq = cross when nothing is lost);
     - error_sq: ||Q(after) - after||^2 (the quantisation error of the fine-tuned weight).
