@@ -133,10 +133,18 @@ def _figure(width: float, height: float):
 
 
 def _save(fig: Any, path: str) -> None:
+    save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | os.PathLike, dpi: float | None = None) -> str:
+    """Write a matplotlib figure as PNG complete or not at all (`files.atomic_file`: a kill mid-write leaves the old
+    picture or none, never a truncated one); the temporary has no extension, so the format is given. Returns path."""
     from .files import atomic_file
 
+    path = os.fspath(path)
     with atomic_file(path, field="path") as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
+    return path
 
 
 def short_names(names: list[str], width: int = 32) -> list[str]:

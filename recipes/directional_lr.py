@@ -83,6 +83,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from peft_ext.files import atomic_directory  # noqa: E402
+from peft_ext.plots import save_png  # noqa: E402
 from trainer_ext import create_directional_optimizer  # noqa: E402
 from trainer_ext.extraction import EXTRACTION_MAGNITUDE_PATTERNS, WarmupExtractionCallback, prepare_extraction  # noqa: E402
 from trainer_ext.spectral import projection_energy, sigma_max  # noqa: E402
@@ -1213,7 +1214,7 @@ def plot(protos: list[Protocol], out_dir: str) -> list[str]:
         axes[0][-1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = os.path.join(out_dir, fname)
-        fig.savefig(path, dpi=110)
+        save_png(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     fig, axes = plt.subplots(1, len(protos), figsize=(6 * len(protos), 4.2), squeeze=False)
@@ -1230,7 +1231,7 @@ def plot(protos: list[Protocol], out_dir: str) -> list[str]:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, "momentum.png")
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return paths + [path]
 

@@ -1274,7 +1274,8 @@ def plot(args: Args, summary: dict, path: str) -> None:
     ax.set_ylabel("recovery of the trained-on-target gain")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from peft_ext.plots import save_png  # complete-or-absent
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

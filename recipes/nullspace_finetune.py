@@ -1305,7 +1305,8 @@ def plot(results: dict, path: str) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from peft_ext.plots import save_png  # complete-or-absent
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -661,7 +661,8 @@ def plot(summary: dict, runs: list[dict], path: str) -> None:
     ax.set_title("SmolLM2-135M: every run a point, fronts over the lr grid")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from peft_ext.plots import save_png  # complete-or-absent
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -46,6 +46,7 @@ from common import comma_choices, machine, recipe_runtime  # noqa: E402
 
 import peft_ext  # noqa: E402
 from peft_ext import OrthoSplitConfig, entry_saliency, ortho_alpha, ortho_report, orthosplit  # noqa: E402
+from peft_ext.plots import save_png  # noqa: E402
 from peft_ext.files import atomic_directory  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -470,7 +471,7 @@ def plot(results: dict, path: str) -> None:
     axes[0].set_ylabel("answer perplexity")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -508,7 +509,7 @@ def plot_tradeoff(results: dict, path: str) -> None:
     ax.set_title("selectivity at alpha=0 (marker: base kind; size: density)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 

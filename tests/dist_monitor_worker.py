@@ -23,6 +23,11 @@ def main(out_dir: str) -> None:
               for e in trainer.state.log_history if any(k.startswith("spec/") for k in e)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world": world, "decomposed_here": sorted(trainer.spectral_monitor.trackers), "logged": logged}, f)
+    # tear the process group down before exit: left to the interpreter's exit, gloo's threads may still be running
+    # when their objects are destroyed ("terminate called without an active exception", SIGABRT on a loaded CI box)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

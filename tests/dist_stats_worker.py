@@ -29,6 +29,11 @@ def main(out_path: str) -> None:
     if accelerator.is_main_process:
         stats.save(out_path, metadata={"world_size_seen": world, "local_batches": local_batches})
     accelerator.wait_for_everyone()
+    # tear the process group down before exit: left to the interpreter's exit, gloo's threads may still be running
+    # when their objects are destroyed ("terminate called without an active exception", SIGABRT on a loaded CI box)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -205,3 +205,30 @@ def test_lorax_convert_writes_the_plot_next_to_the_json(berts, tmp_path, capsys,
     assert said == ["peft-ext: no lorax_report.png: drawing a report needs matplotlib, which is not installed: "
                     "pip install 'peft-ext[demo]'"]
     assert "lorax_report.json" in os.listdir(out) and "lorax_report.png" not in os.listdir(out)
+
+
+def test_save_png_is_complete_or_absent(tmp_path):
+    """Every plot a recipe or the monitor callback writes goes through save_png: a figure that fails while drawing
+    leaves the previous picture as it was and no temporary beside it."""
+    from matplotlib.figure import Figure
+
+    from peft_ext.plots import save_png
+
+    path = tmp_path / "plot.png"
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    assert save_png(fig, path, dpi=50) == str(path)
+    good = path.read_bytes()
+    assert good.startswith(b"\x89PNG")
+
+    class Broken(Exception):
+        pass
+
+    def explode(*a, **k):
+        raise Broken
+
+    fig.add_subplot().plot([0, 1], [0, 1])
+    fig.canvas.print_png = explode  # dies mid-write
+    with pytest.raises(Broken):
+        save_png(fig, path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]

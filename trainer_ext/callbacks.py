@@ -70,6 +70,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from peft_ext._checks import all_finite
 from peft_ext.files import atomic_file
+from peft_ext.plots import save_png
 
 from .spectral import (
     ShardedMatrix,
@@ -550,7 +551,7 @@ def plot_records(records: list[dict[str, float]], names: list[str], out_dir: str
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(out_dir, "sigma_max.png")
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
     written.append(path)
 
@@ -567,7 +568,7 @@ def plot_records(records: list[dict[str, float]], names: list[str], out_dir: str
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = os.path.join(out_dir, "principal_cosines.png")
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
     written.append(path)
     return written
