@@ -132,10 +132,6 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig: Any, path: str) -> None:
-    save_png(fig, path)
-
-
 def save_png(fig: Any, path: str | os.PathLike, dpi: float | None = None) -> str:
     """Write a matplotlib figure as PNG complete or not at all (`files.atomic_file`: a kill mid-write leaves the old
     picture or none, never a truncated one); the temporary has no extension, so the format is given. Returns path."""
@@ -201,7 +197,7 @@ def plot_nullspace_report(report: Union[NullSpaceReport, dict[str, Any]], path: 
         flagged = f"  [{','.join(s['flags'])}]" if s["flags"] else ""
         ax.set_title(label + flagged, fontsize=8, color="tab:red" if s["flags"] else "black")
     axes.flat[0].legend(fontsize=6.5, loc="upper left")
-    _save(fig, path)
+    save_png(fig, path)
     return path
 
 
@@ -252,7 +248,7 @@ def plot_transfer_report(report: Union[TransferReport, dict[str, Any]], path: st
     else:
         bottom.set_xlabel("layer (report order)")
         bottom.set_xticks(x[:: max(1, n // 24)])
-    _save(fig, path)
+    save_png(fig, path)
     return path
 
 

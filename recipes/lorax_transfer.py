@@ -1251,6 +1251,8 @@ def plot(args: Args, summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peft_ext.plots import save_png  # complete-or-absent
+
     table = summary["table"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     styles = {"lorax": "-", "lora": "--"}
@@ -1274,7 +1276,6 @@ def plot(args: Args, summary: dict, path: str) -> None:
     ax.set_ylabel("recovery of the trained-on-target gain")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    from peft_ext.plots import save_png  # complete-or-absent
     save_png(fig, path, dpi=110)
     plt.close(fig)
 

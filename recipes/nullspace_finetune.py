@@ -1288,6 +1288,8 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peft_ext.plots import save_png  # complete-or-absent
+
     testbeds = [(n, b) for n, b in results["testbeds"].items() if b.get("summary")]
     fig, axes = plt.subplots(1, len(testbeds), figsize=(6 * len(testbeds), 4.5), squeeze=False)
     for ax, (name, testbed_out) in zip(axes[0], testbeds):
@@ -1305,7 +1307,6 @@ def plot(results: dict, path: str) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    from peft_ext.plots import save_png  # complete-or-absent
     save_png(fig, path, dpi=110)
     plt.close(fig)
 

@@ -651,6 +651,8 @@ def plot(summary: dict, runs: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from peft_ext.plots import save_png  # complete-or-absent
+
     fig, ax = plt.subplots(figsize=(7, 5))
     for m, s in summary["methods"].items():
         pts = [(r["task_test"], r["knowledge_test"]) for r in runs if r["method"] == m]
@@ -661,7 +663,6 @@ def plot(summary: dict, runs: list[dict], path: str) -> None:
     ax.set_title("SmolLM2-135M: every run a point, fronts over the lr grid")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    from peft_ext.plots import save_png  # complete-or-absent
     save_png(fig, path, dpi=110)
     plt.close(fig)
 

@@ -697,6 +697,10 @@ def reference_units(world, args: Args, log) -> dict:
     return ref
 
 
+def quantised_kinds(args: Args) -> list[str]:
+    return [k for k in args.base_kinds if k != "none"]
+
+
 def quant_units(world, args: Args, log) -> None:
     """For every quantised --base_kinds: the fine-tuned model with each block linear replaced by its base-kind
     round trip Q(W_ft) and no ortho stream (unit ref__quant_<kind>), scored like an arm, with what Q keeps of the
@@ -704,7 +708,7 @@ def quant_units(world, args: Args, log) -> None:
     base by itself erase a realistic delta, and so the forget people?"""
     from peft_ext.ortho.quant import delta_survival, quantize, summarise_survival
 
-    for kind in [k for k in args.base_kinds if k != "none"]:
+    for kind in quantised_kinds(args):
         u = {"stage": "ref", "arm": f"quant_{kind}"}
         if load_unit(args, u) is not None:
             continue
@@ -756,11 +760,10 @@ def summarise(args: Args) -> dict:
         raise SystemExit(f"no finished reference units under {unit_dir(args)}: run without --report_only first")
     oracle_tr = ref["oracle"]["scores"]["forget"]["truth_ratios"]
     refs = {w: unit_metrics(r, oracle_tr) for w, r in ref.items()}
-    quantised = {}
-    for kind in [k for k in args.base_kinds if k != "none"]:
-        q = load_unit(args, {"stage": "ref", "arm": f"quant_{kind}"})
-        if q is not None:
-            quantised[kind] = unit_metrics(q, oracle_tr) | {"survival": q["survival"]}
+    quants = {k: load_unit(args, {"stage": "ref", "arm": f"quant_{k}"}) for k in quantised_kinds(args)}
+    quantised = {k: unit_metrics(q, oracle_tr) | {"survival": q["survival"]} for k, q in quants.items() if q is not None}
+    # where the units ran, read off the units loaded here (each records its machine since that was added)
+    machines = {r["machine"] for r in [*ref.values(), *quants.values()] if r is not None and r.get("machine")}
     rows = []
     for name in sorted(os.listdir(unit_dir(args))):
         if not name.startswith("arm__") or not name.endswith(".json"):
@@ -769,6 +772,8 @@ def summarise(args: Args) -> dict:
             r = json.load(f)
         rows.append({k: r.get(k) for k in ("name", "arm", "lr", "beta", "lam", "base_kind", "density", "alpha", "seed")}
                     | unit_metrics(r, oracle_tr) | {"seconds": r["seconds"]})
+        if r.get("machine"):
+            machines.add(r["machine"])
     tuning = {}
     for arm in [a for a in args.arms if a in BASELINES]:
         if load_unit(args, {"stage": "tune", "arm": arm, **grid(args, arm)[0], "seed": 0}) is None:
@@ -803,6 +808,7 @@ def summarise(args: Args) -> dict:
             entry["verdicts"]["exposure_at_chance"] = "vacuous"
         summary.append(entry)
     return {"reference": refs, "quantised": quantised, "rows": rows, "summary": summary, "tuning": tuning,
+            "machines": sorted(machines),
             "thresholds": {"fq_band": args.fq_band, "utility": args.utility_floor * ft_util, "exposure": chance,
                            "retain_probability": args.utility_floor * ft_prob}}
 
@@ -861,9 +867,9 @@ def markdown(args: Args, res: dict, machine: str) -> str:
                      + ("" if t["kept_floor"] else " (NO grid point kept 95% of the fine-tuned retain-select utility: "
                                                     "the highest-utility point is used)"))
     alpha0 = [e for e in res["summary"] if e["alpha"] in (None, 0.0)]
-    all3 = [e["setting"] for e in alpha0 if all(e["verdicts"][c] == "met" for c in ISSUE_CRITERIA)]
-    all4 = [x for x in all3 if next(e for e in alpha0 if e["setting"] == x)["verdicts"][
-        "retain_probability_at_least_95pct"] == "met"]
+    met3 = [e for e in alpha0 if all(e["verdicts"][c] == "met" for c in ISSUE_CRITERIA)]
+    all3 = [e["setting"] for e in met3]
+    all4 = [e["setting"] for e in met3 if e["verdicts"]["retain_probability_at_least_95pct"] == "met"]
     lines += ["", "Verdict (computed): " + (f"{len(all3)} arm(s) meet all three criteria: {'; '.join(all3)}" if all3
                                             else "no arm meets all three criteria")
               + (f"; {len(all4)} of them also keep 95% of the retain-eval answer probability"
@@ -933,24 +939,14 @@ def plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _unit_rows(args: Args) -> list[dict]:
-    out = []
-    for name in sorted(os.listdir(unit_dir(args))):
-        if name.endswith(".json"):
-            with open(os.path.join(unit_dir(args), name)) as f:
-                out.append(json.load(f))
-    return out
-
-
 def report(args: Args, log) -> dict:
     from common import machine
 
     from peft_ext.files import atomic_file
 
     res = summarise(args)
-    # where the units ran (each records its machine; units from before that was recorded: the report's own line)
-    seen = sorted({r["machine"] for r in _unit_rows(args) if r.get("machine")})
-    mach = "; ".join(seen) if seen else machine() + " (the report's; its units recorded none)"
+    # where the units ran; units from before that was recorded: the report's own line, said so
+    mach = "; ".join(res["machines"]) or machine() + " (the report's; its units recorded none)"
     md = markdown(args, res, mach)
     results = {"args": dataclasses.asdict(args), "machine": mach, "settings_key": settings_key(args), **res,
                "markdown": md}

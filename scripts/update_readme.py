@@ -10,7 +10,6 @@ left as it is (and said so).
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -146,9 +145,10 @@ def main(argv: list[str] | None = None, readme: Path = ROOT / "README.md") -> in
         return 1 if stale else 0
     print("\n".join(said))
     if text != old:  # complete or not at all: a kill mid-write never leaves a truncated README
-        tmp = readme.with_name(".README.md.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, readme)
+        from peft_ext.files import atomic_file
+
+        with atomic_file(readme, field="README") as tmp:
+            Path(tmp).write_text(text)
     return 0
 
 

@@ -24,7 +24,7 @@ def test_check_catches_a_typed_number(tmp_path, capsys):
     assert "directional" in capsys.readouterr().out
     assert update_readme.main([], readme=stale) == 0  # regenerating repairs it, written whole
     assert stale.read_text() == text
-    assert not (tmp_path / ".README.md.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no temporary left beside it
 
 
 def test_missing_markers_are_named(tmp_path, capsys):
